@@ -1,0 +1,78 @@
+"""Atomic checkpoints, loaded without unpickling code.
+
+``save_checkpoint`` writes to a temporary file beside the target, flushes it to disk and
+renames it over the target, so a crash leaves either the old checkpoint or the new one,
+never a torn file. ``load_checkpoint`` uses ``torch.load(weights_only=True)``: a
+checkpoint from elsewhere cannot run code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CheckpointError
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path) -> str:
+    """Write ``state`` atomically; return the SHA-256 of the file written."""
+    p = Path(path)
+    _atomic_write(p, lambda fh: torch.save(state, fh))
+    return file_sha256(p)
+
+
+def write_json_atomic(data: Any, path: str | Path) -> None:
+    """Write JSON atomically (results files that a crash must not truncate)."""
+    text = json.dumps(data, indent=2, sort_keys=False, allow_nan=True) + "\n"
+    _atomic_write(Path(path), lambda fh: fh.write(text.encode("utf-8")))
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_checkpoint(path: str | Path, kind: str) -> dict[str, Any]:
+    """Load a ``kind`` ("server" or "site") checkpoint, or raise CheckpointError saying why."""
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"no {kind} checkpoint at {p}; run without --resume to start afresh")
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for corrupt or unsafe files
+        raise CheckpointError(
+            f"{kind} checkpoint {p} could not be loaded safely ({type(exc).__name__}); "
+            "it is corrupt or was not written by fedbone-med"
+        ) from None
+    if not isinstance(state, dict) or state.get("kind") != kind:
+        raise CheckpointError(f"{p} is not a {kind} checkpoint")
+    return state

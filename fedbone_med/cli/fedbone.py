@@ -1,0 +1,74 @@
+"""``fedbone``: run federations and experiments from data-only configuration."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .. import __version__
+from .common import main_wrapper, not_yet
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ..config import load_experiment
+    from ..configtools import deep_merge, to_plain, from_mapping
+    from ..config import ExperimentConfig
+    from ..experiments.federation import Federation, format_table
+
+    cfg = load_experiment(args.experiment)
+    overrides = {k: v for k, v in (("rounds", args.rounds), ("steps_per_round", args.steps)) if v is not None}
+    if overrides:
+        cfg = from_mapping(ExperimentConfig, deep_merge(to_plain(cfg), overrides), where="experiment")
+    out = Path(args.out)
+    print(
+        f"fedbone {__version__}: experiment '{cfg.name}', {len(cfg.sites)} sites, {cfg.rounds} rounds x "
+        f"{cfg.steps_per_round} steps, aggregation '{cfg.server.aggregation.method}', backbone "
+        f"'{cfg.server.backbone.name}'",
+        file=sys.stderr,
+    )
+    fed = Federation(cfg, out)
+
+    def on_round(record: dict) -> None:
+        if args.quiet:
+            return
+        parts = [f"{name}: {m['primary']:.3f}" for name, m in record["sites"].items()]
+        print(f"round {record['round']}: " + ", ".join(parts) + f"  ({record['seconds']:.1f} s)", file=sys.stderr)
+
+    results = fed.run(resume=args.resume, progress=not args.quiet, on_round=on_round)
+    print(format_table(results))
+    print(f"\nresults: {out / 'results.json'}    checkpoints: {out / 'checkpoints'}")
+    if args.json:
+        print(json.dumps(results["final"], indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedbone", description="FedBone federated multi-task learning for ophthalmic imaging.")
+    p.add_argument("--version", action="version", version=f"fedbone-med {__version__}")
+    sub = p.add_subparsers(title="commands")
+
+    run = sub.add_parser("run", help="run a federation in one process from an experiment TOML")
+    run.add_argument("experiment", help="experiment file, e.g. pipelines/demo.toml")
+    run.add_argument("--out", required=True, help="output directory (results.json, checkpoints/)")
+    run.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+    run.add_argument("--rounds", type=int, help="override the number of rounds")
+    run.add_argument("--steps", type=int, help="override steps per round")
+    run.add_argument("--quiet", action="store_true", help="no progress bar or per-round lines")
+    run.add_argument("--json", action="store_true", help="also print the final metrics as JSON")
+    run.set_defaults(func=_run)
+
+    rep = sub.add_parser("reproduce", help="reproduce a paper experiment with baselines")
+    rep.add_argument("experiment", nargs="?")
+    rep.set_defaults(func=not_yet("fedbone reproduce", "the ophthalmic reproduction issue"))
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return main_wrapper(build_parser, argv)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

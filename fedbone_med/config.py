@@ -1,0 +1,263 @@
+"""Site, server and experiment configuration (typed, data only, unknown keys rejected).
+
+A site administrator edits ``sites/NAME.toml``; a researcher composes sites into an
+experiment in ``pipelines/NAME.toml``. Both are TOML parsed by
+:func:`fedbone_med.configtools.from_mapping`; nothing in a configuration is executed.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .configtools import deep_merge, from_mapping, read_toml
+from .errors import ConfigError
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def _positive(name: str, value: float | int | None) -> list[str]:
+    return [] if value is None or value > 0 else [f"{name}: must be > 0, got {value}"]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where a site's images and labels come from.
+
+    ``source = "phantom"`` generates the project's synthetic fundus/OCT images, so every
+    command runs without data. ``task`` names what the labels are (see
+    :mod:`fedbone_med.data.sources` for the list).
+    """
+
+    source: Literal["phantom"] = "phantom"
+    task: str = "dr_grade"
+    image_size: int = 64
+    n_train: int = 256
+    n_val: int = 64
+    seed: int = 0
+
+    def validate(self) -> list[str]:
+        out = []
+        if self.image_size < 16:
+            out.append(f"image_size: must be >= 16, got {self.image_size}")
+        out += _positive("n_train", self.n_train) + _positive("n_val", self.n_val)
+        return out
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """What the site's head predicts and how it is scored.
+
+    classification: ``num_classes`` classes, ``ordinal`` for graded labels (DR grade).
+    segmentation: ``mode`` binary (one foreground channel, ``num_classes = 1``),
+    multilabel (``num_classes`` independent channels) or multiclass (``num_classes``
+    mutually exclusive classes including background).
+    """
+
+    type: Literal["classification", "segmentation"]
+    num_classes: int
+    ordinal: bool = False
+    mode: Literal["multiclass", "binary", "multilabel"] = "multiclass"
+
+    def validate(self) -> list[str]:
+        out = []
+        if self.type == "classification":
+            if self.num_classes < 2:
+                out.append(f"num_classes: a classifier needs >= 2 classes, got {self.num_classes}")
+            if self.ordinal and self.num_classes < 3:
+                out.append("ordinal: an ordinal head needs >= 3 ordered classes")
+        else:
+            if self.ordinal:
+                out.append("ordinal: only classification tasks can be ordinal")
+            if self.mode == "binary" and self.num_classes != 1:
+                out.append(f"num_classes: binary segmentation has 1 foreground channel, got {self.num_classes}")
+            if self.mode == "multiclass" and self.num_classes < 2:
+                out.append("num_classes: multiclass segmentation needs >= 2 classes (background included)")
+            if self.mode == "multilabel" and self.num_classes < 1:
+                out.append("num_classes: multilabel segmentation needs >= 1 channel")
+        return out
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The site's own layers: embedding below the cut, adaptation module and head above it."""
+
+    embedding: str = "conv-stem"
+    stride: int = 2
+    embed_dim: int | None = None  # None: use the server backbone's input width, told at join
+    adaptation: str = "task-attention"
+    adapt_dim: int = 64
+    adapt_heads: int = 4
+    head: str = "classification"
+
+    def validate(self) -> list[str]:
+        out = []
+        if self.stride not in (1, 2, 4, 8):
+            out.append(f"stride: must be 1, 2, 4 or 8, got {self.stride}")
+        out += _positive("embed_dim", self.embed_dim) + _positive("adapt_dim", self.adapt_dim)
+        if self.adapt_heads < 1 or self.adapt_dim % self.adapt_heads:
+            out.append(f"adapt_heads: must divide adapt_dim ({self.adapt_dim}), got {self.adapt_heads}")
+        return out
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Site-side optimisation."""
+
+    batch_size: int = 16
+    eval_batch_size: int = 64
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    device: str = "cpu"
+
+    def validate(self) -> list[str]:
+        return (
+            _positive("batch_size", self.batch_size)
+            + _positive("eval_batch_size", self.eval_batch_size)
+            + _positive("lr", self.lr)
+            + _device_problems(self.device)
+        )
+
+
+def _device_problems(device: str) -> list[str]:
+    if re.fullmatch(r"cpu|cuda(:\d+)?|mps|auto", device):
+        return []
+    return [f"device: must be 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto', got {device!r}"]
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """One hospital site: its data, its task, its own layers and how it trains them."""
+
+    name: str
+    modality: Literal["fundus", "oct"]
+    data: DataConfig
+    task: TaskConfig
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> list[str]:
+        if not _NAME.match(self.name):
+            return [f"name: {self.name!r} must be 1-64 letters, digits, '_', '-' or '.'"]
+        return []
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """The server's general model. Fields left unset take the named preset's values."""
+
+    name: str = "swin-tiny"
+    embed_dim: int | None = None
+    depths: tuple[int, ...] | None = None
+    num_heads: tuple[int, ...] | None = None
+    window_size: int | None = None
+    mlp_ratio: float | None = None
+    drop_path_rate: float = 0.0
+    use_checkpoint: bool = False
+
+    def validate(self) -> list[str]:
+        out = _positive("embed_dim", self.embed_dim) + _positive("window_size", self.window_size)
+        if self.depths is not None and self.num_heads is not None and len(self.depths) != len(self.num_heads):
+            out.append("depths/num_heads: must have the same length")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            out.append(f"drop_path_rate: must be in [0, 1), got {self.drop_path_rate}")
+        return out
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 5e-4
+    weight_decay: float = 0.05
+    momentum: float = 0.9
+
+    def validate(self) -> list[str]:
+        return _positive("lr", self.lr)
+
+
+@dataclass(frozen=True)
+class AggregationConfig:
+    """How the server combines the sites' backbone gradients each step."""
+
+    method: str = "projection"
+    reduction: Literal["mean", "sum"] = "mean"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    max_batch: int = 4096
+    device: str = "cpu"
+
+    def validate(self) -> list[str]:
+        return _positive("max_batch", self.max_batch) + _device_problems(self.device)
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """A federation: a server and the sites taking part, trained for ``rounds`` x ``steps_per_round``."""
+
+    name: str
+    server: ServerConfig
+    sites: tuple[SiteConfig, ...]
+    seed: int = 0
+    rounds: int = 3
+    steps_per_round: int = 20
+    embedding_fedavg: bool = True
+
+    def validate(self) -> list[str]:
+        out = _positive("rounds", self.rounds) + _positive("steps_per_round", self.steps_per_round)
+        names = [s.name for s in self.sites]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            out.append(f"sites: site names must be unique, repeated: {', '.join(dupes)}")
+        if not self.sites:
+            out.append("sites: an experiment needs at least one site")
+        return out
+
+
+def load_site(path: str | Path, overrides: dict[str, Any] | None = None) -> SiteConfig:
+    """Load ``sites/NAME.toml`` (optionally with overrides merged in)."""
+    data = read_toml(path)
+    if overrides:
+        data = deep_merge(data, overrides)
+    return from_mapping(SiteConfig, data, where=Path(path).name)
+
+
+def experiment_from_mapping(data: dict[str, Any], base_dir: str | Path = ".") -> ExperimentConfig:
+    """Build an experiment from parsed TOML.
+
+    Each ``[[sites]]`` entry is either a full inline site table or ``config = "PATH"``
+    (relative to ``base_dir``) plus keys that override that file. A top-level
+    ``[site_overrides]`` table is merged into every site last (handy for quick runs).
+    """
+    data = dict(data)
+    entries = data.pop("sites", None)
+    site_overrides = data.pop("site_overrides", {})
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise ConfigError("experiment: needs a [[sites]] list of tables")
+    if not isinstance(site_overrides, dict):
+        raise ConfigError("experiment: site_overrides must be a table")
+    sites = []
+    for i, entry in enumerate(entries):
+        entry = dict(entry)
+        ref = entry.pop("config", None)
+        if ref is not None:
+            if not isinstance(ref, str):
+                raise ConfigError(f"sites[{i}].config: expected a path string")
+            entry = deep_merge(read_toml(Path(base_dir) / ref), entry)
+        sites.append(deep_merge(entry, site_overrides))
+    data["sites"] = sites
+    data.setdefault("server", {})
+    return from_mapping(ExperimentConfig, data, where="experiment")
+
+
+def load_experiment(path: str | Path) -> ExperimentConfig:
+    """Load an experiment TOML (see :func:`experiment_from_mapping`)."""
+    p = Path(path)
+    return experiment_from_mapping(read_toml(p), base_dir=p.parent)

@@ -1,0 +1,178 @@
+"""Typed, data-only configuration loading.
+
+Configuration files come from other institutions: they must never run code.
+They are TOML, parsed into frozen dataclasses by :func:`from_mapping`, which
+
+* rejects unknown keys (with a "did you mean" suggestion),
+* checks every value's type against the dataclass annotation,
+* runs each dataclass's own ``validate()`` for value ranges,
+* and reports every problem at once in one :class:`ConfigError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+
+from .errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+T = TypeVar("T")
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Parse a TOML file; a missing or malformed file is a ConfigError naming it."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"configuration file not found: {p}")
+    try:
+        with p.open("rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: not valid TOML ({exc})") from None
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Return ``base`` with ``override`` merged in, tables recursively."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def from_mapping(cls: type[T], data: Any, where: str) -> T:
+    """Build dataclass ``cls`` from a parsed mapping, or raise one ConfigError listing all problems."""
+    problems: list[str] = []
+    value = _convert(cls, data, where, problems)
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+    return value  # type: ignore[return-value]
+
+
+def to_plain(obj: Any) -> Any:
+    """A dataclass tree as plain JSON-compatible data (tuples become lists)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {str(k): to_plain(v) for k, v in obj.items()}
+    return obj
+
+
+def config_hash(obj: Any) -> str:
+    """SHA-256 of the canonical JSON form of a configuration (for checkpoints and the audit log)."""
+    canonical = json.dumps(to_plain(obj), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " or ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if origin in (tuple, list):
+        return f"list of {_type_name(get_args(tp)[0])}"
+    if tp is type(None):
+        return "nothing"
+    if dataclasses.is_dataclass(tp):
+        return "table"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(tp: Any, value: Any, where: str, problems: list[str]) -> Any:
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _convert_dataclass(tp, value, where, problems)
+    if origin is Literal:
+        if value not in get_args(tp):
+            problems.append(f"{where}: {value!r} is not one of {', '.join(repr(a) for a in get_args(tp))}")
+        return value
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            trial: list[str] = []
+            out = _convert(arg, value, where, trial)
+            if not trial:
+                return out
+        problems.append(f"{where}: expected {_type_name(tp)}, got {type(value).__name__}")
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            problems.append(f"{where}: expected a list, got {type(value).__name__}")
+            return value
+        (item_tp, *rest) = get_args(tp)
+        items = [_convert(item_tp, v, f"{where}[{i}]", problems) for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{where}: expected a table, got {type(value).__name__}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"{where}: expected a number, got {type(value).__name__}")
+            return value
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.append(f"{where}: expected an integer, got {type(value).__name__}")
+        return value
+    if tp in (str, bool):
+        if not isinstance(value, tp):
+            problems.append(f"{where}: expected {tp.__name__}, got {type(value).__name__}")
+        return value
+    if tp is Any:
+        return value
+    raise TypeError(f"unsupported configuration type {tp!r} at {where}")  # programming error
+
+
+def _convert_dataclass(cls: Any, value: Any, where: str, problems: list[str]) -> Any:
+    if not isinstance(value, dict):
+        problems.append(f"{where}: expected a table, got {type(value).__name__}")
+        return None
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    for key in value:
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.append(
+                f"{where}: unknown key {key!r}{hint}; allowed keys: {', '.join(sorted(fields))}"
+            )
+    kwargs: dict[str, Any] = {}
+    before = len(problems)
+    for name, field in fields.items():
+        if name in value:
+            kwargs[name] = _convert(hints[name], value[name], f"{where}.{name}", problems)
+        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            problems.append(f"{where}: missing required key {name!r}")
+    if len(problems) > before:
+        return None
+    try:
+        obj = cls(**kwargs)
+    except ConfigError as exc:
+        problems.append(f"{where}: {exc}")
+        return None
+    check = getattr(obj, "validate", None)
+    if check is not None:
+        problems.extend(f"{where}.{msg}" for msg in check())
+    return obj

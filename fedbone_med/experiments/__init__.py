@@ -1,0 +1,1 @@
+"""Experiment runners: the in-process federation, reproductions and baselines."""

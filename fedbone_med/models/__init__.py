@@ -1,0 +1,25 @@
+"""Models: site embeddings, server backbones, task adaptation, heads, and the split."""
+
+from .backbones import BACKBONES, SwinBackbone, build_backbone, refuse_batchnorm
+from .embeddings import EMBEDDINGS
+from .heads import HEADS
+from .adaptation import ADAPTATIONS
+from .losses import TaskLoss, class_probabilities, decode
+from .split import CutSpec, FedBoneModel, SiteModel, build_site_model
+
+__all__ = [
+    "ADAPTATIONS",
+    "BACKBONES",
+    "EMBEDDINGS",
+    "HEADS",
+    "CutSpec",
+    "FedBoneModel",
+    "SiteModel",
+    "SwinBackbone",
+    "TaskLoss",
+    "build_backbone",
+    "build_site_model",
+    "class_probabilities",
+    "decode",
+    "refuse_batchnorm",
+]

@@ -1,0 +1,92 @@
+"""The FedBone split: what sits at the site, what sits on the server, and the cut between.
+
+    site:    x --Embedding--> z ............................ TaskAdaptation(F, z) --Head--> logits
+    server:                   z --Backbone--> F = [F_1..F_L] ^
+
+Only z (site -> server) and F (server -> site), and on the way back dF and dz, cross the
+cut. :class:`CutSpec` is the contract the server states when a site joins.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from torch import Tensor, nn
+
+from ..config import SiteConfig
+from ..errors import ModelError
+from .adaptation import ADAPTATIONS
+from .embeddings import EMBEDDINGS
+from .heads import HEADS
+
+IN_CHANNELS = {"fundus": 3, "oct": 1}
+
+
+@dataclass(frozen=True)
+class CutSpec:
+    """The server backbone's interface at the cut."""
+
+    z_channels: int
+    feature_channels: tuple[int, ...]
+    feature_strides: tuple[int, ...]
+    max_batch: int = 4096
+
+    @classmethod
+    def of(cls, backbone: nn.Module, max_batch: int = 4096) -> CutSpec:
+        return cls(backbone.in_channels, tuple(backbone.feature_channels), tuple(backbone.feature_strides), max_batch)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CutSpec:
+        return cls(
+            int(d["z_channels"]),
+            tuple(int(c) for c in d["feature_channels"]),
+            tuple(int(s) for s in d["feature_strides"]),
+            int(d.get("max_batch", 4096)),
+        )
+
+
+class SiteModel(nn.Module):
+    """The layers a site owns: embedding (below the cut), adaptation and head (above)."""
+
+    def __init__(self, embedding: nn.Module, adaptation: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.embedding = embedding
+        self.adaptation = adaptation
+        self.head = head
+
+    def embed(self, x: Tensor) -> Tensor:
+        return self.embedding(x)  # (B, D, H/s, W/s)
+
+    def top(self, feats: list[Tensor], z: Tensor, out_size: tuple[int, int]) -> Tensor:
+        return self.head(self.adaptation(feats, z), out_size)
+
+
+def build_site_model(cfg: SiteConfig, cut: CutSpec) -> SiteModel:
+    """Build a site's layers to fit the server's cut; a mismatch is a ModelError."""
+    m = cfg.model
+    if m.embed_dim is not None and m.embed_dim != cut.z_channels:
+        raise ModelError(
+            f"site '{cfg.name}': model.embed_dim = {m.embed_dim} but the server backbone takes "
+            f"{cut.z_channels} channels at the cut; remove model.embed_dim or set it to {cut.z_channels}"
+        )
+    embedding = EMBEDDINGS.get(m.embedding)(IN_CHANNELS[cfg.modality], cut.z_channels, m.stride)
+    adaptation = ADAPTATIONS.get(m.adaptation)(cut.feature_channels, cut.z_channels, m.adapt_dim, m.adapt_heads)
+    head = HEADS.get(m.head)(cfg.task, m.adapt_dim, len(cut.feature_channels) + 1)
+    return SiteModel(embedding, adaptation, head)
+
+
+class FedBoneModel(nn.Module):
+    """The whole model of one site in one piece (reference for the split, and for baselines)."""
+
+    def __init__(self, site: SiteModel, backbone: nn.Module) -> None:
+        super().__init__()
+        self.site = site
+        self.backbone = backbone
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = self.site.embed(x)
+        return self.site.top(self.backbone(z), z, (x.shape[-2], x.shape[-1]))

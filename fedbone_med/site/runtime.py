@@ -1,0 +1,186 @@
+"""The site runtime: trains a site's own layers through any Transport.
+
+One training step (DESIGN.md, "One training step"):
+
+    x, y  -> z = Embed(x)                      (stays here)
+    z     -> transport.forward -> F            (F: the backbone's feature maps)
+    F, z  -> Head(TaskAdapt(F, z)) -> loss     (z is also the finest skip connection, locally)
+    loss.backward() gives dF and the skip part of dL/dz
+    dF    -> transport.backward -> dz_server
+    z.backward(dz_skip + dz_server); the site optimizer steps.
+
+Images and labels never leave this object; only z and dF are handed to the transport.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import __version__
+from ..config import SiteConfig
+from ..data.sources import SiteData
+from ..device import resolve_device
+from ..errors import CheckpointError
+from ..models import CutSpec, SiteModel, TaskLoss, build_site_model, class_probabilities, decode
+from ..optim import build_optimizer
+from ..transport.base import Transport
+from ..transport.messages import JoinRequest, RoundReport, StepHeader
+from ..transport.validate import check_features, check_input_grad
+from .metrics import classification_metrics, primary_metric, segmentation_counts, segmentation_metrics
+
+
+def derive_seed(*parts: object) -> int:
+    """A stable 63-bit seed from any parts (Python's ``hash`` is salted per process)."""
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+class SiteRuntime:
+    def __init__(self, cfg: SiteConfig, transport: Transport, data: SiteData, *, seed: int) -> None:
+        self.cfg = cfg
+        self.name = cfg.name
+        self.transport = transport
+        self.data = data
+        self.seed = seed
+        self.device = resolve_device(cfg.train.device)
+        self.loss_fn = TaskLoss(cfg.task)
+        self.model: SiteModel | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.cut: CutSpec | None = None
+        self.run_id = ""
+        self.sequence = 0
+        self._round_losses: list[float] = []
+
+    # -- membership ---------------------------------------------------------------
+    def join(self) -> None:
+        reply = self.transport.join(
+            JoinRequest(self.name, self.cfg.modality, self.cfg.task.type, len(self.data.train), __version__)
+        )
+        self.run_id, self.cut = reply.run_id, reply.cut
+        if self.model is None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(derive_seed(self.seed, "site-init", self.name))
+                self.model = build_site_model(self.cfg, reply.cut).to(self.device)
+            t = self.cfg.train
+            self.optimizer = build_optimizer(t.optimizer, self.model.parameters(), t.lr, t.weight_decay)
+
+    def _header(self, round: int, step: int, mode: str) -> StepHeader:
+        self.sequence += 1
+        return StepHeader(self.run_id, self.name, round, step, self.sequence, mode)  # type: ignore[arg-type]
+
+    # -- training -----------------------------------------------------------------
+    def batch_index(self, round: int, step_in_round: int) -> Tensor:
+        """Indices of this step's batch: a fresh seeded permutation per round, cycled."""
+        n, b = len(self.data.train), self.cfg.train.batch_size
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, "batches", self.name, round))
+        perm = torch.randperm(n, generator=gen)
+        start = (step_in_round * b) % n
+        idx = torch.arange(start, start + min(b, n)) % n
+        return perm[idx]
+
+    def forward_backward(self, x: Tensor, y: Tensor, round: int, step: int) -> float:
+        """One split forward/backward; leaves gradients in the site's parameters."""
+        assert self.model is not None and self.cut is not None, "join() first"
+        self.model.train()
+        x, y = x.to(self.device), y.to(self.device)
+        z = self.model.embed(x)  # (B, D, h, w)
+        header = self._header(round, step, "train")
+        feats = check_features(self.transport.forward(header, z.detach()), self.cut, x.shape[0])
+        feats = [f.to(self.device).requires_grad_(True) for f in feats]
+        z_local = z.detach().requires_grad_(True)
+        loss = self.loss_fn(self.model.top(feats, z_local, (x.shape[-2], x.shape[-1])), y)
+        loss.backward()
+        dz = self.transport.backward(self._header(round, step, "train"), [f.grad for f in feats])
+        dz = check_input_grad(dz, z).to(self.device)
+        z.backward(z_local.grad + dz)
+        return float(loss.detach())
+
+    def train_step(self, round: int, step: int, step_in_round: int) -> float:
+        assert self.optimizer is not None, "join() first"
+        x, y = self.data.train.batch(self.batch_index(round, step_in_round))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.forward_backward(x, y, round, step)
+        self.optimizer.step()
+        self._round_losses.append(loss)
+        return loss
+
+    # -- evaluation ---------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, round: int, step: int) -> dict[str, float]:
+        """Metrics on the validation split (the backbone runs in eval mode on the server)."""
+        assert self.model is not None and self.cut is not None, "join() first"
+        self.model.eval()
+        task, val = self.cfg.task, self.data.val
+        probs, preds, counts, pixels = [], [], None, 0
+        for start in range(0, len(val), self.cfg.train.eval_batch_size):
+            idx = torch.arange(start, min(start + self.cfg.train.eval_batch_size, len(val)))
+            x, y = val.batch(idx)
+            x = x.to(self.device)
+            z = self.model.embed(x)
+            feats = check_features(self.transport.forward(self._header(round, step, "eval"), z), self.cut, len(idx))
+            logits = self.model.top([f.to(self.device) for f in feats], z, (x.shape[-2], x.shape[-1])).cpu()
+            if task.type == "classification":
+                probs.append(class_probabilities(task, logits))
+                preds.append(decode(task, logits))
+            else:
+                c = segmentation_counts(task, decode(task, logits), y)
+                counts = c if counts is None else counts + c
+                pixels += y.shape[0] * y.shape[-1] * y.shape[-2]
+        if task.type == "classification":
+            m = classification_metrics(task, torch.cat(probs), torch.cat(preds), val.targets)
+        else:
+            assert counts is not None
+            m = segmentation_metrics(counts, pixels)
+        m["primary"] = m[primary_metric(task)]
+        return m
+
+    # -- rounds -------------------------------------------------------------------
+    def embedding_signature(self) -> str:
+        assert self.model is not None
+        shapes = sorted((k, tuple(v.shape)) for k, v in self.model.embedding.state_dict().items())
+        return hashlib.sha256(repr((self.cfg.model.embedding, shapes)).encode()).hexdigest()[:16]
+
+    def end_round(self, round: int, metrics: dict[str, float], share_embedding: bool) -> dict[str, float]:
+        """Report the round (metrics and, for FedAvg, the embedding) to the server."""
+        assert self.model is not None
+        losses, self._round_losses = self._round_losses, []
+        train_loss = sum(losses) / len(losses) if losses else float("nan")
+        emb = {k: v.detach().cpu() for k, v in self.model.embedding.state_dict().items()} if share_embedding else None
+        self.transport.round_end(
+            RoundReport(self.name, round, len(self.data.train), train_loss, dict(metrics), emb,
+                        self.embedding_signature() if share_embedding else None)
+        )
+        return {"train_loss": train_loss, **metrics}
+
+    def sync_round(self, round: int) -> tuple[str, ...]:
+        """Apply the server's averaged embedding, if this site is in a FedAvg group."""
+        assert self.model is not None
+        result = self.transport.round_sync(self.name, round)
+        if result.embedding is not None:
+            self.model.embedding.load_state_dict(result.embedding)
+        return result.group
+
+    # -- checkpoints --------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        assert self.model is not None and self.optimizer is not None
+        return {
+            "kind": "site",
+            "site": self.name,
+            "software_version": __version__,
+            "run_id": self.run_id,
+            "sequence": self.sequence,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        assert self.model is not None and self.optimizer is not None, "join() first"
+        if state.get("site") != self.name:
+            raise CheckpointError(f"checkpoint belongs to site {state.get('site')!r}, not {self.name!r}")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.sequence = int(state["sequence"])
