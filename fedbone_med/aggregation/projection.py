@@ -1,0 +1,288 @@
+"""Conflicting-gradient projection (PCGrad, Yu et al. 2020) as used by FedBone's aggregation.
+
+For a permutation ``order`` of the K sites and each site i::
+
+    g_i' = g_i
+    for j in order, j != i, ||g_j||^2 > 0:
+        if g_i' . g_j < 0:  g_i' -= (g_i' . g_j / ||g_j||^2) g_j     # against the ORIGINAL g_j
+    combined = sum_i r_i g_i'            # r_i = 1/K ("mean") or 1 ("sum"), or normalised weights
+
+Every g_i' is a linear combination of the original gradients, g_i' = sum_k C[i, k] g_k, so
+the whole procedure runs on the K x K Gram matrix G = grads @ grads.T (float64) and the
+coefficients C; the P-dimensional data is touched twice: once for G, once for the final
+combination ``w @ grads`` with w = r @ C.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ..errors import AggregationError
+from .base import REDUCTIONS, AggregationStats
+
+# Columns per Gram chunk are chosen so one float64 chunk of K rows is about this size.
+GRAM_CHUNK_BYTES = 4 << 20
+
+
+def check_grads_shape(grads: Tensor) -> int:
+    """Check ``grads`` is a 2-D floating-point (K, P) tensor with K >= 1; return K."""
+    if not isinstance(grads, Tensor):
+        raise AggregationError(f"site gradients must be a torch.Tensor, got {type(grads).__name__}")
+    if grads.dim() != 2:
+        raise AggregationError(
+            f"site gradients must be a 2-D (num_sites, num_params) tensor, got {grads.dim()} dimensions"
+        )
+    if not grads.is_floating_point():
+        raise AggregationError(f"site gradients must be floating point, got dtype {grads.dtype}")
+    if grads.shape[0] == 0:
+        raise AggregationError("no site gradients to aggregate (num_sites == 0)")
+    return int(grads.shape[0])
+
+
+def _site_label(k: int, site_names: tuple[str, ...] | None) -> str:
+    return f"site {site_names[k]!r}" if site_names is not None else f"site index {k}"
+
+
+def _check_site_names(site_names: Sequence[str] | None, num_sites: int) -> tuple[str, ...] | None:
+    if site_names is None:
+        return None
+    names = tuple(str(n) for n in site_names)
+    if len(names) != num_sites:
+        raise AggregationError(f"got {len(names)} site names for {num_sites} site gradients")
+    return names
+
+
+def reduction_weights(
+    num_sites: int, reduction: str = "mean", weights: Sequence[float] | Tensor | None = None
+) -> Tensor:
+    """Per-site reduction weights r (K,) float64: 1/K or 1, or ``weights`` (normalised for "mean")."""
+    if reduction not in REDUCTIONS:
+        raise AggregationError(f"unknown reduction {reduction!r}; expected one of {list(REDUCTIONS)}")
+    if weights is None:
+        r = torch.ones(num_sites, dtype=torch.float64)
+    else:
+        r = torch.as_tensor(weights, dtype=torch.float64).detach().cpu().reshape(-1).clone()
+        if r.numel() != num_sites:
+            raise AggregationError(f"got {r.numel()} site weights for {num_sites} site gradients")
+        if not bool(torch.isfinite(r).all()):
+            raise AggregationError("site weights must be finite")
+        if bool((r < 0).any()):
+            raise AggregationError("site weights must be non-negative")
+        if not bool((r > 0).any()):
+            raise AggregationError("site weights are all zero; at least one site must have positive weight")
+    return r / r.sum() if reduction == "mean" else r
+
+
+def check_order(order: Sequence[int] | Tensor, num_sites: int) -> list[int]:
+    """Return ``order`` as a list of ints after checking it is a permutation of range(K)."""
+    if isinstance(order, Tensor):
+        if order.dim() != 1 or order.is_floating_point() or order.dtype == torch.bool:
+            raise AggregationError("projection order must be a 1-D integer tensor or a sequence of ints")
+        items = [int(x) for x in order.tolist()]
+    else:
+        try:
+            items = [operator.index(x) for x in order]
+        except TypeError as exc:
+            raise AggregationError("projection order must be a sequence of ints") from exc
+    if sorted(items) != list(range(num_sites)):
+        raise AggregationError(f"projection order must be a permutation of range({num_sites})")
+    return items
+
+
+GRAM_BLOCK_COLS = 1 << 15
+
+
+def gram_matrix(grads: Tensor, chunk_bytes: int = GRAM_CHUNK_BYTES) -> Tensor:
+    """G = grads @ grads.T (K, K), returned in float64, symmetrised.
+
+    float64 input is one float64 GEMM. Other dtypes run one float32 GEMM per column block
+    (at most ``GRAM_BLOCK_COLS`` columns, about ``chunk_bytes``), and the blocks are summed
+    in float64: each block's sum is short, so the result is within float32 rounding of the
+    norms' product, at a third of the cost of a float64 GEMM on CPUs (a memory-bound pass).
+    """
+    k, p = grads.shape
+    g = grads.detach()
+    if g.dtype == torch.float64:
+        gram = g @ g.T  # (K, K)
+    else:
+        # Lower-precision input: a float32 GEMM per column block (each block's sum is short,
+        # so its rounding error is small), blocks accumulated in float64.
+        cols = max(1, min(GRAM_BLOCK_COLS, chunk_bytes // (4 * k)))
+        gram = torch.zeros(k, k, dtype=torch.float64, device=g.device)
+        for start in range(0, p, cols):
+            chunk = g[:, start : start + cols].to(torch.float32)  # (K, cols)
+            gram += (chunk @ chunk.T).to(torch.float64)
+    return ((gram + gram.T) * 0.5).cpu()
+
+
+def _checked_gram(grads: Tensor, site_names: tuple[str, ...] | None) -> Tensor:
+    """Gram matrix of ``grads``; raises naming every site whose gradient is not finite."""
+    gram = gram_matrix(grads)
+    if bool(torch.isfinite(gram).all()):
+        return gram
+    # Failure path only: a non-finite entry anywhere in a row makes its diagonal non-finite.
+    bad = [k for k in range(grads.shape[0]) if not bool(torch.isfinite(grads[k]).all())]
+    if bad:
+        labels = ", ".join(_site_label(k, site_names) for k in bad)
+        raise AggregationError(
+            f"non-finite backbone gradient (NaN or Inf) from {labels}; drop or re-run those sites' "
+            "contributions for this round (check their learning rate and loss scaling)"
+        )
+    huge = [k for k in range(grads.shape[0]) if not bool(torch.isfinite(gram[k, k]))]
+    labels = ", ".join(_site_label(k, site_names) for k in huge)
+    raise AggregationError(f"backbone gradient norm overflows float64 for {labels}")
+
+
+def _projection_coefficients(gram: Tensor, order: list[int]) -> tuple[Tensor, int]:
+    """Coefficients C (K, K) float64 with g_i' = sum_k C[i, k] g_k, and the number of projections.
+
+    Each row C[i] evolves independently over ``order``, so the loop runs over j for all
+    rows i at once: d_i = g_i' . g_j = C[i] @ G[:, j]; where d_i < 0 (i != j),
+    C[i, j] -= d_i / G[j, j].
+    """
+    k = gram.shape[0]
+    coeffs = torch.eye(k, dtype=torch.float64)  # (K, K)
+    diag = gram.diagonal().tolist()
+    applied = 0
+    for j in order:
+        if diag[j] == 0.0:  # all-zero gradient: nothing to project against
+            continue
+        d = coeffs @ gram[:, j]  # (K,)
+        d[j] = 0.0  # a site is never projected against itself
+        conflict = d < 0
+        n = int(conflict.sum())
+        if n:
+            coeffs[:, j] -= torch.where(conflict, d / diag[j], torch.zeros_like(d))
+            applied += n
+    return coeffs, applied
+
+
+def project_from_gram(
+    gram: Tensor,
+    order: Sequence[int] | Tensor,
+    reduction: str = "mean",
+    weights: Sequence[float] | Tensor | None = None,
+) -> Tensor:
+    """Final per-site coefficient vector w (K,) float64 from a Gram matrix (K, K) alone.
+
+    The aggregated gradient is ``w @ grads``.
+    """
+    if not isinstance(gram, Tensor) or gram.dim() != 2 or gram.shape[0] != gram.shape[1] or gram.shape[0] == 0:
+        raise AggregationError("Gram matrix must be a non-empty square (K, K) tensor")
+    gram = gram.detach().to(device="cpu", dtype=torch.float64)
+    if not bool(torch.isfinite(gram).all()):
+        raise AggregationError("Gram matrix has non-finite entries")
+    k = gram.shape[0]
+    r = reduction_weights(k, reduction, weights)
+    coeffs, _ = _projection_coefficients(gram, check_order(order, k))
+    return r @ coeffs
+
+
+def _gram_stats(gram: Tensor) -> tuple[int, float | None, float | None, tuple[float, ...]]:
+    """(conflicting_pairs, min_cosine, mean_cosine, site_norms) over unordered pairs i < j."""
+    k = gram.shape[0]
+    norms = gram.diagonal().clamp_min(0.0).sqrt()  # (K,)
+    iu, ju = torch.triu_indices(k, k, offset=1)
+    dots = gram[iu, ju]  # (K(K-1)/2,)
+    denom = norms[iu] * norms[ju]
+    safe = denom > 0
+    cos = torch.where(safe, dots / torch.where(safe, denom, torch.ones_like(denom)), torch.zeros_like(dots))
+    cos = cos.clamp(-1.0, 1.0)
+    conflicting = int((dots < 0).sum())
+    if dots.numel() == 0:
+        return conflicting, None, None, tuple(norms.tolist())
+    return conflicting, float(cos.min()), float(cos.mean()), tuple(norms.tolist())
+
+
+def _combine(grads: Tensor, w: Tensor) -> Tensor:
+    """w @ grads (P,) in grads' dtype, computed in that dtype."""
+    return w.to(device=grads.device, dtype=grads.dtype) @ grads.detach()
+
+
+def project_conflicting(
+    grads: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    order: Sequence[int] | Tensor | None = None,
+    reduction: str = "mean",
+    weights: Sequence[float] | Tensor | None = None,
+    site_names: Sequence[str] | None = None,
+) -> tuple[Tensor, AggregationStats]:
+    """Project conflicting site gradients and reduce them: (combined (P,), stats).
+
+    ``grads`` is (K, P). The site order is ``order`` if given, otherwise
+    ``torch.randperm(K, generator=generator)`` (the global generator when None).
+    """
+    k = check_grads_shape(grads)
+    names = _check_site_names(site_names, k)
+    r = reduction_weights(k, reduction, weights)
+    if order is not None and generator is not None:
+        raise AggregationError("pass either a projection order or a generator, not both")
+    perm = check_order(order if order is not None else torch.randperm(k, generator=generator), k)
+    gram = _checked_gram(grads, names)
+    coeffs, applied = _projection_coefficients(gram, perm)
+    w = r @ coeffs  # (K,)
+    pairs, min_cos, mean_cos, norms = _gram_stats(gram)
+    stats = AggregationStats(
+        method="projection",
+        num_sites=k,
+        conflicting_pairs=pairs,
+        min_cosine=min_cos,
+        mean_cosine=mean_cos,
+        site_norms=norms,
+        projection_order=tuple(perm),
+        projections_applied=applied,
+        coefficients=tuple(w.tolist()),
+        site_names=names,
+    )
+    return _combine(grads, w), stats
+
+
+def _plain_aggregate(
+    grads: Tensor,
+    reduction: str,
+    weights: Sequence[float] | Tensor | None,
+    site_names: Sequence[str] | None,
+) -> tuple[Tensor, AggregationStats]:
+    k = check_grads_shape(grads)
+    names = _check_site_names(site_names, k)
+    r = reduction_weights(k, reduction, weights)
+    gram = _checked_gram(grads, names)
+    pairs, min_cos, mean_cos, norms = _gram_stats(gram)
+    stats = AggregationStats(
+        method=reduction,
+        num_sites=k,
+        conflicting_pairs=pairs,
+        min_cosine=min_cos,
+        mean_cosine=mean_cos,
+        site_norms=norms,
+        projection_order=None,
+        projections_applied=0,
+        coefficients=tuple(r.tolist()),
+        site_names=names,
+    )
+    return _combine(grads, r), stats
+
+
+def mean_aggregate(
+    grads: Tensor,
+    *,
+    weights: Sequence[float] | Tensor | None = None,
+    site_names: Sequence[str] | None = None,
+) -> tuple[Tensor, AggregationStats]:
+    """(Weighted) mean of the K site gradients (K, P) -> (P,), with Gram statistics."""
+    return _plain_aggregate(grads, "mean", weights, site_names)
+
+
+def sum_aggregate(
+    grads: Tensor,
+    *,
+    weights: Sequence[float] | Tensor | None = None,
+    site_names: Sequence[str] | None = None,
+) -> tuple[Tensor, AggregationStats]:
+    """(Weighted) sum of the K site gradients (K, P) -> (P,), with Gram statistics."""
+    return _plain_aggregate(grads, "sum", weights, site_names)

@@ -1,0 +1,402 @@
+"""Tests for fedbone_med.aggregation: fast projection vs the reference loop, stats, registry, FedAvg."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fedbone_med.aggregation import (
+    AggregationStats,
+    MeanAggregator,
+    ProjectionAggregator,
+    average_state_dicts,
+    get_aggregator,
+    gram_matrix,
+    mean_aggregate,
+    project_conflicting,
+    project_conflicting_reference,
+    project_from_gram,
+    register_aggregator,
+    sum_aggregate,
+)
+from fedbone_med.aggregation import base as agg_base
+from fedbone_med.errors import AggregationError, CheckpointError, RegistryError
+
+U32 = 2.0**-24  # unit roundoff of float32
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+@st.composite
+def projection_cases(draw):
+    """(grads float64 (K, P), order, reduction, weights) with optional conflicts and zero rows."""
+    k = draw(st.integers(1, 12))
+    p = draw(st.integers(1, 2000))
+    seed = draw(st.integers(0, 2**31 - 1))
+    gen = torch.Generator().manual_seed(seed)
+    scale = draw(st.sampled_from([1e-3, 1.0, 1e3]))
+    grads = torch.randn(k, p, generator=gen, dtype=torch.float64) * scale  # (K, P)
+    if k > 1 and draw(st.booleans()):
+        # Deliberate conflicts: some rows become a negated (scaled) copy of another plus noise.
+        for row in draw(st.lists(st.integers(1, k - 1), max_size=k, unique=True)):
+            src = draw(st.integers(0, row - 1))
+            noise = draw(st.sampled_from([0.0, 1e-3, 0.1, 1.0]))
+            factor = draw(st.sampled_from([0.5, 1.0, 2.0]))
+            grads[row] = -factor * grads[src] + noise * scale * torch.randn(p, generator=gen, dtype=torch.float64)
+    if draw(st.booleans()):
+        for row in draw(st.lists(st.integers(0, k - 1), max_size=k, unique=True)):
+            grads[row] = 0.0
+    order = draw(st.permutations(list(range(k))))
+    reduction = draw(st.sampled_from(["mean", "sum"]))
+    weights = None
+    if draw(st.booleans()):
+        weights = draw(st.lists(st.sampled_from([0.0, 0.25, 1.0, 3.0, 7.5]), min_size=k, max_size=k))
+        if not any(weights):
+            weights[0] = 1.0
+    return grads, order, reduction, weights
+
+
+def _reduction_vector(k: int, reduction: str, weights) -> torch.Tensor:
+    r = torch.ones(k, dtype=torch.float64) if weights is None else torch.tensor(weights, dtype=torch.float64)
+    return r / r.sum() if reduction == "mean" else r
+
+
+def _magnitude(grads: torch.Tensor, reduction: str, weights) -> float:
+    """S = sum_k r_k ||g_k||: an upper bound on ||combined|| (projection never grows a norm)."""
+    r = _reduction_vector(grads.shape[0], reduction, weights)
+    return float(r @ grads.double().norm(dim=1))
+
+
+# ---------------------------------------------------------------------------- fast vs reference
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(projection_cases())
+def test_fast_matches_reference_float64(case):
+    grads, order, reduction, weights = case
+    fast, stats = project_conflicting(grads, order=order, reduction=reduction, weights=weights)
+    ref = project_conflicting_reference(grads, order, reduction, weights)
+    assert fast.dtype == torch.float64 and fast.shape == (grads.shape[1],)
+    # Normwise relative error against S = sum_k r_k ||g_k||, the natural size of the result;
+    # a plain elementwise rtol is meaningless when conflicting gradients cancel to ~0.
+    err = float((fast - ref).norm())
+    assert err <= 1e-6 * _magnitude(grads, reduction, weights) + 1e-300
+    assert stats.projection_order == tuple(order)
+    assert not any(math.isnan(c) for c in stats.coefficients)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(projection_cases())
+def test_fast_matches_reference_float32(case):
+    grads64, order, reduction, weights = case
+    grads = grads64.float()  # (K, P) float32
+    fast, stats = project_conflicting(grads, order=order, reduction=reduction, weights=weights)
+    assert fast.dtype == torch.float32
+    # Oracle: the reference in float64 on the same float32 values.
+    ref = project_conflicting_reference(grads, order, reduction, weights, dtype=torch.float64)
+    # The coefficients w come from a float64 Gram matrix of the same values, so they match the
+    # oracle's to ~1e-12. The float32 part is (a) rounding each w_k to float32 (relative error
+    # <= u) and (b) the K-term float32 dot product per element (error <= K u sum_k |w_k g_kp|).
+    # Hence |fast_p - ref_p| <= (K + 1) u sum_k |w_k| |g_kp|; we allow a factor 2 for slack,
+    # plus a float64-level term for the coefficients themselves.
+    w = torch.tensor(stats.coefficients, dtype=torch.float64)
+    bound = 2 * (grads.shape[0] + 1) * U32 * (w.abs() @ grads.double().abs())  # (P,)
+    bound += 1e-9 * _magnitude(grads, reduction, weights)
+    assert bool(((fast.double() - ref).abs() <= bound).all())
+    # Against the reference run entirely in float32 (as the benchmark does): its P-term float32
+    # dot products carry relative error ~ sqrt(P) u ~ 3e-6 for P <= 2000, propagated through up
+    # to K - 1 projections; 1e-4 of the result's natural size S leaves ample margin.
+    ref32 = project_conflicting_reference(grads, order, reduction, weights, dtype=torch.float32)
+    assert float((fast.double() - ref32.double()).norm()) <= 1e-4 * _magnitude(grads, reduction, weights) + 1e-30
+
+
+@settings(max_examples=40, deadline=None)
+@given(projection_cases())
+def test_coefficients_reproduce_result_and_gram_path(case):
+    grads, order, reduction, weights = case
+    fast, stats = project_conflicting(grads, order=order, reduction=reduction, weights=weights)
+    w = torch.tensor(stats.coefficients, dtype=torch.float64)
+    torch.testing.assert_close(w @ grads, fast, rtol=0, atol=1e-12 * (1 + float(grads.abs().max())))
+    w_gram = project_from_gram(gram_matrix(grads), order, reduction, weights)
+    torch.testing.assert_close(w_gram, w, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------- known answers
+
+
+def test_orthogonal_gradients_unchanged_mean():
+    grads = torch.tensor([[3.0, 0.0, 0.0], [0.0, -2.0, 0.0]])
+    out, stats = project_conflicting(grads, order=[1, 0])
+    torch.testing.assert_close(out, torch.tensor([1.5, -1.0, 0.0]), rtol=0, atol=0)
+    assert stats.projections_applied == 0 and stats.conflicting_pairs == 0
+    assert stats.coefficients == (0.5, 0.5)
+
+
+def test_opposite_gradients_cancel_to_zero():
+    g = torch.randn(50, generator=torch.Generator().manual_seed(0))
+    grads = torch.stack([g, -g])
+    out, stats = project_conflicting(grads, order=[0, 1])
+    assert torch.equal(out, torch.zeros(50))
+    assert stats.conflicting_pairs == 1 and stats.projections_applied == 2
+    assert stats.min_cosine == pytest.approx(-1.0)
+
+
+def test_hand_computed_two_sites():
+    # g1 = (1, 0), g2 = (-1, 1): g1.g2 = -1.
+    # g1' = g1 - (-1/2) g2 = (0.5, 0.5);  g2' = g2 - (-1/1) g1 = (0, 1);  mean = (0.25, 0.75).
+    grads = torch.tensor([[1.0, 0.0], [-1.0, 1.0]])
+    out, stats = project_conflicting(grads, order=[0, 1])
+    assert torch.equal(out, torch.tensor([0.25, 0.75]))
+    assert stats.coefficients == (1.0, 0.75)  # 0.5 * [(1, 0.5) + (1, 1)]
+    assert stats.site_norms == pytest.approx((1.0, math.sqrt(2.0)))
+    assert stats.min_cosine == pytest.approx(-1 / math.sqrt(2.0))
+    out_sum, _ = project_conflicting(grads, order=[1, 0], reduction="sum")
+    assert torch.equal(out_sum, torch.tensor([0.5, 1.5]))
+
+
+def test_hand_computed_three_sites_order_matters():
+    # g1 = (1, 0), g2 = (-1, 1), g3 = (0, -1). Order (1, 2, 3):
+    #   g1' = (0.5, 0.5) after g2, then (0.5, 0) after g3;  g2' = (0, 1) then (0, 0);
+    #   g3' = unchanged by g1 (dot 0), (-0.5, -0.5) after g2.  Sum = (0, -0.5).
+    # Order (3, 2, 1): g1' = (0.5, 0.5); g2' = (-1, 0) then (0, 0); g3' = (-0.5, -0.5) then (0, -0.5).
+    #   Sum = (0.5, 0).
+    grads = torch.tensor([[1.0, 0.0], [-1.0, 1.0], [0.0, -1.0]], dtype=torch.float64)
+    out_a, stats_a = project_conflicting(grads, order=[0, 1, 2], reduction="sum")
+    out_b, stats_b = project_conflicting(grads, order=[2, 1, 0], reduction="sum")
+    assert torch.equal(out_a, torch.tensor([0.0, -0.5], dtype=torch.float64))
+    assert torch.equal(out_b, torch.tensor([0.5, 0.0], dtype=torch.float64))
+    assert stats_a.projections_applied == 5 and stats_b.projections_applied == 5
+    assert torch.equal(project_conflicting_reference(grads, [0, 1, 2], "sum"), out_a)
+    assert torch.equal(project_conflicting_reference(grads, [2, 1, 0], "sum"), out_b)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(1, 500), st.integers(0, 2**31 - 1), st.booleans())
+def test_two_site_projection_removes_conflict(p, seed, conflicting):
+    gen = torch.Generator().manual_seed(seed)
+    g1 = torch.randn(p, generator=gen, dtype=torch.float64)
+    g2 = torch.randn(p, generator=gen, dtype=torch.float64)
+    if conflicting:
+        g2 = -g1 + 0.3 * g2
+    grads = torch.stack([g1, g2])
+    # "sum" with one-hot weights extracts each projected gradient on its own.
+    g1p, _ = project_conflicting(grads, order=[0, 1], reduction="sum", weights=[1.0, 0.0])
+    g2p, _ = project_conflicting(grads, order=[0, 1], reduction="sum", weights=[0.0, 1.0])
+    tol = 1e-12 * float(g1.norm() * g2.norm())
+    assert float(g1p @ g2) >= -tol
+    assert float(g2p @ g1) >= -tol
+
+
+# ---------------------------------------------------------------------------- stats
+
+
+def test_stats_conflicting_pairs_and_cosines():
+    e1, e2 = torch.eye(2)
+    grads = torch.stack([e1, -e1, e2, -e2, e1 + e2])  # (5, 2)
+    # Negative dots: (0,1), (1,4), (2,3), (3,4) -> 4 pairs; cosines sum to -2 over 10 pairs.
+    for fn in (project_conflicting, mean_aggregate, sum_aggregate):
+        kwargs = {"order": list(range(5))} if fn is project_conflicting else {}
+        _, stats = fn(grads, **kwargs)
+        assert stats.conflicting_pairs == 4
+        assert stats.min_cosine == pytest.approx(-1.0)
+        assert stats.mean_cosine == pytest.approx(-0.2)
+        assert -1.0 <= stats.min_cosine <= stats.mean_cosine <= 1.0
+    _, stats = mean_aggregate(grads)
+    assert stats.method == "mean" and stats.projection_order is None and stats.projections_applied == 0
+    assert stats.coefficients == pytest.approx((0.2,) * 5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(projection_cases())
+def test_stats_are_bounded_and_json_serialisable(case):
+    grads, order, reduction, weights = case
+    names = [f"hospital-{k}" for k in range(grads.shape[0])]
+    _, stats = project_conflicting(grads, order=order, reduction=reduction, weights=weights, site_names=names)
+    if grads.shape[0] > 1:
+        assert -1.0 <= stats.min_cosine <= stats.mean_cosine <= 1.0
+    else:
+        assert stats.min_cosine is None and stats.mean_cosine is None
+    d = stats.to_dict()
+    assert json.loads(json.dumps(d)) == d
+    assert d["site_names"] == names and len(d["coefficients"]) == grads.shape[0]
+    assert isinstance(stats, AggregationStats)
+
+
+def test_plain_mean_and_sum_with_weights():
+    grads = torch.tensor([[1.0, 2.0], [3.0, -4.0]], dtype=torch.float64)
+    out, stats = mean_aggregate(grads, weights=[1.0, 3.0])
+    torch.testing.assert_close(out, torch.tensor([2.5, -2.5], dtype=torch.float64))
+    assert stats.coefficients == (0.25, 0.75)
+    out, stats = sum_aggregate(grads, weights=[2.0, 1.0])
+    torch.testing.assert_close(out, torch.tensor([5.0, 0.0], dtype=torch.float64))
+    assert stats.method == "sum"
+
+
+# ---------------------------------------------------------------------------- edge cases
+
+
+def test_single_site_returns_gradient_unchanged():
+    g = torch.randn(1, 1000, generator=torch.Generator().manual_seed(1))
+    out, stats = project_conflicting(g, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out, g[0])
+    assert stats.min_cosine is None and stats.mean_cosine is None and stats.conflicting_pairs == 0
+    assert stats.projection_order == (0,)
+    out, _ = mean_aggregate(g)
+    assert torch.equal(out, g[0])
+
+
+def test_all_zero_gradients_no_nan():
+    grads = torch.zeros(4, 100)
+    for out, stats in (project_conflicting(grads, order=[3, 1, 0, 2]), mean_aggregate(grads)):
+        assert torch.equal(out, torch.zeros(100))
+        floats = []
+        for value in stats.to_dict().values():
+            floats += [x for x in (value if isinstance(value, list) else [value]) if isinstance(x, float)]
+        assert floats and not any(math.isnan(x) for x in floats)
+        assert stats.min_cosine == 0.0 and stats.mean_cosine == 0.0
+
+
+def test_non_finite_rows_named_in_one_error():
+    grads = torch.randn(5, 20, generator=torch.Generator().manual_seed(0))
+    grads[1, 3] = float("nan")
+    grads[4, 0] = float("inf")
+    names = ["alpha", "beta", "gamma", "delta", "epsilon"]
+    for call in (
+        lambda: project_conflicting(grads, order=range(5), site_names=names),
+        lambda: mean_aggregate(grads, site_names=names),
+        lambda: ProjectionAggregator(seed=0)(grads, names),
+    ):
+        with pytest.raises(AggregationError, match="non-finite backbone gradient") as info:
+            call()
+        msg = str(info.value)
+        assert "'beta'" in msg and "'epsilon'" in msg and "'alpha'" not in msg
+    with pytest.raises(AggregationError, match="site index 1, site index 4"):
+        project_conflicting(grads, order=range(5))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"weights": [1.0, 2.0]}, "3 site gradients"),
+        ({"weights": [1.0, -1.0, 1.0]}, "non-negative"),
+        ({"weights": [0.0, 0.0, 0.0]}, "all zero"),
+        ({"reduction": "median"}, "unknown reduction"),
+        ({"order": [0, 0, 1]}, "permutation"),
+        ({"order": [0, 1]}, "permutation"),
+        ({"order": [0.0, 1.0, 2.0]}, "ints"),
+        ({"site_names": ["a"]}, "site names"),
+    ],
+)
+def test_invalid_arguments(kwargs, match):
+    grads = torch.randn(3, 4)
+    with pytest.raises(AggregationError, match=match):
+        project_conflicting(grads, **kwargs)
+
+
+def test_invalid_shapes():
+    with pytest.raises(AggregationError, match="2-D"):
+        project_conflicting(torch.randn(8))
+    with pytest.raises(AggregationError, match="num_sites == 0"):
+        project_conflicting(torch.randn(0, 8))
+    with pytest.raises(AggregationError, match="floating point"):
+        mean_aggregate(torch.ones(2, 3, dtype=torch.int64))
+
+
+def test_gram_chunking_matches_single_gemm():
+    grads = torch.randn(3, 1001, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    exact = grads @ grads.T
+    torch.testing.assert_close(gram_matrix(grads), exact, rtol=1e-12, atol=1e-12)
+    # float32 input: float32 GEMM per column block, blocks summed in float64. Each entry is
+    # within a float32 rounding bound of the exact value, scaled by the norms' product.
+    g32 = torch.randn(5, 200_001, generator=torch.Generator().manual_seed(3))
+    exact = g32.double() @ g32.double().T
+    norms = exact.diagonal().sqrt()
+    for chunk_bytes in (4 * 5 * 7, 1 << 20):
+        err = (gram_matrix(g32, chunk_bytes=chunk_bytes) - exact).abs()
+        assert bool((err <= 1e-5 * norms[:, None] * norms[None, :]).all()), float(err.max())
+
+
+# ---------------------------------------------------------------------------- aggregators and registry
+
+
+def test_registry_names_and_errors():
+    assert isinstance(get_aggregator("mean"), MeanAggregator)
+    assert get_aggregator("projection", seed=3).name == "projection"
+    with pytest.raises(RegistryError, match="known aggregators: mean, projection, sum"):
+        get_aggregator("fedprox")
+    with pytest.raises(RegistryError, match="already registered"):
+        register_aggregator("mean", MeanAggregator)
+    register_aggregator("test-mean-copy", MeanAggregator)
+    try:
+        assert isinstance(get_aggregator("test-mean-copy"), MeanAggregator)
+    finally:
+        del agg_base._REGISTRY["test-mean-copy"]
+
+
+def _orders(agg: ProjectionAggregator, grads: torch.Tensor, n: int) -> list[tuple[int, ...] | None]:
+    return [agg(grads)[1].projection_order for _ in range(n)]
+
+
+def test_projection_aggregator_reproducible_and_checkpointable():
+    grads = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
+    first = _orders(ProjectionAggregator(seed=11), grads, 6)
+    assert first == _orders(ProjectionAggregator(seed=11), grads, 6)
+    assert len(set(first)) > 1  # a fresh permutation each round
+
+    agg = ProjectionAggregator(seed=11)
+    _orders(agg, grads, 3)
+    buf = io.BytesIO()
+    torch.save(agg.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    resumed = ProjectionAggregator(seed=999)
+    resumed.load_state_dict(state)
+    assert _orders(resumed, grads, 3) == first[3:]
+    assert resumed.rounds == 6 and resumed.seed == 11
+    with pytest.raises(CheckpointError):
+        ProjectionAggregator(seed=1, reduction="sum").load_state_dict(state)
+
+
+def test_failed_round_does_not_consume_a_permutation():
+    grads = torch.randn(6, 10, generator=torch.Generator().manual_seed(0))
+    bad = grads.clone()
+    bad[2, 2] = float("nan")
+    agg = ProjectionAggregator(seed=5)
+    with pytest.raises(AggregationError):
+        agg(bad)
+    assert _orders(agg, grads, 2) == _orders(ProjectionAggregator(seed=5), grads, 2)
+
+
+# ---------------------------------------------------------------------------- FedAvg
+
+
+def test_average_state_dicts_known_answer():
+    a = {"w": torch.tensor([1.0, 2.0]), "h": torch.tensor([1.0], dtype=torch.float16), "n": torch.tensor(3)}
+    b = {"w": torch.tensor([3.0, 6.0]), "h": torch.tensor([2.0], dtype=torch.float16), "n": torch.tensor(5)}
+    out = average_state_dicts([a, b], weights=[1.0, 3.0])
+    assert list(out) == ["w", "h", "n"]
+    torch.testing.assert_close(out["w"], torch.tensor([2.5, 5.0]))
+    assert out["h"].dtype == torch.float16 and float(out["h"]) == 1.75
+    assert out["n"].dtype == torch.int64 and int(out["n"]) == 3
+    torch.testing.assert_close(average_state_dicts([a, b])["w"], torch.tensor([2.0, 4.0]))
+
+
+def test_average_state_dicts_mismatch_errors():
+    a = {"w": torch.zeros(2), "b": torch.zeros(1)}
+    with pytest.raises(AggregationError, match="'b'"):
+        average_state_dicts([a, {"w": torch.zeros(2)}])
+    with pytest.raises(AggregationError, match="'extra'"):
+        average_state_dicts([a, {**a, "extra": torch.zeros(1)}])
+    with pytest.raises(AggregationError, match="'w'.*shape"):
+        average_state_dicts([a, {"w": torch.zeros(3), "b": torch.zeros(1)}])
+    with pytest.raises(AggregationError, match="weights"):
+        average_state_dicts([a, a], weights=[1.0])
+    with pytest.raises(AggregationError, match="no state dicts"):
+        average_state_dicts([])
