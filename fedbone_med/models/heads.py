@@ -1,6 +1,6 @@
 """Task heads: the top of each site's model. They never leave the site.
 
-* classification: multi-scale pooled features -> class logits; with ``ordinal`` the head
+* classification: multi-scale mean- and max-pooled features -> class logits; with ``ordinal`` the head
   emits K-1 cumulative logits P(y > k) (for graded labels such as DR grade 0..4).
 * segmentation: the finest adapted map (at z's resolution) is refined and decoded to the
   input resolution; one channel per foreground class (binary / multilabel) or per class
@@ -26,12 +26,14 @@ class ClassificationHead(nn.Module):
 
     def __init__(self, dim: int, num_levels: int, num_classes: int, ordinal: bool) -> None:
         super().__init__()
-        width = dim * num_levels
+        width = 2 * dim * num_levels
         out = num_classes - 1 if ordinal else num_classes
         self.mlp = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, dim), nn.GELU(), nn.Linear(dim, out))
 
     def forward(self, pyramid: list[Tensor], out_size: tuple[int, int]) -> Tensor:
-        pooled = torch.cat([p.mean(dim=(2, 3)) for p in pyramid], dim=1)  # (B, D * L)
+        # Mean pooling summarises the image; max pooling keeps small findings (a microaneurysm,
+        # a fluid cyst) that an average over the whole field would wash out.
+        pooled = torch.cat([torch.cat([p.mean(dim=(2, 3)), p.amax(dim=(2, 3))], 1) for p in pyramid], 1)  # (B, 2DL)
         return self.mlp(pooled)
 
 

@@ -72,12 +72,17 @@ class Coordinator:
         self.num_params = sum(p.numel() for p in self.params)
         o = cfg.optimizer
         self.optimizer = build_optimizer(o.name, self.params, o.lr, o.weight_decay, o.momentum)
-        self.aggregator = get_aggregator(cfg.aggregation.method, seed=seed, reduction=cfg.aggregation.reduction)
+        agg = cfg.aggregation
+        # Only the projection aggregator draws random orders (seeded) and takes a reduction.
+        kwargs = {"seed": seed, "reduction": agg.reduction} if agg.method == "projection" else {}
+        self.aggregator = get_aggregator(agg.method, **kwargs)
         self.cut = CutSpec.of(self.backbone, cfg.max_batch)
         self.step = 0  # the training step being collected
         self.round = 0
         self.sites: dict[str, _SiteSession] = {}
         self.slots: dict[str, Tensor] = {}
+        self._slot_names: list[str] = []
+        self._slot_matrix = torch.empty(0)
         self.step_log: list[dict[str, Any]] = []
         self.rounds: dict[int, _RoundState] = {}
         self._cv = threading.Condition()
@@ -151,21 +156,41 @@ class Coordinator:
             grads = check_feature_grads(grads, feats, header.site)
             grads = [g.to(self.device) for g in grads]
             out = torch.autograd.grad(feats, [*self.params, z_leaf], grad_outputs=grads)
-            self.slots[header.site] = torch.cat([g.reshape(-1) for g in out[:-1]])  # (P,)
+            row = self._slot_row(header.site)  # (P,), a row of the (K, P) slot matrix
+            offset = 0
+            for g in out[:-1]:
+                row[offset : offset + g.numel()].copy_(g.reshape(-1))
+                offset += g.numel()
+            self.slots[header.site] = row
             self._maybe_aggregate()
             self._cv.notify_all()
             return out[-1].detach()
+
+    def _slot_row(self, site: str) -> Tensor:
+        """This step's gradient slot for ``site``: a row of one (K, P) matrix, rows in name order."""
+        names = sorted(self.sites)
+        if names != self._slot_names:  # membership changed: re-lay the slots already filled
+            matrix = torch.empty(len(names), self.num_params, device=self.device)
+            for i, n in enumerate(names):
+                if n in self.slots:
+                    matrix[i].copy_(self.slots[n])
+            self._slot_matrix, self._slot_names = matrix, names
+            self.slots = {n: matrix[i] for i, n in enumerate(names) if n in self.slots}
+        return self._slot_matrix[names.index(site)]
 
     def _maybe_aggregate(self) -> None:
         expected = sorted(self.sites)
         if not expected or any(s not in self.slots for s in expected):
             return
-        stacked = torch.stack([self.slots[s] for s in expected])  # (K, P)
+        if expected == self._slot_names:
+            stacked = self._slot_matrix  # (K, P), no copy
+        else:  # a site left mid-step
+            stacked = torch.stack([self.slots[s] for s in expected])
         combined, stats = self.aggregator(stacked, site_names=tuple(expected))
         offset = 0
         for p in self.params:
             n = p.numel()
-            p.grad = combined[offset : offset + n].view_as(p).clone()
+            p.grad = combined[offset : offset + n].view_as(p)  # views of the fresh combined vector
             offset += n
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

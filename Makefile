@@ -1,0 +1,37 @@
+# One command for each thing a newcomer does. Each target sets up .venv first if needed.
+#   make demo    set up, then run the demo federation (phantom sites, CPU, a few minutes)
+#   make test    set up, then run every check: ruff, then pytest (CI runs exactly this)
+#   make bench   set up, then run the benchmarks (JSON in runs/bench/)
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU build of torch. On a GPU machine install your CUDA build of torch into .venv
+# first and run `make demo TORCH_SPEC=torch` (an installed torch then satisfies it).
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.fedbone-installed
+
+.PHONY: setup demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[dev,plots]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/fedbone run pipelines/demo.toml --out runs/demo
+
+lint: setup
+	$(BIN)/ruff check fedbone_med tests benchmarks
+
+test: lint
+	$(BIN)/python -m pytest
+
+bench: setup
+	$(BIN)/python benchmarks/projection.py --out runs/bench/projection.json
+	$(BIN)/python benchmarks/split_step.py --out runs/bench/split_step.json
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,68 @@
+"""Checkpoints are atomic, load without unpickling code, and fail with a clear error."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from fedbone_med.checkpoint import load_checkpoint, save_checkpoint
+from fedbone_med.errors import CheckpointError
+
+
+def test_round_trip_and_hash(tmp_path):
+    p = tmp_path / "server.pt"
+    digest = save_checkpoint({"kind": "server", "w": torch.arange(4.0)}, p)
+    assert len(digest) == 64
+    state = load_checkpoint(p, "server")
+    assert torch.equal(state["w"], torch.arange(4.0))
+
+
+def test_missing_checkpoint_says_what_to_do(tmp_path):
+    with pytest.raises(CheckpointError, match="no server checkpoint at .*without --resume"):
+        load_checkpoint(tmp_path / "nope.pt", "server")
+
+
+def test_corrupt_checkpoint_is_refused(tmp_path):
+    p = tmp_path / "server.pt"
+    save_checkpoint({"kind": "server", "w": torch.ones(10)}, p)
+    data = bytearray(p.read_bytes())
+    p.write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(CheckpointError, match="could not be loaded safely"):
+        load_checkpoint(p, "server")
+
+
+def test_pickled_code_is_not_executed(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    p = tmp_path / "evil.pt"
+    torch.save({"kind": "server", "x": Evil()}, p)
+    with pytest.raises(CheckpointError):
+        load_checkpoint(p, "server")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_wrong_kind_is_refused(tmp_path):
+    p = tmp_path / "site.pt"
+    save_checkpoint({"kind": "site"}, p)
+    with pytest.raises(CheckpointError, match="not a server checkpoint"):
+        load_checkpoint(p, "server")
+
+
+def test_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    p = tmp_path / "server.pt"
+    save_checkpoint({"kind": "server", "round": 1}, p)
+    before = p.read_bytes()
+
+    def exploding_save(obj, fh):
+        fh.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", exploding_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint({"kind": "server", "round": 2}, p)
+    assert p.read_bytes() == before
+    assert [f.name for f in tmp_path.iterdir()] == ["server.pt"], "no temporary file may be left behind"

@@ -1,0 +1,124 @@
+"""Configuration is data: unknown keys, wrong types and bad values are reported, all at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fedbone_med.config import SiteConfig, experiment_from_mapping, load_experiment, load_site
+from fedbone_med.configtools import config_hash, from_mapping
+from fedbone_med.errors import ConfigError, ModelError, RegistryError
+from fedbone_med.models import build_backbone, build_site_model, CutSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SITE = {
+    "name": "s1",
+    "modality": "fundus",
+    "data": {"task": "vessels", "image_size": 32},
+    "task": {"type": "segmentation", "mode": "binary", "num_classes": 1},
+    "model": {"head": "segmentation"},
+}
+
+
+def test_every_shipped_site_and_experiment_loads():
+    for path in sorted((ROOT / "sites").glob("*.toml")):
+        load_site(path)
+    exp = load_experiment(ROOT / "pipelines" / "demo.toml")
+    assert len(exp.sites) >= 3
+    assert len({s.data.task for s in exp.sites}) == len(exp.sites), "demo sites must have different tasks"
+
+
+def test_unknown_key_is_named_with_a_suggestion_and_the_allowed_keys():
+    bad = {**SITE, "data": {**SITE["data"], "imge_size": 64}}
+    with pytest.raises(ConfigError) as info:
+        from_mapping(SiteConfig, bad, where="site.toml")
+    msg = str(info.value)
+    assert "unknown key 'imge_size'" in msg and "did you mean 'image_size'" in msg and "allowed keys:" in msg
+
+
+def test_all_problems_are_reported_together():
+    bad = {**SITE, "colour": "red", "train": {"batch_size": "sixteen", "lr": -1.0}, "task": {"type": "regression"}}
+    with pytest.raises(ConfigError) as info:
+        from_mapping(SiteConfig, bad, where="site.toml")
+    msg = str(info.value)
+    for part in ("unknown key 'colour'", "batch_size: expected an integer", "'regression' is not one of",
+                 "missing required key 'num_classes'"):
+        assert part in msg, part
+
+
+def test_value_ranges_are_checked():
+    bad = {**SITE, "train": {"lr": 0.0}, "model": {"stride": 3, "adapt_dim": 30, "adapt_heads": 4}}
+    with pytest.raises(ConfigError) as info:
+        from_mapping(SiteConfig, bad, where="s")
+    msg = str(info.value)
+    assert "lr: must be > 0" in msg and "stride: must be 1, 2, 4 or 8" in msg and "adapt_heads: must divide" in msg
+
+
+def test_booleans_are_not_numbers_and_ints_are_accepted_as_floats():
+    cfg = from_mapping(SiteConfig, {**SITE, "train": {"lr": 1}}, where="s")
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    with pytest.raises(ConfigError, match="batch_size: expected an integer, got bool"):
+        from_mapping(SiteConfig, {**SITE, "train": {"batch_size": True}}, where="s")
+
+
+def test_head_that_does_not_fit_the_task_is_a_model_error():
+    cfg = from_mapping(SiteConfig, {**SITE, "model": {"head": "classification"}}, where="s")
+    cut = CutSpec(16, (32, 64), (2, 4))
+    with pytest.raises(ModelError, match="head 'classification' does not fit a segmentation task"):
+        build_site_model(cfg, cut)
+
+
+def test_unknown_registry_names_list_the_known_ones():
+    with pytest.raises(RegistryError, match="unknown backbone 'resnet9000'; known: swin-b, swin-s, swin-t, swin-tiny"):
+        build_backbone("resnet9000")
+    cfg = from_mapping(SiteConfig, {**SITE, "model": {"head": "segmentation", "embedding": "vit"}}, where="s")
+    with pytest.raises(RegistryError, match="unknown embedding 'vit'; known: conv-stem, patch"):
+        build_site_model(cfg, CutSpec(16, (32, 64), (2, 4)))
+
+
+def test_data_task_that_contradicts_the_task_table_is_refused(tmp_path):
+    from fedbone_med.data.sources import load_site_data
+
+    cfg = from_mapping(SiteConfig, {**SITE, "task": {"type": "segmentation", "mode": "multiclass", "num_classes": 3}},
+                       where="s")
+    with pytest.raises(ConfigError, match="provides segmentation with num_classes = 1"):
+        load_site_data(cfg)
+
+
+def test_experiment_site_references_overrides_and_duplicate_names(tmp_path):
+    (tmp_path / "a.toml").write_text((ROOT / "sites" / "phantom-vessels.toml").read_text())
+    exp = experiment_from_mapping(
+        {"name": "x", "sites": [{"config": "a.toml", "train": {"batch_size": 4}}], "site_overrides": {"data": {"image_size": 32}}},
+        base_dir=tmp_path,
+    )
+    assert exp.sites[0].train.batch_size == 4 and exp.sites[0].data.image_size == 32
+    with pytest.raises(ConfigError, match="site names must be unique"):
+        experiment_from_mapping({"name": "x", "sites": [{"config": "a.toml"}, {"config": "a.toml"}]}, base_dir=tmp_path)
+    with pytest.raises(ConfigError, match="configuration file not found"):
+        experiment_from_mapping({"name": "x", "sites": [{"config": "missing.toml"}]}, base_dir=tmp_path)
+
+
+def test_config_hash_is_stable_and_sensitive():
+    a = from_mapping(SiteConfig, SITE, where="s")
+    b = from_mapping(SiteConfig, {**SITE, "train": {"lr": 2e-3}}, where="s")
+    assert config_hash(a) == config_hash(from_mapping(SiteConfig, dict(SITE), where="s"))
+    assert config_hash(a) != config_hash(b)
+
+
+def test_server_backbone_has_no_batchnorm_and_presets_scale():
+    from torch import nn
+
+    from fedbone_med.models import refuse_batchnorm
+
+    for name in ("swin-tiny", "swin-t"):
+        bb = build_backbone(name)
+        refuse_batchnorm(bb)  # raises if any BatchNorm is present
+        assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in bb.modules())
+    swin_t = sum(p.numel() for p in build_backbone("swin-t").parameters())
+    # Swin-T body (~27.5M) plus the patch merging MONAI's Swin applies after its last stage
+    # (4*768 -> 1536 channels: 4.72M), without the patch embedding and classifier.
+    assert 32.0e6 < swin_t < 32.5e6, swin_t
+    with pytest.raises(ConfigError, match="BatchNorm"):
+        refuse_batchnorm(nn.Sequential(nn.BatchNorm2d(3)))

@@ -1,0 +1,98 @@
+"""End to end in one process: a federation of phantom sites with different tasks learns,
+and a run resumed from its checkpoints ends exactly where an uninterrupted run ends."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import CLS2, SEG1, SEG9, site_cfg, tiny_server
+from fedbone_med.config import ExperimentConfig
+from fedbone_med.experiments.federation import Federation, format_table
+
+
+def _experiment(rounds: int, steps: int, method: str = "projection", n_train: int = 96) -> ExperimentConfig:
+    return ExperimentConfig(
+        name="test",
+        seed=7,
+        rounds=rounds,
+        steps_per_round=steps,
+        server=tiny_server(method, lr=2e-3),
+        sites=(
+            site_cfg("vessels", "vessels", "fundus", SEG1, n_train=n_train, n_val=24, batch=8),
+            site_cfg("layers", "oct_layers", "oct", SEG9, n_train=n_train, n_val=24, batch=8),
+            site_cfg("edema", "oct_edema", "oct", CLS2, n_train=n_train, n_val=48, batch=8),
+        ),
+    )
+
+
+@pytest.mark.slow
+def test_short_federation_beats_chance_on_every_site(tmp_path):
+    fed = Federation(_experiment(rounds=3, steps=20), tmp_path)
+    results = fed.run(progress=False)
+    final = results["final"]
+    for name, info in results["sites"].items():
+        m = final[name]
+        assert m[info["primary_metric"]] > m["chance"] + 0.05, (name, m)
+    # results.json is complete and matches what run() returned
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert [r["round"] for r in on_disk["rounds"]] == [0, 1, 2]
+    assert len(on_disk["aggregation"]) == 60
+    step0 = on_disk["aggregation"][0]
+    assert step0["method"] == "projection" and sorted(step0["site_names"]) == ["edema", "layers", "vessels"]
+    assert len(step0["projection_order"]) == 3 and len(step0["site_norms"]) == 3
+    # the OCT sites share a modality and average their embeddings; the fundus site is alone
+    assert final["layers"]["fedavg_group"] == ["edema", "layers"] and final["vessels"]["fedavg_group"] == ["vessels"]
+    table = format_table(results)
+    assert all(name in table for name in ("vessels", "layers", "edema"))
+
+
+def _states(fed: Federation) -> dict[str, torch.Tensor]:
+    out = {f"backbone.{k}": v for k, v in fed.coordinator.backbone.state_dict().items()}
+    for site in fed.sites:
+        out.update({f"{site.name}.{k}": v for k, v in site.model.state_dict().items()})
+    return out
+
+
+class _Crash(Exception):
+    pass
+
+
+def _crash_after_round_0(record: dict) -> None:
+    if record["round"] == 0:
+        raise _Crash
+
+
+@pytest.mark.slow
+def test_resumed_run_ends_equal_to_an_uninterrupted_run(tmp_path):
+    cfg = _experiment(rounds=2, steps=3, n_train=24)
+    full = Federation(cfg, tmp_path / "full")
+    full_results = full.run(progress=False)
+
+    # The same run "crashes" right after round 0's checkpoint, then a new process resumes.
+    with pytest.raises(_Crash):
+        Federation(cfg, tmp_path / "part").run(progress=False, on_round=_crash_after_round_0)
+    resumed = Federation(cfg, tmp_path / "part")
+    resumed_results = resumed.run(resume=True, progress=False)
+
+    a, b = _states(full), _states(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+    assert resumed_results["final"] == full_results["final"]
+    assert resumed_results["aggregation"] == full_results["aggregation"]
+    assert [r["round"] for r in resumed_results["rounds"]] == [0, 1]
+
+
+def test_resume_refuses_a_missing_checkpoint_or_another_configuration(tmp_path):
+    from fedbone_med.errors import CheckpointError
+
+    cfg = _experiment(rounds=1, steps=1, n_train=8)
+    with pytest.raises(CheckpointError, match="no server checkpoint"):
+        Federation(cfg, tmp_path).run(resume=True, progress=False)
+    Federation(cfg, tmp_path).run(progress=False)
+    other = ExperimentConfig(**{**cfg.__dict__, "seed": 8})
+    with pytest.raises(CheckpointError, match="different configuration"):
+        Federation(other, tmp_path).run(resume=True, progress=False)
