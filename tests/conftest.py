@@ -17,7 +17,9 @@ from fedbone_med.config import (
     TrainConfig,
 )
 
-TINY_BACKBONE = BackboneConfig(name="swin-tiny", embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), window_size=4)
+TINY_BACKBONE = BackboneConfig(
+    name="swin-tiny", embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), window_size=4
+)
 
 
 def tiny_server(method: str = "projection", lr: float = 1e-3) -> ServerConfig:

@@ -9,7 +9,7 @@ import pytest
 from fedbone_med.config import SiteConfig, experiment_from_mapping, load_experiment, load_site
 from fedbone_med.configtools import config_hash, from_mapping
 from fedbone_med.errors import ConfigError, ModelError, RegistryError
-from fedbone_med.models import build_backbone, build_site_model, CutSpec
+from fedbone_med.models import CutSpec, build_backbone, build_site_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,7 +90,11 @@ def test_data_task_that_contradicts_the_task_table_is_refused(tmp_path):
 def test_experiment_site_references_overrides_and_duplicate_names(tmp_path):
     (tmp_path / "a.toml").write_text((ROOT / "sites" / "phantom-vessels.toml").read_text())
     exp = experiment_from_mapping(
-        {"name": "x", "sites": [{"config": "a.toml", "train": {"batch_size": 4}}], "site_overrides": {"data": {"image_size": 32}}},
+        {
+            "name": "x",
+            "sites": [{"config": "a.toml", "train": {"batch_size": 4}}],
+            "site_overrides": {"data": {"image_size": 32}},
+        },
         base_dir=tmp_path,
     )
     assert exp.sites[0].train.batch_size == 4 and exp.sites[0].data.image_size == 32

@@ -14,6 +14,7 @@ from fedbone_med.experiments.federation import Federation, format_table
 
 
 def _experiment(rounds: int, steps: int, method: str = "projection", n_train: int = 96) -> ExperimentConfig:
+    # Vessels need 64 px to be more than a pixel wide; OCT layers and fluid show at 48 px.
     return ExperimentConfig(
         name="test",
         seed=7,
@@ -21,16 +22,16 @@ def _experiment(rounds: int, steps: int, method: str = "projection", n_train: in
         steps_per_round=steps,
         server=tiny_server(method, lr=2e-3),
         sites=(
-            site_cfg("vessels", "vessels", "fundus", SEG1, n_train=n_train, n_val=24, batch=8),
-            site_cfg("layers", "oct_layers", "oct", SEG9, n_train=n_train, n_val=24, batch=8),
-            site_cfg("edema", "oct_edema", "oct", CLS2, n_train=n_train, n_val=48, batch=8),
+            site_cfg("vessels", "vessels", "fundus", SEG1, size=64, n_train=n_train, n_val=24, batch=8),
+            site_cfg("layers", "oct_layers", "oct", SEG9, size=48, n_train=n_train, n_val=24, batch=8),
+            site_cfg("edema", "oct_edema", "oct", CLS2, size=48, n_train=n_train, n_val=96, batch=8),
         ),
     )
 
 
 @pytest.mark.slow
 def test_short_federation_beats_chance_on_every_site(tmp_path):
-    fed = Federation(_experiment(rounds=3, steps=20), tmp_path)
+    fed = Federation(_experiment(rounds=4, steps=40), tmp_path)
     results = fed.run(progress=False)
     final = results["final"]
     for name, info in results["sites"].items():
@@ -38,8 +39,8 @@ def test_short_federation_beats_chance_on_every_site(tmp_path):
         assert m[info["primary_metric"]] > m["chance"] + 0.05, (name, m)
     # results.json is complete and matches what run() returned
     on_disk = json.loads((tmp_path / "results.json").read_text())
-    assert [r["round"] for r in on_disk["rounds"]] == [0, 1, 2]
-    assert len(on_disk["aggregation"]) == 60
+    assert [r["round"] for r in on_disk["rounds"]] == [0, 1, 2, 3]
+    assert len(on_disk["aggregation"]) == 160
     step0 = on_disk["aggregation"][0]
     assert step0["method"] == "projection" and sorted(step0["site_names"]) == ["edema", "layers", "vessels"]
     assert len(step0["projection_order"]) == 3 and len(step0["site_norms"]) == 3

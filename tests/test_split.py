@@ -67,7 +67,7 @@ def test_split_equals_monolithic_loss_and_every_gradient(cfg, channels):
     # Backbone parameters: the coordinator's gradient slot for this site, unflattened.
     slot = coord.slots[cfg.name]
     offset = 0
-    for (name, p_mono), p_srv in zip(mono.backbone.named_parameters(), coord.params):
+    for (name, p_mono), p_srv in zip(mono.backbone.named_parameters(), coord.params, strict=True):
         n = p_srv.numel()
         torch.testing.assert_close(slot[offset : offset + n].view_as(p_srv), p_mono.grad, rtol=1e-5, atol=1e-8,
                                    msg=f"backbone param {name}")

@@ -13,9 +13,8 @@ from .common import main_wrapper, not_yet
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..config import load_experiment
-    from ..configtools import deep_merge, to_plain, from_mapping
-    from ..config import ExperimentConfig
+    from ..config import ExperimentConfig, load_experiment
+    from ..configtools import deep_merge, from_mapping, to_plain
     from ..experiments.federation import Federation, format_table
 
     cfg = load_experiment(args.experiment)
@@ -46,7 +45,9 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fedbone", description="FedBone federated multi-task learning for ophthalmic imaging.")
+    p = argparse.ArgumentParser(
+        prog="fedbone", description="FedBone federated multi-task learning for ophthalmic imaging."
+    )
     p.add_argument("--version", action="version", version=f"fedbone-med {__version__}")
     sub = p.add_subparsers(title="commands")
 

@@ -99,13 +99,13 @@ def _make_eye(g: np.random.Generator, g_les: np.random.Generator, label: int) ->
         cy, sp = _chain(g_les, k)
         cysts = np.stack(
             [
-                np.clip(p["xf"] + g_les.normal(0, 0.2, k), -0.7, 0.7),
+                np.clip(p["xf"] + g_les.normal(0, 0.15, k), -0.7, 0.7),
                 cy,
-                g_les.uniform(0.06, 0.16, k),
+                g_les.uniform(0.08, 0.2, k),
                 sp * g_les.uniform(0.7, 0.95, k),
                 g_les.uniform(0.35, 0.65, k),
-                g_les.uniform(0.25, 0.4, k),
-                g_les.uniform(0.3, 0.8, k),
+                g_les.uniform(0.3, 0.45, k),
+                g_les.uniform(0.6, 1.2, k),
             ],
             1,
         )

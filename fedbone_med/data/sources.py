@@ -9,8 +9,9 @@ Images are float32 (C, H, W) in [0, 1]; targets follow :mod:`fedbone_med.models.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch

@@ -78,7 +78,7 @@ class Federation:
                     "n_val": len(site.data.val),
                     "site_parameters": sum(p.numel() for p in site.model.parameters()),  # type: ignore[union-attr]
                 }
-                for s, site in zip(cfg.sites, self.sites)
+                for s, site in zip(cfg.sites, self.sites, strict=True)
             },
             "backbone_parameters": self.coordinator.num_params,
             "rounds": [],
@@ -162,6 +162,6 @@ def format_table(results: dict[str, Any]) -> str:
              f"{m.get('chance', float('nan')):.3f}", f"{m.get('train_loss', float('nan')):.3f}")
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)

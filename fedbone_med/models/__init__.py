@@ -1,9 +1,9 @@
 """Models: site embeddings, server backbones, task adaptation, heads, and the split."""
 
+from .adaptation import ADAPTATIONS
 from .backbones import BACKBONES, SwinBackbone, build_backbone, refuse_batchnorm
 from .embeddings import EMBEDDINGS
 from .heads import HEADS
-from .adaptation import ADAPTATIONS
 from .losses import TaskLoss, class_probabilities, decode
 from .split import CutSpec, FedBoneModel, SiteModel, build_site_model
 

@@ -64,7 +64,7 @@ class TaskAttentionAdapter(nn.Module):
         self.num_levels = len(feature_channels) + 1
 
     def forward(self, feats: list[Tensor], z: Tensor) -> list[Tensor]:
-        adapted = [m(f) for m, f in zip(self.scales, feats)]  # each (B, D, H_i, W_i)
+        adapted = [m(f) for m, f in zip(self.scales, feats, strict=True)]  # each (B, D, H_i, W_i)
 
         # Self-attention across the coarsest scales' tokens.
         tokens, shapes = [], []
@@ -75,7 +75,7 @@ class TaskAttentionAdapter(nn.Module):
         seq = torch.cat(tokens, dim=1)
         seq = seq + self.attn(self.attn_norm(seq))
         start = 0
-        for i, (h, w) in zip(self.attn_scales, shapes):
+        for i, (h, w) in zip(self.attn_scales, shapes, strict=True):
             part = seq[:, start : start + h * w]
             adapted[i] = part.transpose(1, 2).reshape(part.shape[0], self.dim, h, w)
             start += h * w
@@ -86,7 +86,7 @@ class TaskAttentionAdapter(nn.Module):
         for lvl in reversed(levels[:-1]):
             up = F.interpolate(out[0], size=lvl.shape[-2:], mode="bilinear", align_corners=False)
             out.insert(0, lvl + up)
-        return [m(x) for m, x in zip(self.smooth, out)]  # finest first
+        return [m(x) for m, x in zip(self.smooth, out, strict=True)]  # finest first
 
 
 @ADAPTATIONS.register("task-attention")

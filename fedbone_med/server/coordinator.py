@@ -24,9 +24,9 @@ from torch import Tensor
 from .. import __version__
 from ..aggregation import average_state_dicts, get_aggregator
 from ..config import ServerConfig
+from ..device import resolve_device
 from ..errors import ProtocolError
 from ..models import CutSpec, build_backbone, refuse_batchnorm
-from ..device import resolve_device
 from ..optim import build_optimizer
 from ..transport.messages import JoinReply, JoinRequest, RoundReport, RoundSync, StepHeader
 from ..transport.validate import check_activation, check_feature_grads
@@ -102,7 +102,9 @@ class Coordinator:
 
     def _session(self, header: StepHeader) -> _SiteSession:
         if header.run_id != self.run_id:
-            raise ProtocolError(f"site '{header.site}': message for run {header.run_id!r}, this server runs {self.run_id!r}")
+            raise ProtocolError(
+                f"site '{header.site}': message for run {header.run_id!r}, this server runs {self.run_id!r}"
+            )
         session = self.sites.get(header.site)
         if session is None:
             raise ProtocolError(f"site '{header.site}' has not joined this federation")

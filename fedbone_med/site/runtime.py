@@ -68,6 +68,11 @@ class SiteRuntime:
             t = self.cfg.train
             self.optimizer = build_optimizer(t.optimizer, self.model.parameters(), t.lr, t.weight_decay)
 
+    def _joined(self) -> tuple[SiteModel, CutSpec, torch.optim.Optimizer]:
+        if self.model is None or self.cut is None or self.optimizer is None:
+            raise RuntimeError(f"site '{self.name}': call join() before training or evaluating")
+        return self.model, self.cut, self.optimizer
+
     def _header(self, round: int, step: int, mode: str) -> StepHeader:
         self.sequence += 1
         return StepHeader(self.run_id, self.name, round, step, self.sequence, mode)  # type: ignore[arg-type]
@@ -84,15 +89,15 @@ class SiteRuntime:
 
     def forward_backward(self, x: Tensor, y: Tensor, round: int, step: int) -> float:
         """One split forward/backward; leaves gradients in the site's parameters."""
-        assert self.model is not None and self.cut is not None, "join() first"
-        self.model.train()
+        model, cut, _ = self._joined()
+        model.train()
         x, y = x.to(self.device), y.to(self.device)
-        z = self.model.embed(x)  # (B, D, h, w)
+        z = model.embed(x)  # (B, D, h, w)
         header = self._header(round, step, "train")
-        feats = check_features(self.transport.forward(header, z.detach()), self.cut, x.shape[0])
+        feats = check_features(self.transport.forward(header, z.detach()), cut, x.shape[0])
         feats = [f.to(self.device).requires_grad_(True) for f in feats]
         z_local = z.detach().requires_grad_(True)
-        loss = self.loss_fn(self.model.top(feats, z_local, (x.shape[-2], x.shape[-1])), y)
+        loss = self.loss_fn(model.top(feats, z_local, (x.shape[-2], x.shape[-1])), y)
         loss.backward()
         dz = self.transport.backward(self._header(round, step, "train"), [f.grad for f in feats])
         dz = check_input_grad(dz, z).to(self.device)
@@ -100,11 +105,11 @@ class SiteRuntime:
         return float(loss.detach())
 
     def train_step(self, round: int, step: int, step_in_round: int) -> float:
-        assert self.optimizer is not None, "join() first"
+        _, _, optimizer = self._joined()
         x, y = self.data.train.batch(self.batch_index(round, step_in_round))
-        self.optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)
         loss = self.forward_backward(x, y, round, step)
-        self.optimizer.step()
+        optimizer.step()
         self._round_losses.append(loss)
         return loss
 
@@ -112,17 +117,17 @@ class SiteRuntime:
     @torch.no_grad()
     def evaluate(self, round: int, step: int) -> dict[str, float]:
         """Metrics on the validation split (the backbone runs in eval mode on the server)."""
-        assert self.model is not None and self.cut is not None, "join() first"
-        self.model.eval()
+        model, cut, _ = self._joined()
+        model.eval()
         task, val = self.cfg.task, self.data.val
         probs, preds, counts, pixels = [], [], None, 0
         for start in range(0, len(val), self.cfg.train.eval_batch_size):
             idx = torch.arange(start, min(start + self.cfg.train.eval_batch_size, len(val)))
             x, y = val.batch(idx)
             x = x.to(self.device)
-            z = self.model.embed(x)
-            feats = check_features(self.transport.forward(self._header(round, step, "eval"), z), self.cut, len(idx))
-            logits = self.model.top([f.to(self.device) for f in feats], z, (x.shape[-2], x.shape[-1])).cpu()
+            z = model.embed(x)
+            feats = check_features(self.transport.forward(self._header(round, step, "eval"), z), cut, len(idx))
+            logits = model.top([f.to(self.device) for f in feats], z, (x.shape[-2], x.shape[-1])).cpu()
             if task.type == "classification":
                 probs.append(class_probabilities(task, logits))
                 preds.append(decode(task, logits))
@@ -133,23 +138,22 @@ class SiteRuntime:
         if task.type == "classification":
             m = classification_metrics(task, torch.cat(probs), torch.cat(preds), val.targets)
         else:
-            assert counts is not None
-            m = segmentation_metrics(counts, pixels)
+            m = segmentation_metrics(counts, pixels)  # type: ignore[arg-type]
         m["primary"] = m[primary_metric(task)]
         return m
 
     # -- rounds -------------------------------------------------------------------
     def embedding_signature(self) -> str:
-        assert self.model is not None
-        shapes = sorted((k, tuple(v.shape)) for k, v in self.model.embedding.state_dict().items())
+        model, _, _ = self._joined()
+        shapes = sorted((k, tuple(v.shape)) for k, v in model.embedding.state_dict().items())
         return hashlib.sha256(repr((self.cfg.model.embedding, shapes)).encode()).hexdigest()[:16]
 
     def end_round(self, round: int, metrics: dict[str, float], share_embedding: bool) -> dict[str, float]:
         """Report the round (metrics and, for FedAvg, the embedding) to the server."""
-        assert self.model is not None
+        model, _, _ = self._joined()
         losses, self._round_losses = self._round_losses, []
         train_loss = sum(losses) / len(losses) if losses else float("nan")
-        emb = {k: v.detach().cpu() for k, v in self.model.embedding.state_dict().items()} if share_embedding else None
+        emb = {k: v.detach().cpu() for k, v in model.embedding.state_dict().items()} if share_embedding else None
         self.transport.round_end(
             RoundReport(self.name, round, len(self.data.train), train_loss, dict(metrics), emb,
                         self.embedding_signature() if share_embedding else None)
@@ -158,29 +162,29 @@ class SiteRuntime:
 
     def sync_round(self, round: int) -> tuple[str, ...]:
         """Apply the server's averaged embedding, if this site is in a FedAvg group."""
-        assert self.model is not None
+        model, _, _ = self._joined()
         result = self.transport.round_sync(self.name, round)
         if result.embedding is not None:
-            self.model.embedding.load_state_dict(result.embedding)
+            model.embedding.load_state_dict(result.embedding)
         return result.group
 
     # -- checkpoints --------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        assert self.model is not None and self.optimizer is not None
+        model, _, optimizer = self._joined()
         return {
             "kind": "site",
             "site": self.name,
             "software_version": __version__,
             "run_id": self.run_id,
             "sequence": self.sequence,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        assert self.model is not None and self.optimizer is not None, "join() first"
+        model, _, optimizer = self._joined()
         if state.get("site") != self.name:
             raise CheckpointError(f"checkpoint belongs to site {state.get('site')!r}, not {self.name!r}")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
         self.sequence = int(state["sequence"])

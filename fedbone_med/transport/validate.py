@@ -51,7 +51,7 @@ def check_feature_grads(grads: object, feats: list[Tensor], who: str) -> list[Te
     if len(grads) != len(feats):
         raise ProtocolError(f"{what}: got {len(grads)} tensors for {len(feats)} feature maps")
     out = []
-    for i, (g, f) in enumerate(zip(grads, feats)):
+    for i, (g, f) in enumerate(zip(grads, feats, strict=True)):
         if g.dtype not in FLOAT_DTYPES:
             raise ProtocolError(f"{what}: map {i} has dtype {g.dtype}, not a floating-point type")
         if g.shape != f.shape:
@@ -68,7 +68,7 @@ def check_features(feats: object, cut: CutSpec, batch: int) -> list[Tensor]:
         raise ProtocolError(f"{what}: expected a list of tensors")
     if len(feats) != len(cut.feature_channels):
         raise ProtocolError(f"{what}: got {len(feats)} maps, the cut announced {len(cut.feature_channels)}")
-    for i, (f, c) in enumerate(zip(feats, cut.feature_channels)):
+    for i, (f, c) in enumerate(zip(feats, cut.feature_channels, strict=True)):
         if f.dim() != 4 or f.shape[0] != batch or f.shape[1] != c:
             raise ProtocolError(f"{what}: map {i} has shape {tuple(f.shape)}, expected ({batch}, {c}, h, w)")
         _finite(f, f"{what} (map {i})")

@@ -1,0 +1,77 @@
+"""The command-line tools: installed, answer --help, run an experiment, and fail clearly."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedbone_med.cli import fedbone, site
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("tool", ["fedbone", "fedbone-site", "fedbone-server", "fedbone-audit"])
+def test_console_scripts_are_installed_and_print_help(tool):
+    exe = shutil.which(tool) or str(Path(sys.executable).parent / tool)
+    out = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "usage:" in out.stdout and tool in out.stdout
+
+
+def test_not_yet_available_commands_say_so_and_exit_2(capsys):
+    from fedbone_med.cli import server
+
+    assert server.main(["provision", "--sites", "a,b", "--out", "x"]) == 2
+    assert "not yet available" in capsys.readouterr().err
+
+
+def test_fedbone_run_writes_results_and_prints_the_table(tmp_path, capsys):
+    exp = tmp_path / "exp.toml"
+    exp.write_text(
+        f"""
+name = "cli"
+rounds = 1
+steps_per_round = 2
+[server.backbone]
+name = "swin-tiny"
+embed_dim = 16
+depths = [1, 1, 1, 1]
+num_heads = [1, 2, 2, 4]
+[[sites]]
+config = "{ROOT / 'sites' / 'phantom-vessels.toml'}"
+[sites.data]
+image_size = 32
+n_train = 8
+n_val = 4
+[[sites]]
+config = "{ROOT / 'sites' / 'phantom-oct-edema.toml'}"
+[sites.data]
+image_size = 32
+n_train = 8
+n_val = 8
+"""
+    )
+    assert fedbone.main(["run", str(exp), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "fundus-vessels" in out and "oct-edema" in out and "dice" in out and "auc" in out
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(results["final"]) == {"fundus-vessels", "oct-edema"}
+    assert (tmp_path / "out" / "checkpoints" / "server.pt").is_file()
+
+
+def test_unknown_config_key_exits_2_with_an_actionable_message(tmp_path, capsys):
+    bad = tmp_path / "site.toml"
+    bad.write_text((ROOT / "sites" / "phantom-vessels.toml").read_text() + "\n[privacy]\nepsilon = 1.0\n")
+    assert site.main(["validate-config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: invalid configuration") and "unknown key 'privacy'" in err
+
+
+def test_missing_experiment_file_exits_2(tmp_path, capsys):
+    assert fedbone.main(["run", str(tmp_path / "nope.toml"), "--out", str(tmp_path)]) == 2
+    assert "configuration file not found" in capsys.readouterr().err
