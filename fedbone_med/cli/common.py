@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from ..errors import FedboneError
+from ..perf import tune_allocator
 
 NOT_YET = 2
 
@@ -25,6 +26,7 @@ def main_wrapper(build: Callable[[], argparse.ArgumentParser], argv: Sequence[st
     """Parse, dispatch, and turn FedboneError into ``error: ...`` plus its exit code."""
     parser = build()
     args = parser.parse_args(argv)
+    tune_allocator()
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
