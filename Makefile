@@ -1,6 +1,6 @@
 # One command for each thing a newcomer does. Each target sets up .venv first if needed.
 #   make demo    set up, then run the demo federation (phantom sites, CPU, a few minutes)
-#   make test    set up, then run every check: ruff, then pytest (CI runs exactly this)
+#   make test    set up, then run every check: ruff, mypy, then pytest (CI runs exactly this)
 #   make bench   set up, then run the benchmarks (JSON in runs/bench/)
 PYTHON ?= python3
 VENV ?= .venv
@@ -25,6 +25,7 @@ demo: setup
 
 lint: setup
 	$(BIN)/ruff check fedbone_med tests benchmarks
+	$(BIN)/mypy fedbone_med
 
 test: lint
 	$(BIN)/python -m pytest

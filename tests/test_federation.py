@@ -46,6 +46,9 @@ def test_short_federation_beats_chance_on_every_site(tmp_path):
     assert len(step0["projection_order"]) == 3 and len(step0["site_norms"]) == 3
     # the OCT sites share a modality and average their embeddings; the fundus site is alone
     assert final["layers"]["fedavg_group"] == ["edema", "layers"] and final["vessels"]["fedavg_group"] == ["vessels"]
+    sites = {s.name: s.model for s in fed.sites}
+    for k, v in sites["layers"].embedding.state_dict().items():
+        assert torch.equal(v, sites["edema"].embedding.state_dict()[k]), f"OCT embeddings differ at {k}"
     table = format_table(results)
     assert all(name in table for name in ("vessels", "layers", "edema"))
 

@@ -133,3 +133,18 @@ class TestServerRejectsBadMessages:
         assert self.coord.step == 1 and len(self.coord.step_log) == 1
         with pytest.raises(ProtocolError, match="step 0 is over"):
             self.coord.forward(self.header(step=0), torch.rand(2, 16, 8, 8))
+
+
+def test_a_site_that_leaves_mid_step_does_not_block_the_others():
+    coord = Coordinator(tiny_server("projection"), run_id="run", seed=0)
+    for name in ("a", "b", "c"):
+        coord.join(JoinRequest(name, "fundus", "classification", 1, "test"))
+    seq = iter(range(1, 100))
+    for name in ("a", "c"):
+        feats = coord.forward(StepHeader("run", name, 0, 0, next(seq)), torch.rand(2, 16, 8, 8))
+        coord.backward(StepHeader("run", name, 0, 0, next(seq)), [torch.ones_like(f) for f in feats])
+    assert coord.step == 0, "b has not sent its gradient yet"
+    before = [p.detach().clone() for p in coord.params]
+    coord.leave("b")
+    assert coord.step == 1 and coord.step_log[-1]["site_names"] == ["a", "c"]
+    assert any(not torch.equal(b, p) for b, p in zip(before, coord.params, strict=True)), "backbone must step"

@@ -76,7 +76,7 @@ class Federation:
                     "primary_metric": primary_metric(s.task),
                     "n_train": len(site.data.train),
                     "n_val": len(site.data.val),
-                    "site_parameters": sum(p.numel() for p in site.model.parameters()),  # type: ignore[union-attr]
+                    "site_parameters": site.num_parameters(),
                 }
                 for s, site in zip(cfg.sites, self.sites, strict=True)
             },

@@ -1,7 +1,7 @@
 """Models: site embeddings, server backbones, task adaptation, heads, and the split."""
 
 from .adaptation import ADAPTATIONS
-from .backbones import BACKBONES, SwinBackbone, build_backbone, refuse_batchnorm
+from .backbones import BACKBONES, Backbone, SwinBackbone, build_backbone, refuse_batchnorm
 from .embeddings import EMBEDDINGS
 from .heads import HEADS
 from .losses import TaskLoss, class_probabilities, decode
@@ -10,6 +10,7 @@ from .split import CutSpec, FedBoneModel, SiteModel, build_site_model
 __all__ = [
     "ADAPTATIONS",
     "BACKBONES",
+    "Backbone",
     "EMBEDDINGS",
     "HEADS",
     "CutSpec",

@@ -8,7 +8,7 @@ statistic would couple the sites whose activations pass through the server.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch.nn.functional as F
 from monai.networks.nets.swin_unetr import SwinTransformer
@@ -39,7 +39,15 @@ SWIN_PRESETS = {
 }
 
 
-class SwinBackbone(nn.Module):
+class Backbone(nn.Module):
+    """What every server backbone states about its interface at the cut."""
+
+    in_channels: int  # channels of z
+    feature_channels: tuple[int, ...]  # channels of each returned feature map
+    feature_strides: tuple[int, ...]  # each map's stride relative to z
+
+
+class SwinBackbone(Backbone):
     """MONAI SwinTransformer stages 1..L on site activations.
 
     z (B, C, H', W') -> [ (B, 2C, H'/2, W'/2), (B, 4C, H'/4, W'/4), ... ]  (L maps)
@@ -87,19 +95,14 @@ class SwinBackbone(nn.Module):
 
 def _swin_factory(preset: str):
     def build(cfg: BackboneConfig) -> SwinBackbone:
-        spec = SWIN_PRESETS[preset]
-        overrides = {
-            k: v
-            for k, v in (
-                ("embed_dim", cfg.embed_dim),
-                ("depths", cfg.depths),
-                ("num_heads", cfg.num_heads),
-                ("window_size", cfg.window_size),
-                ("mlp_ratio", cfg.mlp_ratio),
-            )
-            if v is not None
-        }
-        spec = replace(spec, **overrides)
+        base = SWIN_PRESETS[preset]
+        spec = SwinSpec(
+            embed_dim=cfg.embed_dim if cfg.embed_dim is not None else base.embed_dim,
+            depths=cfg.depths if cfg.depths is not None else base.depths,
+            num_heads=cfg.num_heads if cfg.num_heads is not None else base.num_heads,
+            window_size=cfg.window_size if cfg.window_size is not None else base.window_size,
+            mlp_ratio=cfg.mlp_ratio if cfg.mlp_ratio is not None else base.mlp_ratio,
+        )
         if len(spec.depths) != len(spec.num_heads):
             raise ConfigError("backbone: depths and num_heads must have the same length")
         return SwinBackbone(spec, cfg.drop_path_rate, cfg.use_checkpoint)
@@ -111,7 +114,7 @@ for _name in SWIN_PRESETS:
     BACKBONES.register(_name)(_swin_factory(_name))
 
 
-def build_backbone(cfg: BackboneConfig | str) -> nn.Module:
+def build_backbone(cfg: BackboneConfig | str) -> Backbone:
     """Build a backbone from its configuration (or a preset name)."""
     if isinstance(cfg, str):
         cfg = BackboneConfig(name=cfg)

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from ..config import SiteConfig
 from ..errors import ModelError
 from .adaptation import ADAPTATIONS
+from .backbones import Backbone
 from .embeddings import EMBEDDINGS
 from .heads import HEADS
 
@@ -33,7 +34,7 @@ class CutSpec:
     max_batch: int = 4096
 
     @classmethod
-    def of(cls, backbone: nn.Module, max_batch: int = 4096) -> CutSpec:
+    def of(cls, backbone: Backbone, max_batch: int = 4096) -> CutSpec:
         return cls(backbone.in_channels, tuple(backbone.feature_channels), tuple(backbone.feature_strides), max_batch)
 
     def to_dict(self) -> dict[str, Any]:

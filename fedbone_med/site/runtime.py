@@ -73,6 +73,10 @@ class SiteRuntime:
             raise RuntimeError(f"site '{self.name}': call join() before training or evaluating")
         return self.model, self.cut, self.optimizer
 
+    def num_parameters(self) -> int:
+        model, _, _ = self._joined()
+        return sum(p.numel() for p in model.parameters())
+
     def _header(self, round: int, step: int, mode: str) -> StepHeader:
         self.sequence += 1
         return StepHeader(self.run_id, self.name, round, step, self.sequence, mode)  # type: ignore[arg-type]
@@ -99,9 +103,11 @@ class SiteRuntime:
         z_local = z.detach().requires_grad_(True)
         loss = self.loss_fn(model.top(feats, z_local, (x.shape[-2], x.shape[-1])), y)
         loss.backward()
-        dz = self.transport.backward(self._header(round, step, "train"), [f.grad for f in feats])
+        # A map the head did not use has no gradient: its dF is zero.
+        d_feats = [f.grad if f.grad is not None else torch.zeros_like(f) for f in feats]
+        dz = self.transport.backward(self._header(round, step, "train"), d_feats)
         dz = check_input_grad(dz, z).to(self.device)
-        z.backward(z_local.grad + dz)
+        z.backward(dz if z_local.grad is None else z_local.grad + dz)
         return float(loss.detach())
 
     def train_step(self, round: int, step: int, step_in_round: int) -> float:
