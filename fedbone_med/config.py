@@ -27,22 +27,31 @@ class DataConfig:
     """Where a site's images and labels come from.
 
     ``source = "phantom"`` generates the project's synthetic fundus/OCT images, so every
-    command runs without data. ``task`` names what the labels are (see
-    :mod:`fedbone_med.data.sources` for the list).
+    command runs without data; ``task`` names what the labels are (see
+    :mod:`fedbone_med.data.sources`). ``source = "manifest"`` reads real files described
+    by ``manifest`` (a dataset manifest) through ``pipeline`` (a transform chain); both
+    paths are relative to the site file, and the dataset's own root is relative to
+    ``$FEDBONE_DATA_ROOT`` (default ``../shared/data`` beside the checkout). Every image
+    is finally resized to ``image_size`` x ``image_size``.
     """
 
-    source: Literal["phantom"] = "phantom"
+    source: Literal["phantom", "manifest"] = "phantom"
     task: str = "dr_grade"
     image_size: int = 64
     n_train: int = 256
     n_val: int = 64
     seed: int = 0
+    manifest: str | None = None
+    pipeline: str | None = None
+    val_split: str = "val"
 
     def validate(self) -> list[str]:
         out = []
         if self.image_size < 16:
             out.append(f"image_size: must be >= 16, got {self.image_size}")
         out += _positive("n_train", self.n_train) + _positive("n_val", self.n_val)
+        if self.source == "manifest" and self.manifest is None:
+            out.append("manifest: a 'manifest' source needs manifest = 'PATH' (a dataset manifest)")
         return out
 
 
@@ -221,9 +230,20 @@ class ExperimentConfig:
         return out
 
 
+def _read_site_file(path: str | Path) -> dict[str, Any]:
+    """A site file's table, with its data paths made absolute (relative to the file)."""
+    data = read_toml(path)
+    section = data.get("data")
+    if isinstance(section, dict):
+        for key in ("manifest", "pipeline"):
+            if isinstance(section.get(key), str) and not Path(section[key]).is_absolute():
+                section[key] = str((Path(path).resolve().parent / section[key]).resolve())
+    return data
+
+
 def load_site(path: str | Path, overrides: dict[str, Any] | None = None) -> SiteConfig:
     """Load ``sites/NAME.toml`` (optionally with overrides merged in)."""
-    data = read_toml(path)
+    data = _read_site_file(path)
     if overrides:
         data = deep_merge(data, overrides)
     return from_mapping(SiteConfig, data, where=Path(path).name)
@@ -250,7 +270,7 @@ def experiment_from_mapping(data: dict[str, Any], base_dir: str | Path = ".") ->
         if ref is not None:
             if not isinstance(ref, str):
                 raise ConfigError(f"sites[{i}].config: expected a path string")
-            entry = deep_merge(read_toml(Path(base_dir) / ref), entry)
+            entry = deep_merge(_read_site_file(Path(base_dir) / ref), entry)
         sites.append(deep_merge(entry, site_overrides))
     data["sites"] = sites
     data.setdefault("server", {})

@@ -88,6 +88,47 @@ def test_resumed_run_ends_equal_to_an_uninterrupted_run(tmp_path):
     assert resumed_results["final"] == full_results["final"]
     assert resumed_results["aggregation"] == full_results["aggregation"]
     assert [r["round"] for r in resumed_results["rounds"]] == [0, 1]
+    # the audit log of the interrupted run continues across the restart and verifies
+    report = _verify(tmp_path / "part")
+    assert report.rounds[resumed.run_id] == [0, 1]
+
+
+def _verify(out):
+    from fedbone_med.audit import load_public_keys, verify_log
+
+    keys = load_public_keys([out / "keys" / "server-audit-key.pub.pem"])
+    return verify_log(out / "audit" / "server.jsonl", keys)
+
+
+def test_every_round_is_in_a_signed_audit_log_without_patient_data(tmp_path):
+    cfg = _experiment(rounds=2, steps=3, n_train=16)
+    fed = Federation(cfg, tmp_path)
+    fed.run(progress=False)
+    report = _verify(tmp_path)
+    assert report.rounds[fed.run_id] == [0, 1] and report.unsigned_tail == 0 and report.signed_checkpoints >= 3
+    rounds = [r["body"] for r in report.records if r["kind"] == "round"]
+    for body in rounds:
+        assert {s["site_id"]: (s["steps"], s["samples"]) for s in body["sites"]} == {
+            "vessels": (3, 24), "layers": (3, 24), "edema": (3, 24)
+        }
+        assert body["aggregation"]["method"] == "projection" and body["aggregation"]["steps"] == 3
+        assert body["backbone_hash_before"] != body["backbone_hash_after"]
+    assert rounds[0]["backbone_hash_after"] == rounds[1]["backbone_hash_before"]
+    from fedbone_med.checkpoint import file_sha256
+
+    assert rounds[-1]["checkpoint_hash"] == file_sha256(tmp_path / "checkpoints" / "server.pt")
+    key = tmp_path / "keys" / "server-audit-key.pem"
+    assert key.stat().st_mode & 0o077 == 0, "the signing key must be private to its owner"
+    # tampering with a round record is found
+    log = tmp_path / "audit" / "server.jsonl"
+    lines = log.read_text().splitlines()
+    i = next(i for i, line in enumerate(lines) if '"kind":"round"' in line)
+    lines[i] = lines[i].replace('"samples":24', '"samples":25', 1)
+    log.write_text("\n".join(lines) + "\n")
+    from fedbone_med.audit import AuditError
+
+    with pytest.raises(AuditError):
+        _verify(tmp_path)
 
 
 def test_resume_refuses_a_missing_checkpoint_or_another_configuration(tmp_path):

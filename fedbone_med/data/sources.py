@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..config import SiteConfig, TaskConfig
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -127,6 +127,7 @@ class ArraySplit:
 class SiteData:
     train: ArraySplit
     val: ArraySplit
+    split: dict | None = None  # how the split was made (counts, membership digest), for the run output
 
 
 def _target_tensor(task: TaskConfig, targets: list) -> Tensor:
@@ -171,8 +172,10 @@ def _generate(spec: PhantomTask, seeds: range, size: int) -> ArraySplit:
 def load_site_data(cfg: SiteConfig) -> SiteData:
     """Materialise a site's train and validation splits."""
     d = cfg.data
-    if d.source != "phantom":  # pragma: no cover - other sources arrive with the data pipelines
-        raise DataError(f"site '{cfg.name}': data source {d.source!r} is not available")
+    if d.source == "manifest":
+        from .manifest_data import load_manifest_site_data
+
+        return load_manifest_site_data(cfg)
     spec = PHANTOM_TASKS.get(d.task)
     if spec is None:
         raise ConfigError(

@@ -15,6 +15,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from ..configtools import config_hash, to_plain
 from ..data.sources import load_site_data
 from ..errors import CheckpointError
 from ..server import Coordinator
+from ..server.audit_trail import ServerAuditTrail, ensure_server_key
 from ..site import SiteRuntime, derive_seed
 from ..site.metrics import primary_metric
 from ..transport import InProcessTransport
@@ -45,11 +47,13 @@ def _machine() -> dict[str, Any]:
 class Federation:
     """A server and its sites in one process."""
 
-    def __init__(self, cfg: ExperimentConfig, out_dir: str | Path) -> None:
+    def __init__(self, cfg: ExperimentConfig, out_dir: str | Path, audit: bool = True) -> None:
         self.cfg = cfg
         self.out = Path(out_dir)
         self.hash = config_hash(cfg)
-        self.run_id = f"{cfg.name}-s{cfg.seed}-{self.hash[:10]}"
+        # A run id names one launch (the audit log keeps every launch apart); --resume keeps it.
+        started = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        self.run_id = f"{cfg.name}-s{cfg.seed}-{self.hash[:10]}-{started}"
         self.coordinator = Coordinator(
             cfg.server, run_id=self.run_id, seed=cfg.seed, config_hash=self.hash,
             embedding_fedavg=cfg.embedding_fedavg,
@@ -60,6 +64,8 @@ class Federation:
         ]
         for site in self.sites:
             site.join()
+        self.audit_enabled = audit
+        self.audit: ServerAuditTrail | None = None
         self.results: dict[str, Any] = {
             "experiment": cfg.name,
             "run_id": self.run_id,
@@ -77,6 +83,7 @@ class Federation:
                     "n_train": len(site.data.train),
                     "n_val": len(site.data.val),
                     "site_parameters": site.num_parameters(),
+                    "split": site.data.split or {"method": "phantom seeds", "seed": s.data.seed},
                 }
                 for s, site in zip(cfg.sites, self.sites, strict=True)
             },
@@ -98,8 +105,10 @@ class Federation:
                 f"(hash {server['config_hash'][:10]}, this run {self.hash[:10]}); use a new --out directory"
             )
         self.coordinator.load_state_dict(server)
+        self.run_id = self.coordinator.run_id = self.results["run_id"] = str(server["run_id"])
         for site in self.sites:
             site.load_state_dict(load_checkpoint(self.ckpt_dir / f"site-{site.name}.pt", "site"))
+            site.run_id = self.run_id
         import json
 
         prior = json.loads((self.out / "results.json").read_text())
@@ -114,22 +123,40 @@ class Federation:
         start = self.resume() if resume else 0
         total = (cfg.rounds - start) * cfg.steps_per_round
         bar = tqdm(total=total, disable=not progress, desc="training", unit="step", file=sys.stderr, leave=False)
-        for rnd in range(start, cfg.rounds):
-            t0 = time.perf_counter()
-            for i in range(cfg.steps_per_round):
-                step = rnd * cfg.steps_per_round + i
-                losses = {s.name: s.train_step(rnd, step, i) for s in self.sites}
-                bar.update(1)
-                bar.set_postfix({"round": rnd, **{k[:12]: f"{v:.3f}" for k, v in losses.items()}})
-            record = self._end_round(rnd, (rnd + 1) * cfg.steps_per_round - 1)
-            record["seconds"] = time.perf_counter() - t0
-            self.results["rounds"].append(record)
-            self.results["aggregation"].extend(self.coordinator.step_log)
-            self.coordinator.step_log = []
-            self._checkpoint()
-            if on_round is not None:
-                on_round(record)
-        bar.close()
+        try:
+            if self.audit_enabled:
+                key = ensure_server_key(self.out / "keys")
+                self.audit = ServerAuditTrail(self.out / "audit" / "server.jsonl", key, run_id=self.run_id,
+                                              config_hash=self.hash)
+                if not resume:
+                    self.audit.start(self.coordinator.backbone, cfg.server.aggregation.method,
+                                     [s.name for s in self.sites], cfg.seed, start)
+            for rnd in range(start, cfg.rounds):
+                t0 = time.perf_counter()
+                if self.audit is not None:
+                    self.audit.round_started(self.coordinator.backbone)
+                for i in range(cfg.steps_per_round):
+                    step = rnd * cfg.steps_per_round + i
+                    losses = {s.name: s.train_step(rnd, step, i) for s in self.sites}
+                    bar.update(1)
+                    bar.set_postfix({"round": rnd, **{k[:12]: f"{v:.3f}" for k, v in losses.items()}})
+                record = self._end_round(rnd, (rnd + 1) * cfg.steps_per_round - 1)
+                record["seconds"] = time.perf_counter() - t0
+                self.results["rounds"].append(record)
+                self.results["aggregation"].extend(self.coordinator.step_log)
+                steps, self.coordinator.step_log = self.coordinator.step_log, []
+                server_hash = self._checkpoint()
+                usage = self.coordinator.take_usage()
+                if self.audit is not None:
+                    self.audit.round_finished(rnd, self.coordinator.backbone, usage, steps,
+                                              cfg.server.aggregation.method, server_hash)
+                if on_round is not None:
+                    on_round(record)
+        finally:  # on a crash too: release the audit log's lock; the checkpoints are complete
+            bar.close()
+            if self.audit is not None:
+                self.audit.close()
+                self.audit = None
         self.results["final"] = self.results["rounds"][-1]["sites"] if self.results["rounds"] else {}
         write_json_atomic(self.results, self.out / "results.json")
         return self.results
@@ -144,11 +171,13 @@ class Federation:
             sites[s.name] = {**losses[s.name], **metrics, "fedavg_group": list(groups[s.name])}
         return {"round": rnd, "sites": sites}
 
-    def _checkpoint(self) -> None:
-        save_checkpoint(self.coordinator.state_dict(), self.ckpt_dir / "server.pt")
+    def _checkpoint(self) -> str:
+        """Write every checkpoint and results.json; return the server checkpoint's SHA-256."""
+        digest = save_checkpoint(self.coordinator.state_dict(), self.ckpt_dir / "server.pt")
         for site in self.sites:
             save_checkpoint(site.state_dict(), self.ckpt_dir / f"site-{site.name}.pt")
         write_json_atomic(self.results, self.out / "results.json")
+        return digest
 
 
 def format_table(results: dict[str, Any]) -> str:

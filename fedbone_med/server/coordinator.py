@@ -84,6 +84,7 @@ class Coordinator:
         self._slot_names: list[str] = []
         self._slot_matrix = torch.empty(0)
         self.step_log: list[dict[str, Any]] = []
+        self.usage: dict[str, list[int]] = {}  # site -> [training steps, samples] since the last take_usage()
         self.rounds: dict[int, _RoundState] = {}
         self._cv = threading.Condition()
 
@@ -155,6 +156,9 @@ class Coordinator:
                 raise ProtocolError(f"site '{header.site}': backward for step {header.step} without its forward")
             _, z_leaf, feats = session.pending
             session.pending = None
+            used = self.usage.setdefault(header.site, [0, 0])
+            used[0] += 1
+            used[1] += int(z_leaf.shape[0])
             grads = check_feature_grads(grads, feats, header.site)
             grads = [g.to(self.device) for g in grads]
             out = torch.autograd.grad(feats, [*self.params, z_leaf], grad_outputs=grads)
@@ -199,6 +203,13 @@ class Coordinator:
         self.step_log.append({"step": self.step, "round": self.round, **stats.to_dict()})
         self.slots.clear()
         self.step += 1
+
+    def take_usage(self) -> dict[str, tuple[int, int]]:
+        """Steps and samples per site since the last call (for the round's audit record)."""
+        with self._cv:
+            out = {k: (v[0], v[1]) for k, v in self.usage.items()}
+            self.usage = {}
+            return out
 
     # -- rounds -------------------------------------------------------------------
     def round_end(self, report: RoundReport) -> None:

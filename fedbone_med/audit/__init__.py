@@ -1,0 +1,19 @@
+"""Tamper-evident, signed audit log of training rounds, and its verifier.
+
+Records hold identifiers, counts, hashes and statistics only -- never patient data,
+tensors, file names or DICOM header values. See ``audit/GUIDE.md`` for what the log proves.
+"""
+
+from __future__ import annotations
+
+from . import records
+from .errors import AuditError
+from .keys import key_id, load_private_key, load_public_key, load_public_keys
+from .log import AuditLog
+from .records import AggregationSummary, Record, SiteRound, iso_utc, round_record
+from .verify import VerifyReport, verify_log
+
+__all__ = [
+    "AggregationSummary", "AuditError", "AuditLog", "Record", "SiteRound", "VerifyReport", "iso_utc", "key_id",
+    "load_private_key", "load_public_key", "load_public_keys", "records", "round_record", "verify_log",
+]

@@ -1,0 +1,48 @@
+"""Canonical JSON: the one byte encoding of a record that is hashed and signed.
+
+Protects against ambiguity: two encodings of "the same" record would let an editor change
+bytes without changing meaning (or the reverse), so exactly one encoding is accepted.
+Rules: UTF-8, keys sorted, no insignificant whitespace, ``ensure_ascii=False``, integers
+as integers, floats by Python's shortest round-trip ``repr``, NaN/Infinity refused, only
+``str``/``int``/``float``/``bool``/``None``/``list``/``dict`` (with ``str`` keys) allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from typing import Any
+
+from .errors import AuditError
+
+
+def _check(value: Any, path: str) -> None:
+    if value is None or isinstance(value, (str, bool, int)):
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise AuditError(f"canonical JSON: non-finite float at {path} (NaN/Infinity are not allowed)")
+        return
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            _check(item, f"{path}[{i}]")
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise AuditError(f"canonical JSON: non-string key {key!r} at {path}")
+            _check(item, f"{path}.{key}")
+        return
+    raise AuditError(f"canonical JSON: type {type(value).__name__} at {path} is not allowed")
+
+
+def canonical_json(value: Any) -> bytes:
+    """Return the canonical UTF-8 JSON encoding of ``value`` or raise AuditError."""
+    _check(value, "$")
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return text.encode("utf-8")
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

@@ -1,0 +1,208 @@
+"""Append-only, hash-chained, signed audit log (JSON Lines).
+
+Protects against undetected edits, deletions, insertions, reordering and truncation of
+the training record. Each line is the canonical JSON (see :mod:`.canonical`) of an envelope
+``{"v": 1, "seq": n, "prev": h, "kind": k, "time": t, "body": {...}}`` where ``prev`` is the
+SHA-256 (hex) of the previous line's bytes *without* its trailing newline, or 64 zeros for
+the first line. Changing any byte of a line breaks the ``prev`` of the line after it;
+removing or moving a line breaks ``seq``. Periodically :meth:`AuditLog.checkpoint` appends a
+``log_checkpoint`` record whose Ed25519 signature binds the record count and the head hash,
+so that rewriting the whole chain also requires the server's private key.
+
+Durability: the file is opened with ``O_APPEND``; each record is a single ``write`` of one
+complete line followed by ``fsync``. A crash can at worst leave a torn last line, which is
+refused on reopen (never silently truncated: the operator decides, and the incident stays
+visible). An exclusive ``flock`` stops two processes from appending to one log.
+
+What it does not protect against: a server that logs false values, or an attacker with the
+private key. Truncation back to an earlier signed checkpoint is only detectable by comparing
+with an independently kept copy of a later checkpoint (count and head), e.g. one sent to
+the sites or to the auditor.
+
+Design note -- RFC 6962 Merkle tree (not implemented). The leaf hashes can later be
+``SHA-256(0x00 || line bytes)`` over the same lines, with interior nodes
+``SHA-256(0x01 || left || right)`` as in RFC 6962 section 2.1. A ``log_checkpoint`` would
+then additionally sign the Merkle tree head for ``count`` leaves; an auditor could check
+an inclusion proof (audit path) for one record without the whole log, and a consistency
+proof that the tree of size ``m`` is a prefix of the tree of size ``n``, which detects
+truncation or rewriting between two signed checkpoints held by different parties. The
+line bytes, the ``count`` field and the signing scheme stay as they are; only a
+``tree_head`` field in the checkpoint body (schema version ``v: 2``) would be added.
+"""
+
+from __future__ import annotations
+
+import base64
+import fcntl
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from .canonical import canonical_json, sha256_hex
+from .errors import AuditError
+from .keys import key_id as compute_key_id
+from .records import KINDS, LOG_CHECKPOINT, Clock, Record, iso_utc, utc_now, validate
+
+VERSION = 1
+ZERO_HASH = "0" * 64
+
+
+def checkpoint_payload(count: int, head: str, key_id: str, run_id: str) -> bytes:
+    """The exact bytes a ``log_checkpoint`` signature covers."""
+    return canonical_json({"count": count, "head": head, "key_id": key_id, "run_id": run_id})
+
+
+def recovery_hint(path: Path, complete_lines: int) -> str:
+    return (f"keep {path} unchanged as evidence; write its first {complete_lines} complete line(s) to a new file "
+            f"(`head -n {complete_lines} {path} > {path}.recovered`), check it with "
+            f"`fedbone-audit verify {path}.recovered --public-key PEM --allow-unsigned-tail`, "
+            "then move the recovered file into place and record the incident")
+
+
+class AuditLog:
+    """Append records to ``path``; create it or continue an existing, intact log.
+
+    ``signing_key`` signs checkpoints; ``clock`` returns timezone-aware datetimes (inject a
+    fixed clock in tests). Use as a context manager or call :meth:`close`.
+    """
+
+    def __init__(self, path: str | Path, signing_key: Ed25519PrivateKey, clock: Clock = utc_now) -> None:
+        self.path = Path(path)
+        self._key = signing_key
+        self.key_id = compute_key_id(signing_key.public_key())
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._seq = 0
+        self._head = ZERO_HASH
+        self._run_id: str | None = None
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        created = not self.path.exists()
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            raise AuditError(f"audit log {self.path} is open for writing by another process") from None
+        try:
+            if created:
+                self._fsync_dir()
+            else:
+                self._load_tail()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- opening an existing log --
+    def _load_tail(self) -> None:
+        data = self.path.read_bytes()
+        if not data:
+            return
+        lines = data.split(b"\n")
+        if lines[-1] != b"":
+            raise AuditError(f"audit log {self.path} ends with an incomplete line {len(lines)} (torn write, e.g. a "
+                             f"crash mid-append); refusing to append. To recover: "
+                             + recovery_hint(self.path, len(lines) - 1), check="torn-line", line=len(lines))
+        lines.pop()
+        last = self._parse(lines[-1], len(lines))
+        if len(lines) >= 2:
+            before = self._parse(lines[-2], len(lines) - 1)
+            expected_prev = sha256_hex(lines[-2])
+            if last["seq"] != before["seq"] + 1 or last["prev"] != expected_prev:
+                raise AuditError(f"audit log {self.path} line {len(lines)}: tail does not chain to the line before; "
+                                 "run `fedbone-audit verify` on it", check="hash-chain", line=len(lines))
+        elif last["seq"] != 0 or last["prev"] != ZERO_HASH:
+            raise AuditError(f"audit log {self.path} line 1: first record does not start the chain",
+                             check="sequence", line=1)
+        if last["seq"] != len(lines) - 1:
+            raise AuditError(f"audit log {self.path}: {len(lines)} lines but last seq is {last['seq']}; "
+                             "run `fedbone-audit verify` on it", check="sequence", line=len(lines))
+        self._seq = last["seq"] + 1
+        self._head = sha256_hex(lines[-1])
+        self._run_id = last["body"].get("run_id")
+
+    def _parse(self, line: bytes, number: int) -> dict[str, Any]:
+        env: Any = None
+        try:
+            env = json.loads(line)
+            ok = isinstance(env, dict) and canonical_json(env) == line
+        except (ValueError, AuditError):
+            ok = False
+        if not ok or not isinstance(env.get("seq"), int) or not isinstance(env.get("body"), dict):
+            raise AuditError(f"audit log {self.path} line {number}: not a canonical audit record; "
+                             "run `fedbone-audit verify` on it", check="canonical-json", line=number)
+        result: dict[str, Any] = env
+        return result
+
+    def _fsync_dir(self) -> None:
+        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    # -- appending --
+    @property
+    def seq(self) -> int:
+        """The sequence number the next record will get (= records written so far)."""
+        return self._seq
+
+    @property
+    def head(self) -> str:
+        """SHA-256 of the last line written (64 zeros for an empty log)."""
+        return self._head
+
+    def append(self, record: Record) -> str:
+        """Append one validated record; return the SHA-256 of the written line."""
+        if record.kind == LOG_CHECKPOINT:
+            raise AuditError("log_checkpoint records are written by AuditLog.checkpoint(), not append()")
+        return self._write(record.kind, record.body)
+
+    def _write(self, kind: str, body: dict[str, Any]) -> str:
+        if kind not in KINDS:
+            raise AuditError(f"unknown audit record kind {kind!r}")
+        body = validate(KINDS[kind], body, kind)
+        with self._lock:
+            if self._fd < 0:
+                raise AuditError(f"audit log {self.path} is closed")
+            env = {"v": VERSION, "seq": self._seq, "prev": self._head, "kind": kind,
+                   "time": iso_utc(self._clock()), "body": body}
+            line = canonical_json(env)
+            written = os.write(self._fd, line + b"\n")
+            if written != len(line) + 1:
+                raise AuditError(f"audit log {self.path}: short write ({written} of {len(line) + 1} bytes); the log "
+                                 "now ends with a torn line. " + recovery_hint(self.path, self._seq))
+            os.fsync(self._fd)
+            self._seq += 1
+            self._head = sha256_hex(line)
+            self._run_id = body.get("run_id", self._run_id)
+            return self._head
+
+    def checkpoint(self, run_id: str | None = None) -> str:
+        """Append a signed ``log_checkpoint`` covering every record so far; return its line hash.
+
+        ``run_id`` defaults to the run of the last record written.
+        """
+        run = run_id or self._run_id
+        if self._seq == 0 or run is None:
+            raise AuditError("nothing to checkpoint: the audit log has no records yet")
+        with self._lock:  # re-entrant: no record can slip in between signing and writing
+            count, head = self._seq, self._head
+            signature = self._key.sign(checkpoint_payload(count, head, self.key_id, run))
+            body = {"count": count, "head": head, "key_id": self.key_id, "run_id": run,
+                    "signature": base64.b64encode(signature).decode("ascii")}
+            return self._write(LOG_CHECKPOINT, body)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> AuditLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

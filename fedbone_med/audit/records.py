@@ -1,0 +1,296 @@
+"""Audit record kinds and their builders, validated at construction.
+
+Protects against malformed or over-sharing records. The set of kinds is closed; each
+kind's body has a fixed set of typed fields and anything else (an unknown field, a wrong
+type, a NaN) is refused before it reaches the log. Records hold only identifiers, counts,
+hashes and statistics -- never patient data, tensors, file names or DICOM header values.
+
+As a *cheap guard* (not a guarantee) against leaking file names, every string is refused
+if it is longer than 256 characters or looks like a file path (contains ``/`` or ``\\``,
+starts with ``~``, a drive letter or ``.``, or ends in a common data/image file extension).
+A determined caller can still put identifying text in a short string such as a site id;
+choosing pseudonymous identifiers remains the operator's duty.
+
+The same field table generates ``audit/schema.json`` (JSON Schema draft 2020-12), so the
+schema and the code cannot drift apart (a test checks the committed file).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from .errors import AuditError
+
+MAX_STR = 256
+HASH_RE = re.compile(r"^[0-9a-f]{64}$")
+SIG_RE = re.compile(r"^[A-Za-z0-9+/]{86}==$")  # base64 of a 64-byte Ed25519 signature
+TIME_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?Z$")
+_EXT = ("dcm|dicom|png|jpe?g|tiff?|bmp|gif|nii|gz|npy|npz|pt|pth|ckpt|json|jsonl|csv|tsv|txt|ya?ml|zip|tar|"
+        "h5|hdf5|mat|img|pkl|pickle|e2e|fds|vol|pdf|xml")
+_PATHLIKE = re.compile(rf"[/\\]|^~|^[A-Za-z]:|^\.|\.(?:{_EXT})$", re.IGNORECASE)
+
+Clock = Callable[[], datetime]
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def iso_utc(moment: datetime) -> str:
+    """ISO-8601 UTC with microseconds and a ``Z`` suffix; naive datetimes are refused."""
+    if moment.tzinfo is None:
+        raise AuditError("audit clock returned a naive datetime; it must be timezone-aware (UTC)")
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+# Field types: "str", "str?", "int", "float", "float?", "bool", "hash", "hash?", "time", "sig",
+# ("list", T), ("map", T) (str keys), and dict = object with exactly these fields.
+Spec = Any
+
+SITE_ROUND: dict[str, Spec] = {
+    "site_id": "str", "cert_fingerprint": "str?", "steps": "int", "samples": "int",
+    "epsilon": "float?", "delta": "float?",
+}
+AGGREGATION: dict[str, Spec] = {
+    "method": "str", "steps": "int", "conflicting_pairs_total": "int", "min_cosine": "float?",
+    "mean_cosine": "float?", "mean_site_norms": ("map", "float"),
+}
+LOG_CHECKPOINT = "log_checkpoint"
+KINDS: dict[str, dict[str, Spec]] = {
+    "run_start": {"run_id": "str", "config_hash": "hash", "software_version": "str", "backbone_hash": "hash",
+                  "aggregation_method": "str", "sites": ("list", "str"), "seed": "int?"},
+    "join": {"run_id": "str", "round": "int", "site_id": "str", "cert_fingerprint": "str?"},
+    "leave": {"run_id": "str", "round": "int", "site_id": "str", "reason": "str"},
+    "dropout": {"run_id": "str", "round": "int", "site_id": "str", "reason": "str"},
+    "round": {"run_id": "str", "round": "int", "started_at": "time", "ended_at": "time",
+              "sites": ("list", SITE_ROUND), "aggregation": AGGREGATION, "backbone_hash_before": "hash",
+              "backbone_hash_after": "hash", "checkpoint_hash": "hash?", "config_hash": "hash",
+              "software_version": "str"},
+    "step_skipped": {"run_id": "str", "round": "int", "step": "int", "reason": "str", "sites": ("list", "str")},
+    "config_change": {"run_id": "str", "round": "int", "config_hash_before": "hash", "config_hash_after": "hash",
+                      "changed_keys": ("list", "str")},
+    "key_rotation": {"run_id": "str", "old_key_id": "str", "new_key_id": "str"},
+    "revocation": {"run_id": "str", "site_id": "str", "cert_fingerprint": "str?", "reason": "str"},
+    "checkpoint_write": {"run_id": "str", "round": "int", "role": "str", "checkpoint_hash": "hash"},
+    LOG_CHECKPOINT: {"count": "int", "head": "hash", "key_id": "str", "run_id": "str", "signature": "sig"},
+}
+
+
+@dataclass(frozen=True)
+class Record:
+    """A validated record body of one kind, ready to append to an :class:`AuditLog`."""
+
+    kind: str
+    body: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SiteRound:
+    """One site's participation in a round (pseudonymous id; ε/δ as reported by the site)."""
+
+    site_id: str
+    steps: int
+    samples: int
+    epsilon: float | None = None
+    delta: float | None = None
+    cert_fingerprint: str | None = None
+
+
+@dataclass(frozen=True)
+class AggregationSummary:
+    """Gradient-aggregation statistics of one round (no gradients, only summary numbers)."""
+
+    method: str
+    steps: int
+    conflicting_pairs_total: int
+    min_cosine: float | None
+    mean_cosine: float | None
+    mean_site_norms: Mapping[str, float]
+
+
+def check_string(value: str, path: str) -> str:
+    if len(value) > MAX_STR:
+        raise AuditError(f"record field {path}: string longer than {MAX_STR} characters refused")
+    if _PATHLIKE.search(value):
+        raise AuditError(f"record field {path}: value looks like a file path or file name; "
+                         "audit records must hold identifiers only")
+    return value
+
+
+def _scalar(spec: str, value: Any, path: str) -> Any:
+    base, nullable = spec.rstrip("?"), spec.endswith("?")
+    if value is None:
+        if nullable:
+            return None
+        raise AuditError(f"record field {path}: null not allowed")
+    if base in ("int", "float") and isinstance(value, bool):
+        raise AuditError(f"record field {path}: expected {base}, got bool")
+    if base == "int":
+        if not isinstance(value, int) or value < 0:
+            raise AuditError(f"record field {path}: expected a non-negative integer")
+        return int(value)
+    if base == "float":
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise AuditError(f"record field {path}: expected a finite number")
+        return float(value)
+    if base == "bool":
+        if not isinstance(value, bool):
+            raise AuditError(f"record field {path}: expected a boolean")
+        return value
+    if not isinstance(value, str):
+        raise AuditError(f"record field {path}: expected a string, got {type(value).__name__}")
+    if base == "hash" and not HASH_RE.match(value):
+        raise AuditError(f"record field {path}: expected 64 lowercase hex characters (SHA-256)")
+    if base == "sig" and not SIG_RE.match(value):
+        raise AuditError(f"record field {path}: expected a base64 Ed25519 signature (88 characters)")
+    if base == "time" and not TIME_RE.match(value):
+        raise AuditError(f"record field {path}: expected ISO-8601 UTC time like 2026-01-31T12:00:00.000000Z")
+    return check_string(value, path) if base == "str" else value
+
+
+def validate(spec: Spec, value: Any, path: str) -> Any:
+    """Return a normalised copy of ``value`` checked against ``spec`` or raise AuditError."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    if isinstance(spec, dict):
+        if not isinstance(value, Mapping):
+            raise AuditError(f"record field {path}: expected an object")
+        unknown = sorted(set(value) - set(spec))
+        if unknown:
+            raise AuditError(f"record field {path}: unknown field(s) {', '.join(map(str, unknown))}")
+        missing = sorted(set(spec) - set(value))
+        if missing:
+            raise AuditError(f"record field {path}: missing field(s) {', '.join(missing)}")
+        return {k: validate(s, value[k], f"{path}.{k}") for k, s in spec.items()}
+    if isinstance(spec, tuple):
+        container, inner = spec
+        if container == "list":
+            if not isinstance(value, (list, tuple)):
+                raise AuditError(f"record field {path}: expected a list")
+            return [validate(inner, v, f"{path}[{i}]") for i, v in enumerate(value)]
+        if not isinstance(value, Mapping):
+            raise AuditError(f"record field {path}: expected an object")
+        out: dict[str, Any] = {}
+        for k, v in sorted(value.items(), key=lambda kv: str(kv[0])):
+            if not isinstance(k, str):
+                raise AuditError(f"record field {path}: object keys must be strings")
+            out[check_string(k, f"{path} key")] = validate(inner, v, f"{path}.{k}")
+        return out
+    return _scalar(spec, value, path)
+
+
+def make(kind: str, **fields: Any) -> Record:
+    """Build a record of ``kind`` from keyword fields (unknown or missing fields refused)."""
+    if kind not in KINDS:
+        raise AuditError(f"unknown audit record kind {kind!r}; known: {', '.join(KINDS)}")
+    return Record(kind, validate(KINDS[kind], fields, kind))
+
+
+def _time(value: str | datetime) -> str:
+    return iso_utc(value) if isinstance(value, datetime) else value
+
+
+def run_start(*, run_id: str, config_hash: str, software_version: str, backbone_hash: str,
+              aggregation_method: str, sites: Sequence[str], seed: int | None = None) -> Record:
+    return make("run_start", run_id=run_id, config_hash=config_hash, software_version=software_version,
+                backbone_hash=backbone_hash, aggregation_method=aggregation_method, sites=list(sites), seed=seed)
+
+
+def join(*, run_id: str, round: int, site_id: str, cert_fingerprint: str | None = None) -> Record:
+    return make("join", run_id=run_id, round=round, site_id=site_id, cert_fingerprint=cert_fingerprint)
+
+
+def leave(*, run_id: str, round: int, site_id: str, reason: str) -> Record:
+    return make("leave", run_id=run_id, round=round, site_id=site_id, reason=reason)
+
+
+def dropout(*, run_id: str, round: int, site_id: str, reason: str) -> Record:
+    return make("dropout", run_id=run_id, round=round, site_id=site_id, reason=reason)
+
+
+def round_record(*, run_id: str, round: int, started_at: str | datetime, ended_at: str | datetime,
+                 sites: Sequence[SiteRound | Mapping[str, Any]], aggregation: AggregationSummary | Mapping[str, Any],
+                 backbone_hash_before: str, backbone_hash_after: str, checkpoint_hash: str | None,
+                 config_hash: str, software_version: str) -> Record:
+    return make("round", run_id=run_id, round=round, started_at=_time(started_at), ended_at=_time(ended_at),
+                sites=list(sites), aggregation=aggregation, backbone_hash_before=backbone_hash_before,
+                backbone_hash_after=backbone_hash_after, checkpoint_hash=checkpoint_hash, config_hash=config_hash,
+                software_version=software_version)
+
+
+def step_skipped(*, run_id: str, round: int, step: int, reason: str, sites: Sequence[str]) -> Record:
+    return make("step_skipped", run_id=run_id, round=round, step=step, reason=reason, sites=list(sites))
+
+
+def config_change(*, run_id: str, round: int, config_hash_before: str, config_hash_after: str,
+                  changed_keys: Sequence[str]) -> Record:
+    return make("config_change", run_id=run_id, round=round, config_hash_before=config_hash_before,
+                config_hash_after=config_hash_after, changed_keys=list(changed_keys))
+
+
+def key_rotation(*, run_id: str, old_key_id: str, new_key_id: str) -> Record:
+    return make("key_rotation", run_id=run_id, old_key_id=old_key_id, new_key_id=new_key_id)
+
+
+def revocation(*, run_id: str, site_id: str, reason: str, cert_fingerprint: str | None = None) -> Record:
+    return make("revocation", run_id=run_id, site_id=site_id, cert_fingerprint=cert_fingerprint, reason=reason)
+
+
+def checkpoint_write(*, run_id: str, round: int, role: str, checkpoint_hash: str) -> Record:
+    return make("checkpoint_write", run_id=run_id, round=round, role=role, checkpoint_hash=checkpoint_hash)
+
+
+# ---- JSON Schema generation (audit/schema.json) ----
+
+def _schema(spec: Spec) -> dict[str, Any]:
+    if isinstance(spec, dict):
+        return {"type": "object", "additionalProperties": False, "required": sorted(spec),
+                "properties": {k: _schema(s) for k, s in sorted(spec.items())}}
+    if isinstance(spec, tuple):
+        key = "items" if spec[0] == "list" else "additionalProperties"
+        return {"type": "array" if spec[0] == "list" else "object", key: _schema(spec[1])}
+    base, nullable = spec.rstrip("?"), spec.endswith("?")
+    out: dict[str, Any] = {"type": {"int": "integer", "float": "number", "bool": "boolean"}.get(base, "string")}
+    if base == "int":
+        out["minimum"] = 0
+    if base == "str":
+        out["maxLength"] = MAX_STR
+    if base == "hash":
+        out["pattern"] = HASH_RE.pattern
+    if base == "time":
+        out["pattern"] = TIME_RE.pattern
+    if base == "sig":
+        out["pattern"] = SIG_RE.pattern
+    if nullable:
+        out["type"] = [out["type"], "null"]
+    return out
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of one audit log line, generated from :data:`KINDS`."""
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "urn:fedbone-med:audit:schema:v1",
+        "title": "fedbone-med audit log line (canonical JSON, one per line)",
+        "type": "object", "additionalProperties": False, "required": ["body", "kind", "prev", "seq", "time", "v"],
+        "properties": {
+            "v": {"const": 1}, "seq": {"type": "integer", "minimum": 0},
+            "prev": {"type": "string", "pattern": HASH_RE.pattern}, "kind": {"enum": sorted(KINDS)},
+            "time": {"type": "string", "pattern": TIME_RE.pattern}, "body": {"type": "object"},
+        },
+        "allOf": [{"if": {"properties": {"kind": {"const": k}}},
+                   "then": {"properties": {"body": {"$ref": f"#/$defs/{k}"}}}} for k in sorted(KINDS)],
+        "$defs": {k: _schema(spec) for k, spec in sorted(KINDS.items())},
+    }
+
+
+def schema_text() -> str:
+    """The exact text of ``audit/schema.json`` (a test checks the committed file matches)."""
+    return json.dumps(json_schema(), indent=2, ensure_ascii=False) + "\n"

@@ -1,0 +1,126 @@
+"""Deterministic sample logs for auditors to practise on (``audit/samples/``).
+
+The key is derived from a fixed, *public* seed: anyone can forge these samples. It is
+for samples and tests only and must never sign a real log. The clock is fixed too, so
+:func:`write_samples` produces identical bytes every time (Ed25519 signatures are
+deterministic). Regenerate with ``python -m fedbone_med.audit.samples audit/samples``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from . import records as R
+from .canonical import canonical_json, sha256_hex
+from .keys import key_from_seed, public_pem
+from .log import AuditLog
+from .records import Clock
+
+SAMPLE_SEED = hashlib.sha256(b"fedbone-med audit SAMPLE key -- public, NOT for production").digest()
+RUN = "run-2026-01-05-a"
+SITES = ("site-01", "site-02", "site-03")
+# Which check each tampered sample must fail (asserted by tests/test_audit.py).
+EXPECTED_FAILURES = {
+    "tampered-edit.jsonl": "hash-chain",
+    "tampered-reformatted.jsonl": "canonical-json",
+    "tampered-deleted-line.jsonl": "sequence",
+    "tampered-reordered.jsonl": "sequence",
+    "truncated.jsonl": "unsigned-tail",
+}
+
+
+def sample_key() -> Ed25519PrivateKey:
+    return key_from_seed(SAMPLE_SEED)
+
+
+def fixed_clock(start: datetime | None = None, step_s: int = 60) -> Clock:
+    """A clock that advances ``step_s`` seconds per call, from a fixed start."""
+    moments: Iterator[datetime] = (
+        (start or datetime(2026, 1, 5, 9, 0, tzinfo=timezone.utc)) + timedelta(seconds=step_s * i)
+        for i in range(10**9))
+    return lambda: next(moments)
+
+
+def _h(label: str) -> str:
+    return sha256_hex(label.encode())
+
+
+def write_good_log(path: Path, key: Ed25519PrivateKey, rounds: int = 3) -> None:
+    clock = fixed_clock()
+    with AuditLog(path, key, clock=clock) as log:
+        log.append(R.run_start(run_id=RUN, config_hash=_h("config"), software_version="0.1.0",
+                               backbone_hash=_h("backbone-0"), aggregation_method="projection", sites=SITES, seed=0))
+        for s in SITES:
+            log.append(R.join(run_id=RUN, round=0, site_id=s))
+        log.checkpoint()
+        for r in range(rounds):
+            started = R.iso_utc(clock())
+            active = SITES if r != 1 else SITES[:2]
+            if r == 1:
+                log.append(R.dropout(run_id=RUN, round=r, site_id=SITES[2], reason="timeout"))
+            sites = [R.SiteRound(site_id=s, steps=4, samples=32 + 8 * i, epsilon=round(0.5 * (r + 1) + 0.1 * i, 6),
+                                 delta=1e-5) for i, s in enumerate(active)]
+            agg = R.AggregationSummary(method="projection", steps=4, conflicting_pairs_total=r + 1,
+                                       min_cosine=-0.25 + 0.05 * r, mean_cosine=0.125,
+                                       mean_site_norms={s: 1.5 + 0.25 * i for i, s in enumerate(active)})
+            ckpt = _h(f"checkpoint-{r}")
+            log.append(R.checkpoint_write(run_id=RUN, round=r, role="server", checkpoint_hash=ckpt))
+            log.append(R.round_record(run_id=RUN, round=r, started_at=started, ended_at=clock(), sites=sites,
+                                      aggregation=agg, backbone_hash_before=_h(f"backbone-{r}"),
+                                      backbone_hash_after=_h(f"backbone-{r + 1}"), checkpoint_hash=ckpt,
+                                      config_hash=_h("config"), software_version="0.1.0"))
+            log.checkpoint()
+
+
+def _lines(data: bytes) -> list[bytes]:
+    return data.split(b"\n")[:-1]
+
+
+def _join(lines: list[bytes]) -> bytes:
+    return b"".join(line + b"\n" for line in lines)
+
+
+def tampered_variants(good: bytes) -> dict[str, bytes]:
+    """Byte-level tamperings of a good log (see :data:`EXPECTED_FAILURES`)."""
+    lines = _lines(good)
+    i = next(n for n, line in enumerate(lines) if b'"kind":"round"' in line)
+    edited = json.loads(lines[i])
+    edited["body"]["sites"][0]["samples"] += 1000
+    reformatted = json.dumps(json.loads(lines[i]), sort_keys=True, ensure_ascii=False).encode()
+    last_ckpt = max(n for n, line in enumerate(lines) if b'"kind":"log_checkpoint"' in line)
+    return {
+        "tampered-edit.jsonl": _join(lines[:i] + [canonical_json(edited)] + lines[i + 1:]),
+        "tampered-reformatted.jsonl": _join(lines[:i] + [reformatted] + lines[i + 1:]),
+        "tampered-deleted-line.jsonl": _join(lines[:i] + lines[i + 1:]),
+        "tampered-reordered.jsonl": _join(lines[:i - 1] + [lines[i], lines[i - 1]] + lines[i + 1:]),
+        "truncated.jsonl": _join(lines[:last_ckpt - 1]),
+    }
+
+
+def write_samples(out_dir: str | Path) -> list[Path]:
+    """(Re)write every sample file into ``out_dir``; return the paths written."""
+    d = Path(out_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    key = sample_key()
+    good = d / "good.jsonl"
+    good.unlink(missing_ok=True)
+    write_good_log(good, key)
+    written = [good]
+    for name, data in tampered_variants(good.read_bytes()).items():
+        (d / name).write_bytes(data)
+        written.append(d / name)
+    pem = d / "samples-public-key.pem"
+    pem.write_bytes(public_pem(key.public_key()))
+    return written + [pem]
+
+
+if __name__ == "__main__":
+    for p in write_samples(sys.argv[1] if len(sys.argv) > 1 else "audit/samples"):
+        print(p)

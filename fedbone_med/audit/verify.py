@@ -1,0 +1,168 @@
+"""Verify an audit log: canonical form, sequence, hash chain, signed checkpoints.
+
+Protects the auditor against accepting an altered record. Every check that fails raises
+:class:`AuditError` naming the 1-based line number and the check (``check`` attribute):
+
+* ``empty`` -- the log has no records;
+* ``torn-line`` -- the last line has no newline (crash mid-write, or cut mid-line);
+* ``canonical-json`` -- a line is not the canonical JSON of its content (any edit, even of
+  whitespace, key order or number formatting, counts as tampering);
+* ``envelope`` -- a line is not a valid record (unknown kind, unknown or mistyped field);
+* ``sequence`` -- ``seq`` is not the line's position (deletion, duplication, reordering);
+* ``hash-chain`` -- ``prev`` is not the SHA-256 of the line before (a line was edited);
+* ``checkpoint`` -- a checkpoint's count/head do not match the records before it;
+* ``signature`` -- a checkpoint is signed by an unknown key or the signature is invalid;
+* ``unsigned-tail`` -- records follow the last signed checkpoint (truncation, an
+  interrupted run, or a still-running one); raised only with ``require_complete=True``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from .canonical import canonical_json, sha256_hex
+from .errors import AuditError
+from .log import VERSION, ZERO_HASH, checkpoint_payload
+from .records import KINDS, LOG_CHECKPOINT, validate
+
+ENVELOPE_KEYS = {"v", "seq", "prev", "kind", "time", "body"}
+
+
+@dataclass
+class VerifyReport:
+    """What a verified log contains. ``records`` holds the parsed envelopes in order."""
+
+    path: str
+    records: list[dict[str, Any]]
+    signed_checkpoints: int
+    unsigned_tail: int
+    head: str
+    key_ids: list[str]
+    runs: list[str] = field(default_factory=list)
+    rounds: dict[str, list[int]] = field(default_factory=dict)
+    sites: list[str] = field(default_factory=list)
+    epsilon: dict[str, list[tuple[str, int, float | None]]] = field(default_factory=dict)
+
+    @property
+    def count(self) -> int:
+        return len(self.records)
+
+    def summary(self) -> str:
+        tail = f", unsigned tail: {self.unsigned_tail} records" if self.unsigned_tail else ""
+        n_rounds = sum(len(r) for r in self.rounds.values())
+        return (f"{self.count} records, {self.signed_checkpoints} signed checkpoints, {len(self.runs)} run(s), "
+                f"{n_rounds} round(s), {len(self.sites)} site(s){tail}; head {self.head}")
+
+
+def _fail(path: Path, line: int, check: str, detail: str) -> AuditError:
+    return AuditError(f"{path} line {line}: {check} check failed: {detail}", check=check, line=line)
+
+
+def _no_constants(token: str) -> Any:
+    raise ValueError(f"non-standard JSON constant {token}")
+
+
+def _parse(path: Path, raw: bytes, n: int) -> dict[str, Any]:
+    try:
+        env = json.loads(raw.decode("utf-8"), parse_constant=_no_constants)
+        canonical = canonical_json(env)
+    except (ValueError, AuditError):
+        raise _fail(path, n, "canonical-json", "line is not valid canonical JSON (edited or corrupted)") from None
+    if canonical != raw:
+        raise _fail(path, n, "canonical-json",
+                    "line is not in canonical form (edited or re-formatted: whitespace, key order or number format)")
+    if not isinstance(env, dict) or set(env) != ENVELOPE_KEYS or env["v"] != VERSION:
+        raise _fail(path, n, "envelope", "not a version-1 audit envelope")
+    if env["kind"] not in KINDS:
+        raise _fail(path, n, "envelope", f"unknown record kind {str(env['kind'])[:40]!r}")
+    try:
+        validate("time", env["time"], "time")
+        validate(KINDS[env["kind"]], env["body"], env["kind"])
+    except AuditError as exc:
+        raise _fail(path, n, "envelope", str(exc)) from None
+    return env
+
+
+def _check_signature(path: Path, n: int, body: dict[str, Any], keys: Mapping[str, Ed25519PublicKey]) -> None:
+    key = keys.get(body["key_id"])
+    if key is None:
+        raise _fail(path, n, "signature", f"checkpoint signed by unknown key_id {body['key_id']}; "
+                    f"public keys given: {', '.join(sorted(keys)) or 'none'}")
+    try:
+        sig = base64.b64decode(body["signature"], validate=True)
+        key.verify(sig, checkpoint_payload(body["count"], body["head"], body["key_id"], body["run_id"]))
+    except (InvalidSignature, binascii.Error, ValueError):
+        raise _fail(path, n, "signature", f"invalid checkpoint signature for key_id {body['key_id']}") from None
+
+
+def verify_log(path: str | Path, public_keys: Mapping[str, Ed25519PublicKey], *,
+               require_complete: bool = True) -> VerifyReport:
+    """Check every line of the log at ``path``; raise AuditError on the first failure."""
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise AuditError(f"cannot read audit log {p}: {exc.strerror}", check="read") from None
+    if not data:
+        raise AuditError(f"{p}: empty check failed: the log has no records", check="empty", line=0)
+    lines = data.split(b"\n")
+    if lines[-1] != b"":
+        raise _fail(p, len(lines), "torn-line", "last line has no newline (crash mid-write or cut mid-line)")
+    lines.pop()
+    records: list[dict[str, Any]] = []
+    prev, last_signed, key_ids = ZERO_HASH, 0, set()
+    n_checkpoints = 0
+    for n, raw in enumerate(lines, start=1):
+        env = _parse(p, raw, n)
+        if env["seq"] != n - 1:
+            raise _fail(p, n, "sequence", f"expected seq {n - 1}, found {env['seq']} "
+                        "(a record was deleted, duplicated or reordered)")
+        if env["prev"] != prev:
+            raise _fail(p, n, "hash-chain", f"prev does not match the SHA-256 of line {n - 1} "
+                        "(that line, or this one, was altered)" if n > 1 else "first record must have prev = 0*64")
+        if env["kind"] == LOG_CHECKPOINT:
+            body = env["body"]
+            if body["count"] != env["seq"] or body["head"] != prev:
+                raise _fail(p, n, "checkpoint", f"checkpoint covers count {body['count']} / head {body['head'][:16]}… "
+                            f"but {env['seq']} records precede it with head {prev[:16]}…")
+            _check_signature(p, n, body, public_keys)
+            key_ids.add(body["key_id"])
+            n_checkpoints += 1
+            last_signed = n
+        records.append(env)
+        prev = sha256_hex(raw)
+    tail = len(lines) - last_signed
+    if tail and require_complete:
+        raise _fail(p, last_signed + 1, "unsigned-tail",
+                    f"unsigned tail: {tail} records after the last signed checkpoint "
+                    f"({'line ' + str(last_signed) if last_signed else 'none'}); the log was truncated or the run was "
+                    "interrupted (use --allow-unsigned-tail to inspect it)")
+    report = VerifyReport(str(p), records, n_checkpoints, tail, prev, sorted(key_ids))
+    _summarise(report)
+    return report
+
+
+def _summarise(report: VerifyReport) -> None:
+    sites: set[str] = set()
+    for env in report.records:
+        body = env["body"]
+        run = body["run_id"]
+        if run not in report.runs:
+            report.runs.append(run)
+        if "site_id" in body:
+            sites.add(body["site_id"])
+        if env["kind"] == "round":
+            report.rounds.setdefault(run, []).append(body["round"])
+            for s in body["sites"]:
+                sites.add(s["site_id"])
+                report.epsilon.setdefault(s["site_id"], []).append((run, body["round"], s["epsilon"]))
+    report.sites = sorted(sites)

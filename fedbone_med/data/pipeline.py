@@ -1,0 +1,153 @@
+"""From a manifest and a transform chain to the tensors a site trains on.
+
+A pipeline file (``pipelines/*.toml``, data only) has a ``[[transform]]`` list (see
+:mod:`fedbone_med.data.transforms`) applied once per sample when the site loads its data:
+reading, channel-first layout, field-of-view crop, resizing, intensity scaling. Samples
+are read with :mod:`fedbone_med.data.readers` (raster, DICOM, NIfTI, npz) into MONAI's
+dictionary format ``{"image": (C, H, W), "label": ...}``.
+
+Labels follow :mod:`fedbone_med.models.losses`: one binary mask -> (1, H, W) float;
+several binary masks -> (C, H, W) float (multilabel); an index or colour mask -> (H, W)
+int64 class ids (multiclass); classification -> int64 class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..configtools import from_mapping, read_toml
+from ..errors import DataError
+from .manifest import Manifest, Sample, list_samples, resolve_root
+from .sources import ArraySplit
+from .transforms import build_transforms
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    data = read_toml(path)
+    if "dataset" not in data or len(data) != 1:
+        raise DataError(f"{path}: a manifest file holds exactly one [dataset] table")
+    return from_mapping(Manifest, data["dataset"], where=Path(path).name)
+
+
+def load_chain(path: str | Path) -> list[dict[str, Any]]:
+    data = read_toml(path)
+    chain = data.get("transform", [])
+    if set(data) - {"transform"} or not isinstance(chain, list):
+        raise DataError(f"{path}: a pipeline file holds only a [[transform]] list")
+    return chain
+
+
+def _color_map(colors: Mapping[str, int]) -> dict[tuple[int, int, int], int]:
+    out = {}
+    for key, cls in colors.items():
+        parts = [int(p) for p in key.split(",")]
+        if len(parts) != 3:
+            raise DataError(f"mask colour {key!r}: expected 'R,G,B'")
+        out[(parts[0], parts[1], parts[2])] = int(cls)
+    return out
+
+
+def read_sample(m: Manifest, sample: Sample) -> dict[str, Any]:
+    """Read one sample's image and label (channel-first numpy)."""
+    from .readers import read_image, read_mask
+
+    image = read_image(sample.image, mode="rgb")  # (H, W, 3)
+    d: dict[str, Any] = {"image": np.ascontiguousarray(image.transpose(2, 0, 1))}  # (3, H, W)
+    if m.kind == "classification":
+        d["label"] = sample.label
+        return d
+    masks = []
+    for spec, path in zip(m.masks, sample.masks, strict=True):
+        if spec.kind == "color":
+            mask = read_mask(path, kind="color", color_map=_color_map(spec.colors), unknown=spec.unknown)
+        else:
+            mask = read_mask(path, kind=spec.kind, threshold=spec.threshold)
+        if mask.shape != image.shape[:2]:
+            raise DataError(
+                f"{path}: mask is {mask.shape[1]}x{mask.shape[0]} pixels, its image {image.shape[1]}x{image.shape[0]}"
+            )
+        masks.append(mask)
+    d["label"] = np.stack(masks).astype(np.uint8)  # (C, H, W)
+    return d
+
+
+def _finish_label(m: Manifest, label: Any) -> torch.Tensor:
+    if m.kind == "classification":
+        return torch.as_tensor(int(label), dtype=torch.int64)
+    arr = np.asarray(label)
+    if len(m.masks) == 1 and m.masks[0].kind in ("index", "color"):
+        return torch.as_tensor(arr[0], dtype=torch.int64)  # (H, W) class ids
+    return torch.as_tensor(arr, dtype=torch.float32)  # (C, H, W) {0, 1}
+
+
+def materialise(m: Manifest, samples: Sequence[Sample], chain: list[dict[str, Any]]) -> ArraySplit:
+    """Read and transform every sample; stack into one in-memory split."""
+    transform = build_transforms(chain, seed=0)
+    images, labels = [], []
+    for sample in samples:
+        d = transform(read_sample(m, sample))
+        images.append(torch.as_tensor(np.asarray(d["image"]), dtype=torch.float32))
+        labels.append(_finish_label(m, d["label"]))
+    if not images:
+        raise DataError(f"dataset '{m.name}': the split is empty")
+    shapes = {tuple(x.shape) for x in images}
+    if len(shapes) > 1:
+        raise DataError(f"dataset '{m.name}': images differ in shape after the pipeline {sorted(shapes)}; add a resize")
+    return ArraySplit(torch.stack(images), torch.stack(labels))
+
+
+def materialise_npz(m: Manifest, split: str, chain: list[dict[str, Any]], data_root: str | Path | None) -> ArraySplit:
+    """A split of an npz manifest (arrays already split by key, e.g. RetinaMNIST)."""
+    from .readers import read_npz
+
+    if m.npz is None or split not in m.npz.splits:
+        raise DataError(f"dataset '{m.name}': no npz split {split!r}")
+    images_key, labels_key = m.npz.splits[split]
+    images, labels = read_npz(resolve_root(m, data_root) / m.npz.file, images_key=images_key,
+                                      labels_key=labels_key)
+    transform = build_transforms(chain, seed=0)
+    out = []
+    for img in images:
+        chw = img.transpose(2, 0, 1) if img.ndim == 3 else img[None]
+        out.append(torch.as_tensor(np.asarray(transform({"image": np.ascontiguousarray(chw)})["image"]),
+                                   dtype=torch.float32))
+    return ArraySplit(torch.stack(out), torch.as_tensor(np.asarray(labels).reshape(-1), dtype=torch.int64))
+
+
+def load_manifest_splits(m: Manifest, chain: list[dict[str, Any]], data_root: str | Path | None = None,
+                         val_split: str = "val") -> tuple[ArraySplit, ArraySplit, dict[str, Any]]:
+    """(train, val, record of the split) for a manifest; the record goes into the run output."""
+    if m.npz is not None:
+        tr, va = materialise_npz(m, "train", chain, data_root), materialise_npz(m, val_split, chain, data_root)
+        return tr, va, {"dataset": m.name, "method": "npz keys", "train_images": len(tr), "val_images": len(va)}
+    samples = list_samples(m, data_root)
+    train = [s for s in samples if s.split == "train"]
+    val = [s for s in samples if s.split == val_split]
+    return materialise(m, train, chain), materialise(m, val, chain), split_record(m, train, val)
+
+
+def split_record(m: Manifest, train: Sequence[Sample], val: Sequence[Sample]) -> dict[str, Any]:
+    """What the run output records of a split: counts and a digest of the membership.
+
+    File names can carry patient identifiers at a hospital, so they are not written out;
+    the SHA-256 over the sorted (split, file name) pairs lets a site prove which split it
+    used without disclosing it.
+    """
+    import hashlib
+
+    members = sorted([("train", s.image.name) for s in train] + [("val", s.image.name) for s in val])
+    digest = hashlib.sha256("\n".join(f"{a}\t{b}" for a, b in members).encode()).hexdigest()
+    return {
+        "dataset": m.name,
+        "method": f"split file {m.split.file}" if m.split.file else f"seeded by subject (seed {m.split.seed})",
+        "train_images": len(train),
+        "val_images": len(val),
+        "train_subjects": len({s.subject for s in train}),
+        "val_subjects": len({s.subject for s in val}),
+        "membership_sha256": digest,
+    }

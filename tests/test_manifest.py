@@ -1,0 +1,150 @@
+"""Dataset manifests and pipelines on real files written from phantoms."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from fedbone_med.config import load_site
+from fedbone_med.configtools import from_mapping
+from fedbone_med.data.manifest import Manifest, list_samples
+from fedbone_med.data.phantom_io import write_fundus_png
+from fedbone_med.data.phantoms import make_fundus
+from fedbone_med.data.sources import load_site_data
+from fedbone_med.errors import ConfigError, DataError
+
+
+@pytest.fixture()
+def fundus_folder(tmp_path):
+    """10 photographs of 5 patients (left and right eye) with vessel and lesion masks."""
+    root = tmp_path / "data" / "clinic"
+    for i in range(10):
+        subject, eye = i // 2, "LR"[i % 2]
+        write_fundus_png(make_fundus(100 + i, 96), root / "images" / f"P{subject:02d}_{eye}.png", root / "masks")
+    return tmp_path / "data"
+
+
+def _manifest(**overrides) -> Manifest:
+    data = {
+        "name": "clinic",
+        "kind": "segmentation",
+        "root": "clinic",
+        "images": {"folder": "images", "pattern": "*.png", "subject": "P(\\d+)_"},
+        "masks": [{"folder": "masks", "name": "{stem}_vessels.png", "kind": "binary"}],
+        "split": {"val_fraction": 0.4, "seed": 1},
+    }
+    data.update(overrides)
+    return from_mapping(Manifest, data, where="manifest")
+
+
+def test_seeded_split_keeps_each_patient_in_one_split(fundus_folder):
+    samples = list_samples(_manifest(), data_root=fundus_folder)
+    assert len(samples) == 10 and all(len(s.masks) == 1 and s.masks[0].is_file() for s in samples)
+    splits = {}
+    for s in samples:
+        splits.setdefault(s.subject, set()).add(s.split)
+    assert all(len(v) == 1 for v in splits.values())
+    assert {"train", "val"} == {s.split for s in samples}
+    # the same seed gives the same split
+    assert [s.split for s in samples] == [s.split for s in list_samples(_manifest(), data_root=fundus_folder)]
+
+
+def test_split_file_that_separates_the_eyes_of_one_patient_is_refused(fundus_folder):
+    rows = ["image,split"] + [f"P{i // 2:02d}_{'LR'[i % 2]}.png,{'train' if i % 2 else 'val'}" for i in range(10)]
+    (fundus_folder / "clinic" / "split.csv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(DataError, match="appear in more than one split"):
+        list_samples(_manifest(split={"file": "split.csv"}), data_root=fundus_folder)
+
+
+def test_missing_masks_and_folders_are_named(fundus_folder):
+    (fundus_folder / "clinic" / "masks" / "P00_L_vessels.png").unlink()
+    with pytest.raises(DataError, match="1 mask file\\(s\\) missing, e.g. .*P00_L_vessels.png"):
+        list_samples(_manifest(), data_root=fundus_folder)
+    with pytest.raises(DataError, match="folder not found.*FEDBONE_DATA_ROOT"):
+        list_samples(_manifest(root="elsewhere"), data_root=fundus_folder)
+
+
+def test_manifest_site_loads_aligned_tensors_and_records_the_split(fundus_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDBONE_DATA_ROOT", str(fundus_folder))
+    (tmp_path / "m.toml").write_text(
+        '[dataset]\nname = "clinic"\nkind = "segmentation"\nroot = "clinic"\n'
+        '[dataset.images]\nfolder = "images"\npattern = "*.png"\nsubject = "P(\\\\d+)_"\n'
+        '[[dataset.masks]]\nfolder = "masks"\nname = "{stem}_vessels.png"\nkind = "binary"\n'
+        "[dataset.split]\nval_fraction = 0.4\nseed = 1\n"
+    )
+    (tmp_path / "p.toml").write_text('[[transform]]\nname = "FundusFOVCropd"\nkeys = ["image", "label"]\n')
+    (tmp_path / "site.toml").write_text(
+        'name = "clinic"\nmodality = "fundus"\n[data]\nsource = "manifest"\nmanifest = "m.toml"\n'
+        'pipeline = "p.toml"\nimage_size = 64\n[task]\ntype = "segmentation"\nmode = "binary"\nnum_classes = 1\n'
+        '[model]\nhead = "segmentation"\n'
+    )
+    data = load_site_data(load_site(tmp_path / "site.toml"))
+    assert data.train.images.shape[1:] == (3, 64, 64) and data.train.targets.shape[1:] == (1, 64, 64)
+    assert len(data.train) + len(data.val) == 10
+    x, y = data.train.images, data.train.targets
+    assert float(x.min()) >= 0 and float(x.max()) <= 1 and set(y.unique().tolist()) <= {0.0, 1.0}
+    # alignment: vessel pixels are darker in the green channel than the rest of the retina
+    green, vessel = x[:, 1], y[:, 0] > 0
+    retina = x.mean(1) > 0.1
+    assert float(green[vessel & retina].mean()) < float(green[~vessel & retina].mean()) - 0.02
+    record = data.split
+    assert record is not None and record["train_subjects"] + record["val_subjects"] == 5
+    assert "P00" not in json.dumps(record), "file names must not be written to the run output"
+
+
+def test_manifest_that_contradicts_the_site_task_is_refused(fundus_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDBONE_DATA_ROOT", str(fundus_folder))
+    (tmp_path / "m.toml").write_text(
+        '[dataset]\nname = "clinic"\nkind = "segmentation"\nroot = "clinic"\n'
+        '[dataset.images]\nfolder = "images"\n'
+        '[[dataset.masks]]\nfolder = "masks"\nname = "{stem}_vessels.png"\n'
+    )
+    (tmp_path / "site.toml").write_text(
+        'name = "clinic"\nmodality = "fundus"\n[data]\nsource = "manifest"\nmanifest = "m.toml"\n'
+        '[task]\ntype = "segmentation"\nmode = "multiclass"\nnum_classes = 3\n[model]\nhead = "segmentation"\n'
+    )
+    with pytest.raises(ConfigError, match="provides segmentation, num_classes = 1, mode = 'binary'"):
+        load_site_data(load_site(tmp_path / "site.toml"))
+
+
+def test_classification_from_class_folders_and_labels_csv(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "cls"
+    rows = ["file,grade,patient"]
+    for label in range(3):
+        for i in range(4):
+            img = (np.random.default_rng(label * 10 + i).random((16, 16, 3)) * 255).astype(np.uint8)
+            path = root / str(label) / f"p{i}_{label}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(path)
+            rows.append(f"{label}/p{i}_{label}.png,{label},p{i}")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    by_folder = from_mapping(
+        Manifest, {"name": "c", "kind": "classification", "root": "cls", "class_folders": ["0", "1", "2"]}, where="m"
+    )
+    samples = list_samples(by_folder, data_root=tmp_path)
+    assert sorted(s.label for s in samples) == [0] * 4 + [1] * 4 + [2] * 4
+    by_csv = from_mapping(
+        Manifest,
+        {"name": "c", "kind": "classification", "root": "cls",
+         "labels_csv": {"file": "labels.csv", "image_column": "file", "label_column": "grade",
+                        "subject_column": "patient"}},
+        where="m",
+    )
+    samples = list_samples(by_csv, data_root=tmp_path)
+    assert len(samples) == 12 and len({s.subject for s in samples}) == 4
+    per_patient = {}
+    for s in samples:
+        per_patient.setdefault(s.subject, set()).add(s.split)
+    assert all(len(v) == 1 for v in per_patient.values())
+    bad = from_mapping(
+        Manifest,
+        {"name": "c", "kind": "classification", "root": "cls",
+         "labels_csv": {"file": "labels.csv", "image_column": "path", "label_column": "grade"}},
+        where="m",
+    )
+    with pytest.raises(DataError, match="missing column\\(s\\) \\['path'\\]"):
+        list_samples(bad, data_root=tmp_path)
