@@ -43,6 +43,7 @@ class DataConfig:
     seed: int = 0
     manifest: str | None = None
     pipeline: str | None = None
+    augment: str | None = None  # a transform chain applied to each training sample at batch time
     val_split: str = "val"
 
     def validate(self) -> list[str]:
@@ -235,7 +236,7 @@ def _read_site_file(path: str | Path) -> dict[str, Any]:
     data = read_toml(path)
     section = data.get("data")
     if isinstance(section, dict):
-        for key in ("manifest", "pipeline"):
+        for key in ("manifest", "pipeline", "augment"):
             if isinstance(section.get(key), str) and not Path(section[key]).is_absolute():
                 section[key] = str((Path(path).resolve().parent / section[key]).resolve())
     return data

@@ -4,6 +4,8 @@ and a run resumed from its checkpoints ends exactly where an uninterrupted run e
 from __future__ import annotations
 
 import json
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +13,8 @@ import torch
 from conftest import CLS2, SEG1, SEG9, site_cfg, tiny_server
 from fedbone_med.config import ExperimentConfig
 from fedbone_med.experiments.federation import Federation, format_table
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _experiment(rounds: int, steps: int, method: str = "projection", n_train: int = 96) -> ExperimentConfig:
@@ -72,6 +76,14 @@ def _crash_after_round_0(record: dict) -> None:
 @pytest.mark.slow
 def test_resumed_run_ends_equal_to_an_uninterrupted_run(tmp_path):
     cfg = _experiment(rounds=2, steps=3, n_train=24)
+    # with train-time augmentation on two sites: its random draws must resume exactly too
+    augment = str(ROOT / "pipelines" / "transforms")
+    sites = (
+        replace(cfg.sites[0], data=replace(cfg.sites[0].data, augment=f"{augment}/fundus_augment.toml")),
+        replace(cfg.sites[1], data=replace(cfg.sites[1].data, augment=f"{augment}/oct_augment.toml")),
+        cfg.sites[2],
+    )
+    cfg = replace(cfg, sites=sites)
     full = Federation(cfg, tmp_path / "full")
     full_results = full.run(progress=False)
 

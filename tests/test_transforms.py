@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -110,3 +112,34 @@ def test_unknown_transform_and_bad_arguments_are_config_errors():
         build_transforms([{"name": "Albumentationsd", "keys": ["image"], "ops": [{"name": "Lambda"}]}])
     with pytest.raises(ConfigError, match="needs a 'name'"):
         build_transforms([{"keys": ["image"]}])
+
+
+def test_train_time_augmentation_of_a_batch_is_aligned_and_reproducible():
+    import torch
+
+    from fedbone_med.config import TaskConfig
+    from fedbone_med.data.augment import augment_batch
+    from fedbone_med.data.pipeline import load_chain
+
+    shipped = Path(__file__).resolve().parents[1] / "pipelines" / "transforms" / "fundus_augment.toml"
+    chain = build_transforms(load_chain(shipped)[:2])  # its geometric part
+    masks = torch.stack([torch.as_tensor(_blocky(s)["label"][0], dtype=torch.int64) for s in range(6)])  # (B, H, W)
+    x = (masks.float() / 3.0)[:, None].repeat(1, 3, 1, 1)
+    task = TaskConfig(type="segmentation", num_classes=4, mode="multiclass")
+    # nearest for the image too, so that the image still encodes its mask exactly
+    nearest = build_transforms([
+        {"name": "RandFlipd", "keys": ["image", "label"], "prob": 0.5, "spatial_axis": 1},
+        {"name": "RandRotated", "keys": ["image", "label"], "prob": 1.0, "range_x": 0.5, "mode": "nearest"},
+    ])
+    xa, ya = augment_batch(nearest, task, x, masks, seed=11)
+    assert ya.dtype == torch.int64 and ya.shape == masks.shape
+    assert torch.equal(torch.round(xa[:, 0] * 3).long(), ya)
+    assert not torch.equal(ya, masks)
+    xb, yb = augment_batch(nearest, task, x, masks, seed=11)
+    assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    xc, _ = augment_batch(nearest, task, x, masks, seed=12)
+    assert not torch.equal(xa, xc)
+    # the shipped chain runs on binary masks and keeps them binary
+    binary = (masks > 1).float()[:, None]
+    _, yb2 = augment_batch(chain, TaskConfig(type="segmentation", num_classes=1, mode="binary"), x, binary, seed=1)
+    assert set(yb2.unique().tolist()) <= {0.0, 1.0}

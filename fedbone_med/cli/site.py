@@ -24,6 +24,25 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_data(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from ..config import load_site
+    from ..data.check import check_site_data
+    from ..errors import DataError
+
+    report = check_site_data(load_site(args.config))
+    print(report.format())
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        print(f"report written to {args.json}")
+    if report.errors:
+        where = "the ERRORS listing above" + (f" and {args.json}" if args.json else "")
+        raise DataError(f"check-data found {len(report.errors)} error(s) in site '{report.stats.get('site')}'; see {where}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedbone-site", description="Run a FedBone hospital site.")
     p.add_argument("--version", action="version", version=f"fedbone-med {__version__}")
@@ -35,8 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", required=True)
     t.set_defaults(func=not_yet("fedbone-site train over the network", "the networked federation issue"))
     c = sub.add_parser("check-data", help="check every image and label before training")
-    c.add_argument("--config", required=True)
-    c.set_defaults(func=not_yet("fedbone-site check-data", "the site data pipelines issue"))
+    c.add_argument("--config", required=True, help="site file, e.g. sites/chase-db1-vessels.toml")
+    c.add_argument("--json", metavar="FILE", help="also write the full report as JSON to FILE")
+    c.set_defaults(func=_check_data)
     return p
 
 

@@ -128,6 +128,7 @@ class SiteData:
     train: ArraySplit
     val: ArraySplit
     split: dict | None = None  # how the split was made (counts, membership digest), for the run output
+    augment: Any = None  # a MONAI Compose applied to training samples at batch time (see augment.py)
 
 
 def _target_tensor(task: TaskConfig, targets: list) -> Tensor:
@@ -170,7 +171,17 @@ def _generate(spec: PhantomTask, seeds: range, size: int) -> ArraySplit:
 
 
 def load_site_data(cfg: SiteConfig) -> SiteData:
-    """Materialise a site's train and validation splits."""
+    """Materialise a site's train and validation splits (and its augmentation, if any)."""
+    data = _load_splits(cfg)
+    if cfg.data.augment:
+        from .pipeline import load_chain
+        from .transforms import build_transforms
+
+        data.augment = build_transforms(load_chain(cfg.data.augment))
+    return data
+
+
+def _load_splits(cfg: SiteConfig) -> SiteData:
     d = cfg.data
     if d.source == "manifest":
         from .manifest_data import load_manifest_site_data

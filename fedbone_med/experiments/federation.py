@@ -77,7 +77,7 @@ class Federation:
             "sites": {
                 s.name: {
                     "modality": s.modality,
-                    "task": s.data.task,
+                    "task": s.data.task if s.data.source == "phantom" else Path(s.data.manifest or "").stem,
                     "task_type": s.task.type,
                     "primary_metric": primary_metric(s.task),
                     "n_train": len(site.data.train),

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from .. import __version__
 from ..config import SiteConfig
+from ..data.augment import augment_batch
 from ..data.sources import SiteData
 from ..device import resolve_device
 from ..errors import CheckpointError
@@ -113,6 +114,9 @@ class SiteRuntime:
     def train_step(self, round: int, step: int, step_in_round: int) -> float:
         _, _, optimizer = self._joined()
         x, y = self.data.train.batch(self.batch_index(round, step_in_round))
+        if self.data.augment is not None:
+            seed = derive_seed(self.seed, "augment", self.name, round, step_in_round) % 2**31
+            x, y = augment_batch(self.data.augment, self.cfg.task, x, y, seed)
         optimizer.zero_grad(set_to_none=True)
         loss = self.forward_backward(x, y, round, step)
         optimizer.step()
