@@ -148,3 +148,21 @@ def test_classification_from_class_folders_and_labels_csv(tmp_path):
     )
     with pytest.raises(DataError, match="missing column\\(s\\) \\['path'\\]"):
         list_samples(bad, data_root=tmp_path)
+
+
+def test_dicom_photographs_load_through_a_manifest(tmp_path):
+    from fedbone_med.data.phantom_io import write_fundus_dicom
+    from fedbone_med.data.pipeline import read_sample
+
+    ph = make_fundus(5, 64)
+    root = tmp_path / "dcm"
+    write_fundus_dicom(ph, root / "images" / "P01_L.dcm")
+    write_fundus_png(ph, tmp_path / "unused.png", root / "masks")
+    (root / "masks" / "unused_vessels.png").rename(root / "masks" / "P01_L_vessels.png")
+    m = _manifest(root="dcm", images={"folder": "images", "pattern": "*.dcm", "subject": "P(\\d+)_"},
+                  split={"val_fraction": 0.0})
+    (sample,) = list_samples(m, data_root=tmp_path)
+    d = read_sample(m, sample)
+    assert d["image"].shape == (3, 64, 64) and d["label"].shape == (1, 64, 64)
+    np.testing.assert_array_equal(d["label"][0], ph.vessels)
+    np.testing.assert_allclose(d["image"].transpose(1, 2, 0), np.round(ph.image * 255) / 255, atol=1 / 255 + 1e-6)

@@ -52,11 +52,27 @@ def _color_map(colors: Mapping[str, int]) -> dict[tuple[int, int, int], int]:
     return out
 
 
+def read_photo(path: Path) -> np.ndarray:
+    """One 2-D image as (H, W, 3) float32 in [0, 1]: raster files, or a single-frame DICOM
+    (Ophthalmic Photography, or one OCT B-scan); grey images are repeated over 3 channels."""
+    from .readers import detect_format, read_dicom, read_image
+
+    if detect_format(path) == "dicom":
+        pixels = read_dicom(path).pixels
+        if pixels.ndim == 3 and pixels.shape[-1] != 3:
+            if pixels.shape[0] != 1:
+                raise DataError(f"{path}: a multi-frame DICOM holds a volume; list its B-scans with an OCT manifest")
+            pixels = pixels[0]
+    else:
+        return read_image(path, mode="rgb")
+    return np.repeat(pixels[..., None], 3, axis=2) if pixels.ndim == 2 else pixels
+
+
 def read_sample(m: Manifest, sample: Sample) -> dict[str, Any]:
     """Read one sample's image and label (channel-first numpy)."""
-    from .readers import read_image, read_mask
+    from .readers import read_mask
 
-    image = read_image(sample.image, mode="rgb")  # (H, W, 3)
+    image = read_photo(sample.image)  # (H, W, 3)
     d: dict[str, Any] = {"image": np.ascontiguousarray(image.transpose(2, 0, 1))}  # (3, H, W)
     if m.kind == "classification":
         d["label"] = sample.label
