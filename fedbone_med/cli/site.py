@@ -39,7 +39,8 @@ def _check_data(args: argparse.Namespace) -> int:
         print(f"report written to {args.json}")
     if report.errors:
         where = "the ERRORS listing above" + (f" and {args.json}" if args.json else "")
-        raise DataError(f"check-data found {len(report.errors)} error(s) in site '{report.stats.get('site')}'; see {where}")
+        site = report.stats.get("site")
+        raise DataError(f"check-data found {len(report.errors)} error(s) in site '{site}'; see {where}")
     return 0
 
 
