@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from fedbone_med.config import load_site
 from fedbone_med.configtools import from_mapping
@@ -166,3 +167,46 @@ def test_dicom_photographs_load_through_a_manifest(tmp_path):
     assert d["image"].shape == (3, 64, 64) and d["label"].shape == (1, 64, 64)
     np.testing.assert_array_equal(d["label"][0], ph.vessels)
     np.testing.assert_allclose(d["image"].transpose(1, 2, 0), np.round(ph.image * 255) / 255, atol=1 / 255 + 1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["nifti", "dicom"])
+def test_oct_volumes_expand_to_bscans_with_their_layer_labels(tmp_path, fmt, monkeypatch):
+    from fedbone_med.data.phantom_io import to_uint8, write_oct_dicom, write_oct_label_nifti, write_oct_nifti
+    from fedbone_med.data.phantoms import make_oct_volume
+
+    root = tmp_path / "oct"
+    volumes = {}
+    for i in range(4):  # 4 eyes of 2 patients, 3 B-scans each
+        vol = make_oct_volume(200 + i, 3, size=48, label=i % 3)
+        name = f"S{i // 2}_{'LR'[i % 2]}"
+        volumes[name] = vol
+        if fmt == "nifti":
+            write_oct_nifti(vol, root / "volumes" / f"{name}.nii.gz")
+        else:
+            write_oct_dicom(vol, root / "volumes" / f"{name}.dcm")
+        write_oct_label_nifti(vol, root / "labels" / f"{name}_layers.nii.gz", which="layers")
+    pattern = "*.nii.gz" if fmt == "nifti" else "*.dcm"
+    manifest = (
+        '[dataset]\nname = "oct"\nkind = "segmentation"\nroot = "oct"\n'
+        f'[dataset.volumes]\nfolder = "volumes"\npattern = "{pattern}"\nsubject = "S(\\\\d+)_"\naxis = 2\n'
+        '[[dataset.masks]]\nfolder = "labels"\nname = "{stem}_layers.nii.gz"\nkind = "index"\n'
+        "[dataset.split]\nval_fraction = 0.5\nseed = 0\n"
+    )
+    (tmp_path / "m.toml").write_text(manifest)
+    (tmp_path / "site.toml").write_text(
+        'name = "oct"\nmodality = "oct"\n[data]\nsource = "manifest"\nmanifest = "m.toml"\nimage_size = 48\n'
+        '[task]\ntype = "segmentation"\nmode = "multiclass"\nnum_classes = 9\n[model]\nhead = "segmentation"\n'
+    )
+    monkeypatch.setenv("FEDBONE_DATA_ROOT", str(tmp_path))
+    data = load_site_data(load_site(tmp_path / "site.toml"))
+    assert (len(data.train), len(data.val)) == (6, 6), "whole patients (2 eyes x 3 B-scans) per split"
+    assert data.train.images.shape[1:] == (1, 48, 48) and data.train.targets.shape[1:] == (48, 48)
+    assert data.split["train_subjects"] == 1 and data.split["val_subjects"] == 1
+    # every B-scan's label is its phantom's layer map (the pipeline keeps B-scans in volume order)
+    all_layers = {tuple(ph.layers.flatten().tolist()) for vol in volumes.values() for ph in vol}
+    for y in torch.cat([data.train.targets, data.val.targets]):
+        assert tuple(y.flatten().tolist()) in all_layers
+    if fmt == "dicom":  # exact 8-bit pixels from DICOM
+        first = sorted(volumes)[0]
+        assert any(np.allclose(x[0].numpy(), to_uint8(volumes[first][0].image) / 255, atol=1e-6)
+                   for x in torch.cat([data.train.images, data.val.images]))

@@ -46,6 +46,20 @@ class ImagesSpec:
 
 
 @dataclass(frozen=True)
+class VolumeSpec:
+    """OCT volumes (NIfTI, or multi-frame DICOM Ophthalmic Tomography); each B-scan is a sample.
+
+    ``axis`` is the NIfTI array axis that indexes B-scans; masks of a volume manifest are
+    label volumes of the same geometry (``kind = "index"``).
+    """
+
+    folder: str
+    pattern: str = "*"
+    subject: str | None = None
+    axis: int = 2
+
+
+@dataclass(frozen=True)
 class MaskSpec:
     folder: str
     name: str = "{stem}.png"
@@ -94,6 +108,7 @@ class Manifest:
     kind: Literal["segmentation", "classification"]
     root: str
     images: ImagesSpec | None = None
+    volumes: VolumeSpec | None = None
     masks: tuple[MaskSpec, ...] = ()
     labels_csv: LabelsCSV | None = None
     class_folders: tuple[str, ...] = ()
@@ -103,10 +118,16 @@ class Manifest:
     def validate(self) -> list[str]:
         sources = sum(x is not None and x != () for x in (self.labels_csv, self.class_folders or None, self.npz))
         out = []
-        if self.kind == "segmentation" and (self.images is None or not self.masks):
-            out.append("segmentation manifests need [images] and at least one [[masks]]")
+        if self.images is not None and self.volumes is not None:
+            out.append("a manifest lists either [images] (2-D files) or [volumes] (OCT volumes), not both")
+        if self.kind == "segmentation" and ((self.images is None and self.volumes is None) or not self.masks):
+            out.append("segmentation manifests need [images] or [volumes] and at least one [[masks]]")
         if self.kind == "classification" and sources != 1:
             out.append("classification manifests need exactly one of labels_csv, class_folders or npz")
+        if self.volumes is not None and any(m.kind == "color" for m in self.masks):
+            out.append("label volumes hold class ids: use kind = 'index' or 'binary' for their masks")
+        if self.volumes is not None and self.kind == "classification" and self.labels_csv is None:
+            out.append("classification of volumes takes its labels from labels_csv (one label per volume)")
         return out
 
 
@@ -119,6 +140,7 @@ class Sample:
     masks: tuple[Path, ...] = ()
     label: int | None = None
     split: str = "train"
+    frame: int | None = None  # B-scan index within an OCT volume
 
 
 def resolve_root(manifest: Manifest, data_root: str | Path | None = None) -> Path:
@@ -246,7 +268,56 @@ def assign_splits(m: Manifest, root: Path, samples: list[Sample]) -> list[Sample
 
 
 def _with_split(x: Sample, split: str) -> Sample:
-    return Sample(x.image, x.subject, x.masks, x.label, split)
+    return Sample(x.image, x.subject, x.masks, x.label, split, x.frame)
+
+
+def count_bscans(path: Path, axis: int) -> int:
+    """Number of B-scans in an OCT volume, from its header only (no pixel data read)."""
+    from .readers import detect_format
+
+    if detect_format(path) == "dicom":
+        import pydicom
+
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception:  # pydicom raises many types; its messages may quote header bytes
+            raise DataError(f"{path}: DICOM header could not be parsed") from None
+        return int(getattr(ds, "NumberOfFrames", 1) or 1)
+    import nibabel
+
+    try:
+        shape = tuple(nibabel.load(str(path)).header.get_data_shape())  # type: ignore[attr-defined]
+    except Exception as exc:
+        raise DataError(f"{path}: not a readable NIfTI volume ({type(exc).__name__})") from None
+    if len(shape) != 3 or not 0 <= axis < 3:
+        raise DataError(f"{path}: expected a 3-D volume with B-scans along axis {axis}, got {len(shape)} dimensions")
+    return int(shape[axis])
+
+
+def _volume_samples(m: Manifest, root: Path) -> list[Sample]:
+    spec = m.volumes
+    if spec is None:
+        raise ConfigError(f"dataset '{m.name}': no [dataset.volumes] table")
+    folder = root / spec.folder
+    files = sorted(p for p in folder.glob(spec.pattern) if p.is_file())
+    if not files:
+        raise DataError(f"dataset '{m.name}': no volumes matching {spec.pattern!r} in {folder}")
+    labels: dict[str, int] = {}
+    if m.kind == "classification":
+        labels = {x.image.name: int(x.label or 0) for x in _classification_samples(m, root)}
+    out, missing = [], []
+    for f in files:
+        stem = f.name.split(".")[0]
+        masks = tuple(root / s.folder / s.name.format(stem=stem, name=f.name) for s in m.masks)
+        missing += [p for p in masks if not p.is_file()]
+        if m.kind == "classification" and f.name not in labels:
+            raise DataError(f"dataset '{m.name}': volume {f.name} has no row in the labels file")
+        n = count_bscans(f, spec.axis)
+        subject = _subject(f.name, spec.subject)
+        out += [Sample(f, subject, masks, labels.get(f.name), frame=k) for k in range(n)]
+    if missing:
+        raise DataError(f"dataset '{m.name}': {len(missing)} label volume(s) missing, e.g. {missing[0]}")
+    return out
 
 
 def list_samples(m: Manifest, data_root: str | Path | None = None) -> list[Sample]:
@@ -254,5 +325,10 @@ def list_samples(m: Manifest, data_root: str | Path | None = None) -> list[Sampl
     if m.npz is not None:
         raise ConfigError(f"dataset '{m.name}': an npz manifest has no file list; use the pipeline loader")
     root = resolve_root(m, data_root)
-    samples = _segmentation_samples(m, root) if m.kind == "segmentation" else _classification_samples(m, root)
+    if m.volumes is not None:
+        samples = _volume_samples(m, root)
+    elif m.kind == "segmentation":
+        samples = _segmentation_samples(m, root)
+    else:
+        samples = _classification_samples(m, root)
     return assign_splits(m, root, samples)

@@ -68,10 +68,55 @@ def read_photo(path: Path) -> np.ndarray:
     return np.repeat(pixels[..., None], 3, axis=2) if pixels.ndim == 2 else pixels
 
 
-def read_sample(m: Manifest, sample: Sample) -> dict[str, Any]:
+class VolumeCache:
+    """Keeps the last OCT volume (and its label volumes) read, since a volume's B-scans
+    are consecutive samples; one volume in memory at a time."""
+
+    def __init__(self) -> None:
+        self._key: tuple[Path, ...] | None = None
+        self._arrays: list[np.ndarray] = []
+
+    def get(self, m: Manifest, sample: Sample) -> list[np.ndarray]:
+        from .readers import detect_format, read_dicom, read_nifti, read_nifti_labels
+
+        key = (sample.image, *sample.masks)
+        if key != self._key:
+            axis = m.volumes.axis if m.volumes is not None else 2
+            if detect_format(sample.image) == "dicom":
+                pixels = read_dicom(sample.image).pixels  # (F, H, W) or (H, W)
+                volume = pixels if pixels.ndim == 3 else pixels[None]
+            else:
+                volume = read_nifti(sample.image, axis=axis)  # (N, H, W)
+            self._arrays = [volume] + [read_nifti_labels(p, axis=axis) for p in sample.masks]
+            self._key = key
+        return self._arrays
+
+
+def read_bscan(m: Manifest, sample: Sample, cache: VolumeCache) -> dict[str, Any]:
+    """One B-scan of an OCT volume: image (1, H, W), label (1, H, W) class ids or the volume's label."""
+    volume, *labels = cache.get(m, sample)
+    k = int(sample.frame or 0)
+    if not 0 <= k < volume.shape[0]:
+        raise DataError(f"{sample.image}: B-scan {k} is outside the volume's {volume.shape[0]}")
+    d: dict[str, Any] = {"image": volume[k][None].astype(np.float32)}
+    if m.kind == "classification":
+        d["label"] = sample.label
+        return d
+    for p, lab in zip(sample.masks, labels, strict=True):
+        if lab.shape != volume.shape:
+            raise DataError(f"{p}: label volume shape {lab.shape} differs from its image volume {volume.shape}")
+    planes = [lab[k] > spec.threshold if spec.kind == "binary" else lab[k]
+              for spec, lab in zip(m.masks, labels, strict=True)]
+    d["label"] = np.stack(planes).astype(np.uint8)  # (C, H, W)
+    return d
+
+
+def read_sample(m: Manifest, sample: Sample, cache: VolumeCache | None = None) -> dict[str, Any]:
     """Read one sample's image and label (channel-first numpy)."""
     from .readers import read_mask
 
+    if sample.frame is not None:
+        return read_bscan(m, sample, cache or VolumeCache())
     image = read_photo(sample.image)  # (H, W, 3)
     d: dict[str, Any] = {"image": np.ascontiguousarray(image.transpose(2, 0, 1))}  # (3, H, W)
     if m.kind == "classification":
@@ -105,8 +150,9 @@ def materialise(m: Manifest, samples: Sequence[Sample], chain: list[dict[str, An
     """Read and transform every sample; stack into one in-memory split."""
     transform = build_transforms(chain, seed=0)
     images, labels = [], []
+    cache = VolumeCache()
     for sample in samples:
-        d = transform(read_sample(m, sample))
+        d = transform(read_sample(m, sample, cache))
         images.append(torch.as_tensor(np.asarray(d["image"]), dtype=torch.float32))
         labels.append(_finish_label(m, d["label"]))
     if not images:
