@@ -26,7 +26,7 @@ def test_console_scripts_are_installed_and_print_help(tool):
 def test_not_yet_available_commands_say_so_and_exit_2(capsys):
     from fedbone_med.cli import server
 
-    assert server.main(["provision", "--sites", "a,b", "--out", "x"]) == 2
+    assert server.main(["serve", "--config", "server.toml"]) == 2
     assert "not yet available" in capsys.readouterr().err
 
 

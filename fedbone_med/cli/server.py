@@ -17,10 +17,55 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", required=True)
     s.set_defaults(func=not_yet("fedbone-server serve", "the networked federation issue"))
     pr = sub.add_parser("provision", help="create a project CA, server certificate and site startup kits")
-    pr.add_argument("--sites", required=True)
-    pr.add_argument("--out", required=True)
-    pr.set_defaults(func=not_yet("fedbone-server provision", "the networked federation issue"))
+    pr.add_argument("--sites", default="", help="comma-separated site names, e.g. eye-clinic-a,eye-clinic-b")
+    pr.add_argument("--out", required=True, help="provisioning directory (created, or extended if it exists)")
+    pr.add_argument("--server-name", default=None, help="DNS name in the server certificate (default: localhost)")
+    pr.add_argument("--server-address", default=None, help="HOST:PORT written into the kits (default: NAME:50051)")
+    pr.add_argument("--days", type=int, default=365, help="validity of server and site certificates (default 365)")
+    pr.add_argument("--ca-days", type=int, default=3650, help="validity of a new CA certificate (default 3650)")
+    pr.add_argument("--project", default="fedbone-med", help="project name in the CA subject (new directory only)")
+    pr.add_argument("--renew", default="", help="comma-separated sites to re-issue; their old certificates are revoked")
+    pr.set_defaults(func=_provision)
+    rv = sub.add_parser("revoke", help="revoke a site's certificate (adds it to crl.pem, marks registry.json)")
+    rv.add_argument("--out", required=True, help="the provisioning directory")
+    rv.add_argument("--site", required=True)
+    rv.add_argument("--reason", default="unspecified",
+                    choices=["unspecified", "key-compromise", "affiliation-changed", "superseded",
+                             "cessation-of-operation"])
+    rv.set_defaults(func=_revoke)
     return p
+
+
+def _split(names: str) -> list[str]:
+    return [n.strip() for n in names.split(",") if n.strip()]
+
+
+def _provision(args: argparse.Namespace) -> int:
+    from ..crypto.provision import provision
+
+    res = provision(
+        args.out, _split(args.sites), server_name=args.server_name, server_address=args.server_address,
+        days=args.days, ca_days=args.ca_days, project=args.project, renew=_split(args.renew),
+    )
+    print(f"provisioned {len(res.sites)} site(s) in {res.out}: {', '.join(res.sites)}")
+    for path in res.created:
+        rel = path.relative_to(res.out) if path != res.out else path
+        secret = "  (SECRET, mode 0600)" if path.name.endswith("-key.pem") else ""
+        print(f"  created {rel}{'/' if path.is_dir() else ''}{secret}")
+    for note in res.notes:
+        print(f"  note: {note}")
+    print("Keep ca/ca-key.pem with the federation operator (offline if possible); it is in no kit.")
+    print("Give server/ to the server host and each sites/NAME/ to that site's administrator over a secure channel.")
+    return 0
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    from ..crypto.provision import revoke
+
+    serial = revoke(args.out, args.site, reason=args.reason)
+    print(f"revoked site {args.site!r} (certificate serial {serial:x}); crl.pem and registry.json updated.")
+    print("Restart or reload the server so that it reads the new crl.pem and registry.json.")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
