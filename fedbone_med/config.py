@@ -139,6 +139,43 @@ def _device_problems(device: str) -> list[str]:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    """Differential privacy for what leaves the site (see ``fedbone_med/privacy``).
+
+    Give either ``target_epsilon`` (sigma is calibrated for the planned number of steps) or an
+    explicit ``noise_multiplier``. ``epsilon_budget`` (default: the target) is enforced: a
+    message whose accounting would exceed it is never sent; the site stops instead. ``delta``
+    defaults to 1 / (10 N) for the site's N training records. ``secure_mode`` draws noise
+    from a cryptographically seeded source and cannot be reproduced by a seed.
+    """
+
+    enabled: bool = False
+    target_epsilon: float | None = None
+    noise_multiplier: float | None = None
+    epsilon_budget: float | None = None
+    delta: float | None = None
+    activation_dp: bool = True
+    activation_clip: float = 1.0
+    label_dp: bool = True
+    label_clip: float = 1.0
+    secure_mode: bool = False
+    accountant: Literal["rdp", "prv"] = "rdp"
+
+    def validate(self) -> list[str]:
+        out = _positive("target_epsilon", self.target_epsilon) + _positive("noise_multiplier", self.noise_multiplier)
+        out += _positive("epsilon_budget", self.epsilon_budget) + _positive("activation_clip", self.activation_clip)
+        out += _positive("label_clip", self.label_clip)
+        if self.enabled:
+            if (self.target_epsilon is None) == (self.noise_multiplier is None):
+                out.append("target_epsilon/noise_multiplier: give exactly one of them when privacy is enabled")
+            if self.target_epsilon is None and self.epsilon_budget is None:
+                out.append("epsilon_budget: an explicit noise_multiplier needs an epsilon_budget to enforce")
+            if not (self.activation_dp or self.label_dp):
+                out.append("activation_dp/label_dp: privacy is enabled but no mechanism is on")
+        return out
+
+
+@dataclass(frozen=True)
 class SiteConfig:
     """One hospital site: its data, its task, its own layers and how it trains them."""
 
@@ -148,6 +185,7 @@ class SiteConfig:
     task: TaskConfig
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def validate(self) -> list[str]:
         if not _NAME.match(self.name):

@@ -66,10 +66,10 @@ n_val = 8
 
 def test_unknown_config_key_exits_2_with_an_actionable_message(tmp_path, capsys):
     bad = tmp_path / "site.toml"
-    bad.write_text((ROOT / "sites" / "phantom-vessels.toml").read_text() + "\n[privacy]\nepsilon = 1.0\n")
+    bad.write_text((ROOT / "sites" / "phantom-vessels.toml").read_text() + "\n[transport]\nretries = 3\n")
     assert site.main(["validate-config", str(bad)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: invalid configuration") and "unknown key 'privacy'" in err
+    assert err.startswith("error: invalid configuration") and "unknown key 'transport'" in err
 
 
 def test_missing_experiment_file_exits_2(tmp_path, capsys):

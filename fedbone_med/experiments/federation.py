@@ -28,6 +28,7 @@ from ..config import ExperimentConfig
 from ..configtools import config_hash, to_plain
 from ..data.sources import load_site_data
 from ..errors import CheckpointError
+from ..privacy.errors import BudgetExceeded
 from ..server import Coordinator
 from ..server.audit_trail import ServerAuditTrail, ensure_server_key
 from ..site import SiteRuntime, derive_seed
@@ -64,6 +65,8 @@ class Federation:
         ]
         for site in self.sites:
             site.join()
+            site.configure_privacy(cfg.rounds * cfg.steps_per_round)
+        self.stopped: dict[str, dict[str, Any]] = {}  # sites that left early, and why
         self.audit_enabled = audit
         self.audit: ServerAuditTrail | None = None
         self.results: dict[str, Any] = {
@@ -137,7 +140,7 @@ class Federation:
                     self.audit.round_started(self.coordinator.backbone)
                 for i in range(cfg.steps_per_round):
                     step = rnd * cfg.steps_per_round + i
-                    losses = {s.name: s.train_step(rnd, step, i) for s in self.sites}
+                    losses = self._train_step(rnd, step, i)
                     bar.update(1)
                     bar.set_postfix({"round": rnd, **{k[:12]: f"{v:.3f}" for k, v in losses.items()}})
                 record = self._end_round(rnd, (rnd + 1) * cfg.steps_per_round - 1)
@@ -148,8 +151,9 @@ class Federation:
                 server_hash = self._checkpoint()
                 usage = self.coordinator.take_usage()
                 if self.audit is not None:
+                    privacy = {n: (m.get("epsilon"), m.get("delta")) for n, m in record["sites"].items()}
                     self.audit.round_finished(rnd, self.coordinator.backbone, usage, steps,
-                                              cfg.server.aggregation.method, server_hash)
+                                              cfg.server.aggregation.method, server_hash, privacy)
                 if on_round is not None:
                     on_round(record)
         finally:  # on a crash too: release the audit log's lock; the checkpoints are complete
@@ -157,19 +161,46 @@ class Federation:
             if self.audit is not None:
                 self.audit.close()
                 self.audit = None
-        self.results["final"] = self.results["rounds"][-1]["sites"] if self.results["rounds"] else {}
+        self.results["stopped"] = self.stopped
+        self.results["final"] = self._final_metrics()
         write_json_atomic(self.results, self.out / "results.json")
         return self.results
 
+    def _train_step(self, rnd: int, step: int, i: int) -> dict[str, float]:
+        """One step of every active site; a site whose privacy budget is spent stops and leaves."""
+        losses = {}
+        for s in self.sites:
+            if s.name in self.stopped:
+                continue
+            try:
+                losses[s.name] = s.train_step(rnd, step, i)
+            except BudgetExceeded as exc:
+                self.stopped[s.name] = {"round": rnd, "step": step, "reason": str(exc)}
+                s.leave()
+                print(f"site '{s.name}' stopped: {exc}", file=sys.stderr)
+        return losses
+
     def _end_round(self, rnd: int, step: int) -> dict[str, Any]:
         share = self.cfg.embedding_fedavg
-        losses = {s.name: s.end_round(rnd, {}, share) for s in self.sites}
-        groups = {s.name: s.sync_round(rnd) for s in self.sites}
-        sites = {}
-        for s in self.sites:
+        active = [s for s in self.sites if s.name not in self.stopped]
+        losses = {s.name: s.end_round(rnd, {}, share) for s in active}
+        groups = {s.name: s.sync_round(rnd) for s in active}
+        sites: dict[str, Any] = {}
+        for s in active:
             metrics = s.evaluate(rnd, step)
             sites[s.name] = {**losses[s.name], **metrics, "fedavg_group": list(groups[s.name])}
+        for name, why in self.stopped.items():
+            sites[name] = {"stopped": why}
         return {"round": rnd, "sites": sites}
+
+    def _final_metrics(self) -> dict[str, Any]:
+        """Each site's metrics from the last round it completed."""
+        final: dict[str, Any] = {}
+        for record in self.results["rounds"]:
+            for name, m in record["sites"].items():
+                if "stopped" not in m:
+                    final[name] = m
+        return final
 
     def _checkpoint(self) -> str:
         """Write every checkpoint and results.json; return the server checkpoint's SHA-256."""

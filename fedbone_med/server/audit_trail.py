@@ -46,6 +46,10 @@ def ensure_server_key(key_dir: str | Path) -> Path:
     return private
 
 
+def _finite(x: float | None) -> float | None:
+    return None if x is None or x != x or x in (float("inf"), float("-inf")) else float(x)
+
+
 class ServerAuditTrail:
     """Round records for one run, written by the process that owns the backbone."""
 
@@ -67,7 +71,9 @@ class ServerAuditTrail:
         self._round_start = (iso_utc(utc_now()), module_hash(backbone))
 
     def round_finished(self, round: int, backbone: nn.Module, usage: dict[str, tuple[int, int]],
-                       steps: list[dict[str, Any]], method: str, checkpoint_hash: str) -> None:
+                       steps: list[dict[str, Any]], method: str, checkpoint_hash: str,
+                       privacy: dict[str, tuple[float | None, float | None]] | None = None) -> None:
+        """``privacy``: site -> (epsilon, delta) spent so far, as the site reported it."""
         started, before = self._round_start or (iso_utc(utc_now()), module_hash(backbone))
         cosines_min = [s["min_cosine"] for s in steps if s.get("min_cosine") is not None]
         cosines_mean = [s["mean_cosine"] for s in steps if s.get("mean_cosine") is not None]
@@ -83,7 +89,10 @@ class ServerAuditTrail:
             mean_cosine=sum(cosines_mean) / len(cosines_mean) if cosines_mean else None,
             mean_site_norms={k: sum(v) / len(v) for k, v in sorted(norms.items())},
         )
-        sites = [SiteRound(site_id=name, steps=n_steps, samples=n_samples)
+        privacy = privacy or {}
+        sites = [SiteRound(site_id=name, steps=n_steps, samples=n_samples,
+                           epsilon=_finite(privacy.get(name, (None, None))[0]),
+                           delta=_finite(privacy.get(name, (None, None))[1]))
                  for name, (n_steps, n_samples) in sorted(usage.items())]
         self.log.append(records.checkpoint_write(
             run_id=self.run_id, round=round, role="server", checkpoint_hash=checkpoint_hash))

@@ -28,6 +28,7 @@ from ..device import resolve_device
 from ..errors import CheckpointError
 from ..models import CutSpec, SiteModel, TaskLoss, build_site_model, class_probabilities, decode
 from ..optim import build_optimizer
+from ..privacy.site import SitePrivacy
 from ..transport.base import Transport
 from ..transport.messages import JoinRequest, RoundReport, StepHeader
 from ..transport.validate import check_features, check_input_grad
@@ -55,6 +56,16 @@ class SiteRuntime:
         self.run_id = ""
         self.sequence = 0
         self._round_losses: list[float] = []
+        self.privacy: SitePrivacy | None = None
+
+    def configure_privacy(self, planned_steps: int) -> None:
+        """Set up the site's DP mechanisms and accountants for a run of ``planned_steps`` steps."""
+        if self.cfg.privacy.enabled:
+            self.privacy = SitePrivacy(
+                self.cfg.privacy, num_train=len(self.data.train), num_val=len(self.data.val),
+                batch_size=self.cfg.train.batch_size, planned_steps=planned_steps,
+                seed=derive_seed(self.seed, "privacy", self.name),
+            )
 
     # -- membership ---------------------------------------------------------------
     def join(self) -> None:
@@ -96,16 +107,21 @@ class SiteRuntime:
         """One split forward/backward; leaves gradients in the site's parameters."""
         model, cut, _ = self._joined()
         model.train()
+        if self.privacy is not None:
+            self.privacy.charge_step()  # raises BudgetExceeded before anything is sent
         x, y = x.to(self.device), y.to(self.device)
         z = model.embed(x)  # (B, D, h, w)
         header = self._header(round, step, "train")
-        feats = check_features(self.transport.forward(header, z.detach()), cut, x.shape[0])
+        z_sent = z.detach() if self.privacy is None else self.privacy.noise_activation(z.detach())
+        feats = check_features(self.transport.forward(header, z_sent), cut, x.shape[0])
         feats = [f.to(self.device).requires_grad_(True) for f in feats]
         z_local = z.detach().requires_grad_(True)
         loss = self.loss_fn(model.top(feats, z_local, (x.shape[-2], x.shape[-1])), y)
         loss.backward()
         # A map the head did not use has no gradient: its dF is zero.
         d_feats = [f.grad if f.grad is not None else torch.zeros_like(f) for f in feats]
+        if self.privacy is not None:
+            d_feats = self.privacy.noise_feature_grads(d_feats)
         dz = self.transport.backward(self._header(round, step, "train"), d_feats)
         dz = check_input_grad(dz, z).to(self.device)
         z.backward(dz if z_local.grad is None else z_local.grad + dz)
@@ -130,13 +146,17 @@ class SiteRuntime:
         model, cut, _ = self._joined()
         model.eval()
         task, val = self.cfg.task, self.data.val
+        if self.privacy is not None and not self.privacy.charge_evaluation():
+            nan = float("nan")
+            return {"primary": nan, "chance": nan, "evaluation_skipped": 1.0}
         probs, preds, counts, pixels = [], [], None, 0
         for start in range(0, len(val), self.cfg.train.eval_batch_size):
             idx = torch.arange(start, min(start + self.cfg.train.eval_batch_size, len(val)))
             x, y = val.batch(idx)
             x = x.to(self.device)
             z = model.embed(x)
-            feats = check_features(self.transport.forward(self._header(round, step, "eval"), z), cut, len(idx))
+            z_sent = z if self.privacy is None else self.privacy.noise_activation(z)
+            feats = check_features(self.transport.forward(self._header(round, step, "eval"), z_sent), cut, len(idx))
             logits = model.top([f.to(self.device) for f in feats], z, (x.shape[-2], x.shape[-1])).cpu()
             if task.type == "classification":
                 probs.append(class_probabilities(task, logits))
@@ -164,11 +184,16 @@ class SiteRuntime:
         losses, self._round_losses = self._round_losses, []
         train_loss = sum(losses) / len(losses) if losses else float("nan")
         emb = {k: v.detach().cpu() for k, v in model.embedding.state_dict().items()} if share_embedding else None
+        privacy = self.privacy.report() if self.privacy is not None else {}
         self.transport.round_end(
             RoundReport(self.name, round, len(self.data.train), train_loss, dict(metrics), emb,
-                        self.embedding_signature() if share_embedding else None)
+                        self.embedding_signature() if share_embedding else None, dict(privacy))
         )
-        return {"train_loss": train_loss, **metrics}
+        return {"train_loss": train_loss, **metrics, **privacy}
+
+    def leave(self) -> None:
+        """Leave the federation (e.g. when the privacy budget is spent)."""
+        self.transport.leave(self.name)
 
     def sync_round(self, round: int) -> tuple[str, ...]:
         """Apply the server's averaged embedding, if this site is in a FedAvg group."""
@@ -189,6 +214,7 @@ class SiteRuntime:
             "sequence": self.sequence,
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
+            "privacy": self.privacy.state_dict() if self.privacy is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -197,4 +223,8 @@ class SiteRuntime:
             raise CheckpointError(f"checkpoint belongs to site {state.get('site')!r}, not {self.name!r}")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if self.privacy is not None:
+            if state.get("privacy") is None:
+                raise CheckpointError(f"site '{self.name}': checkpoint has no privacy accountant; privacy is on now")
+            self.privacy.load_state_dict(state["privacy"])
         self.sequence = int(state["sequence"])
