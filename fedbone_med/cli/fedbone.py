@@ -33,7 +33,13 @@ def _run(args: argparse.Namespace) -> int:
     def on_round(record: dict) -> None:
         if args.quiet:
             return
-        parts = [f"{name}: {m['primary']:.3f}" for name, m in record["sites"].items()]
+        parts = []
+        for name, m in record["sites"].items():
+            if "stopped" in m:
+                parts.append(f"{name}: stopped")
+                continue
+            eps = f" (eps {m['epsilon']:.2f})" if "epsilon" in m else ""
+            parts.append(f"{name}: {m['primary']:.3f}{eps}")
         print(f"round {record['round']}: " + ", ".join(parts) + f"  ({record['seconds']:.1f} s)", file=sys.stderr)
 
     results = fed.run(resume=args.resume, progress=not args.quiet, on_round=on_round)

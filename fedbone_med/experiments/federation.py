@@ -213,13 +213,16 @@ class Federation:
 
 def format_table(results: dict[str, Any]) -> str:
     """The per-site results table printed at the end of a run."""
-    rows = [("site", "modality", "task", "metric", "value", "chance", "train loss")]
+    rows = [("site", "modality", "task", "metric", "value", "chance", "train loss", "epsilon")]
     for name, info in results["sites"].items():
         m = results.get("final", {}).get(name, {})
         key = info["primary_metric"]
+        eps = f"{m['epsilon']:.2f}" if "epsilon" in m else "-"
+        if name in results.get("stopped", {}):
+            eps += " (stopped: budget)"
         rows.append(
             (name, info["modality"], info["task"], key, f"{m.get(key, float('nan')):.3f}",
-             f"{m.get('chance', float('nan')):.3f}", f"{m.get('train_loss', float('nan')):.3f}")
+             f"{m.get('chance', float('nan')):.3f}", f"{m.get('train_loss', float('nan')):.3f}", eps)
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
