@@ -181,6 +181,9 @@ class SiteRuntime:
     def end_round(self, round: int, metrics: dict[str, float], share_embedding: bool) -> dict[str, float]:
         """Report the round (metrics and, for FedAvg, the embedding) to the server."""
         model, _, _ = self._joined()
+        # A private site keeps its embedding: its weights are trained on every record and are
+        # not covered by the activation/label mechanisms (only DP-SGD would cover them).
+        share_embedding = share_embedding and self.privacy is None
         losses, self._round_losses = self._round_losses, []
         train_loss = sum(losses) / len(losses) if losses else float("nan")
         emb = {k: v.detach().cpu() for k, v in model.embedding.state_dict().items()} if share_embedding else None
