@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 from monai.networks.nets.swin_unetr import SwinTransformer
 from torch import Tensor, nn
@@ -89,7 +90,10 @@ class SwinBackbone(Backbone):
         for stage in self.stages:
             x = stage(x.contiguous())
             # (B, C_i, H_i, W_i), normalised over channels as MONAI's proj_out does
-            feats.append(F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2]).permute(0, 3, 1, 2))
+            normed = F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2]).permute(0, 3, 1, 2)
+            # Standard (row-major) strides, as a network delivers them: the site's kernels (and
+            # Opacus's per-sample convolutions) then behave the same in process and over gRPC.
+            feats.append(normed.clone(memory_format=torch.contiguous_format))
         return feats
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
 from torch import Tensor
 
 from .base import Transport
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
 
 
 def _copy(t: Tensor) -> Tensor:
-    return t.detach().clone()
+    return t.detach().clone(memory_format=torch.contiguous_format)  # as a wire delivers it
 
 
 class InProcessTransport(Transport):

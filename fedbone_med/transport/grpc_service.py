@@ -1,0 +1,276 @@
+"""The gRPC server: the :class:`~fedbone_med.server.coordinator.Coordinator` behind mutual TLS and the sealed envelope.
+
+Every call is authorised twice over. The TLS layer (``require_client_auth=True``) admits only clients with
+a certificate signed by the project CA; then each RPC checks the peer certificate with
+:func:`~fedbone_med.crypto.identity.verify_peer` (CA, validity, clientAuth, CRL, registry fingerprint) to get
+the site name, and refuses a request whose ``site`` names anyone else (a site cannot speak for another).
+``Handshake`` then runs :class:`~fedbone_med.crypto.handshake.ServerHandshake` against the site's long-term
+Ed25519 identity key (``site_keys``: site -> public key, registered with the server by the operator; the
+site certificates will carry it in a later step) and keeps the resulting
+:class:`~fedbone_med.crypto.envelope.Session`. Every other RPC opens its sealed frame with that session
+(authenticated, replay-protected, typed: see :mod:`.wire`), calls the coordinator and seals the answer.
+
+Errors map to gRPC status codes with the error's message (never tensor values): identity and handshake
+failures -> PERMISSION_DENIED, no client certificate -> UNAUTHENTICATED, a refused frame
+(``InvalidMessage``) -> INVALID_ARGUMENT ``"invalid message: <reason>"``, ``ProtocolError`` ->
+INVALID_ARGUMENT, no session yet -> FAILED_PRECONDITION, other ``FedboneError`` -> FAILED_PRECONDITION,
+anything else -> INTERNAL with a generic message (details go to the server log only).
+
+``insecure_dev=True`` serves without TLS on loopback only (no certificates: the site named in the request is
+taken at its word for routing, but the Ed25519 handshake still authenticates it before any sealed frame).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from concurrent import futures
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+
+import grpc
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from ..crypto.chunks import DEFAULT_MAX_BLOB_BYTES
+from ..crypto.envelope import Session
+from ..crypto.errors import HandshakeError, InvalidMessage
+from ..crypto.handshake import ServerHandshake
+from ..crypto.identity import IdentityError, load_certificate, load_crl, load_registry, verify_peer
+from ..errors import ConfigError, FedboneError, ProtocolError
+from . import wire
+from .proto import fedbone_pb2 as pb
+from .proto import fedbone_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from ..server.coordinator import Coordinator
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_MESSAGE_BYTES = 256 << 20  # 256 MiB per gRPC message
+GRPC_OVERHEAD = 4096  # protobuf framing around the sealed blob
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+T = TypeVar("T")
+
+
+class _Refused(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def split_address(address: str) -> tuple[str, str]:
+    """``host:port`` or ``[v6]:port`` -> (host, port); raises ConfigError."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ConfigError(f"server address: expected HOST:PORT, got {address!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, port
+
+
+def grpc_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+    n = max_message_bytes + GRPC_OVERHEAD
+    return [("grpc.max_send_message_length", n), ("grpc.max_receive_message_length", n)]
+
+
+class FederationService(pb_grpc.FederationServicer):
+    """The ``fedbone.v1.Federation`` service over one coordinator."""
+
+    def __init__(self, coordinator: Coordinator, *, ca_pem: bytes, registry_dir: str | Path,
+                 identity_key: Ed25519PrivateKey, site_keys: Mapping[str, Ed25519PublicKey],
+                 max_message_bytes: int, insecure_dev: bool = False) -> None:
+        self.coordinator = coordinator
+        self.ca = load_certificate(ca_pem)
+        self.crl = load_crl(registry_dir)
+        self.registry = load_registry(registry_dir)
+        self.identity_key = identity_key
+        self.site_keys = dict(site_keys)
+        self.max_message_bytes = max_message_bytes
+        self.insecure_dev = insecure_dev
+        self._sessions: dict[str, Session] = {}
+        self._lock = threading.Lock()
+
+    # -- authorisation ---------------------------------------------------------------------------
+    def _peer(self, context: grpc.ServicerContext, claimed: str) -> str:
+        """The site this call comes from, by its certificate; must equal the site the request names."""
+        if self.insecure_dev:
+            if not claimed:
+                raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "request names no site")
+            return claimed
+        pems = context.auth_context().get("x509_pem_cert")
+        if not pems:
+            raise _Refused(grpc.StatusCode.UNAUTHENTICATED, "no client certificate")
+        name = verify_peer(pems[0], self.ca, self.crl, self.registry)
+        if name != claimed:
+            raise _Refused(grpc.StatusCode.PERMISSION_DENIED,
+                           f"the certificate of site {name!r} cannot speak for site {claimed!r}")
+        return name
+
+    def _session(self, site: str) -> Session:
+        with self._lock:
+            session = self._sessions.get(site)
+        if session is None:
+            raise _Refused(grpc.StatusCode.FAILED_PRECONDITION, f"site {site!r}: no session; call Handshake first")
+        return session
+
+    def _run(self, context: grpc.ServicerContext, fn: Callable[[], T]) -> T:
+        code, message = grpc.StatusCode.INTERNAL, "internal server error"
+        try:
+            return fn()
+        except _Refused as exc:
+            code, message = exc.code, exc.message
+        except (IdentityError, HandshakeError) as exc:
+            code, message = grpc.StatusCode.PERMISSION_DENIED, str(exc)
+        except InvalidMessage as exc:
+            code, message = grpc.StatusCode.INVALID_ARGUMENT, f"invalid message: {exc}"
+        except ProtocolError as exc:
+            code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+        except FedboneError as exc:
+            code, message = grpc.StatusCode.FAILED_PRECONDITION, str(exc)
+        except Exception:
+            log.exception("unexpected error in a federation call")
+        self._abort(context, code, message)
+
+    @staticmethod
+    def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
+        context.abort(code, message)
+        raise AssertionError("unreachable")  # context.abort raises
+
+    # -- RPCs ------------------------------------------------------------------------------------
+    def Handshake(self, request: pb.HandshakeRequest, context: grpc.ServicerContext) -> pb.HandshakeReply:  # noqa: N802
+        def run() -> pb.HandshakeReply:
+            site = self._peer(context, request.site)
+            run_id = self.coordinator.run_id
+            if not request.client_hello:
+                return pb.HandshakeReply(run_id=run_id)
+            key = self.site_keys.get(site)
+            if key is None:
+                raise IdentityError("unregistered", f"site {site!r} has no registered handshake identity key")
+            hello, session = ServerHandshake(self.identity_key, key, run_id, site,
+                                             max_payload_bytes=self.max_message_bytes).respond(request.client_hello)
+            with self._lock:
+                self._sessions[site] = session  # a new handshake re-keys; the old session is dropped
+            return pb.HandshakeReply(run_id=run_id, server_hello=hello)
+
+        return self._run(context, run)
+
+    def _sealed(self, request: pb.Sealed, context: grpc.ServicerContext,
+                handle: Callable[[str, Session], bytes]) -> pb.Sealed:
+        def run() -> pb.Sealed:
+            site = self._peer(context, request.site)
+            return pb.Sealed(site=site, sealed=handle(site, self._session(site)))
+
+        return self._run(context, run)
+
+    def Join(self, request: pb.Sealed, context: grpc.ServicerContext) -> pb.Sealed:  # noqa: N802
+        def handle(site: str, s: Session) -> bytes:
+            _, body, tensors = wire.open_message(s, request.sealed, "join")
+            req = wire.join_request_from_json(body)
+            if req.site != site or tensors:
+                raise ProtocolError(f"site {site!r}: join request names another site or carries tensors")
+            reply = self.coordinator.join(req)
+            return wire.seal_message(s, "join-reply", wire.join_reply_to_json(reply), [])
+
+        return self._sealed(request, context, handle)
+
+    def _step(self, site: str, header: Any, body: Any) -> Any:
+        step = wire.step_from_json(body)
+        if step.site != site or step.round != header.round or step.step != header.step:
+            raise ProtocolError(f"site {site!r}: step header does not match the sealed frame")
+        return step
+
+    def Forward(self, request: pb.Sealed, context: grpc.ServicerContext) -> pb.Sealed:  # noqa: N802
+        def handle(site: str, s: Session) -> bytes:
+            header, body, tensors = wire.open_message(s, request.sealed, "forward")
+            step = self._step(site, header, body)
+            if len(tensors) != 1:
+                raise ProtocolError(f"site {site!r}: forward carries {len(tensors)} tensors, expected 1")
+            feats = self.coordinator.forward(step, tensors[0])
+            return wire.seal_message(s, "features", None, list(feats), round=step.round, step=step.step)
+
+        return self._sealed(request, context, handle)
+
+    def Backward(self, request: pb.Sealed, context: grpc.ServicerContext) -> pb.Sealed:  # noqa: N802
+        def handle(site: str, s: Session) -> bytes:
+            header, body, tensors = wire.open_message(s, request.sealed, "backward")
+            step = self._step(site, header, body)
+            dz = self.coordinator.backward(step, tensors)
+            return wire.seal_message(s, "input-grad", None, [dz], round=step.round, step=step.step)
+
+        return self._sealed(request, context, handle)
+
+    def RoundEnd(self, request: pb.Sealed, context: grpc.ServicerContext) -> pb.Sealed:  # noqa: N802
+        def handle(site: str, s: Session) -> bytes:
+            header, body, tensors = wire.open_message(s, request.sealed, "round-end")
+            report = wire.round_report_from_wire(body, tensors)
+            if report.site != site or report.round != header.round:
+                raise ProtocolError(f"site {site!r}: round report does not match the sealed frame")
+            self.coordinator.round_end(report)
+            return wire.seal_message(s, "ok", None, [], round=report.round)
+
+        return self._sealed(request, context, handle)
+
+    def RoundSync(self, request: pb.Sealed, context: grpc.ServicerContext) -> pb.Sealed:  # noqa: N802
+        def handle(site: str, s: Session) -> bytes:
+            header, body, tensors = wire.open_message(s, request.sealed, "round-sync")
+            if body is not None or tensors:
+                raise ProtocolError(f"site {site!r}: round-sync request carries a payload")
+            result = self.coordinator.round_sync(site, header.round)
+            meta, out = wire.round_sync_to_wire(result)
+            return wire.seal_message(s, "round-sync-reply", meta, out, round=header.round)
+
+        return self._sealed(request, context, handle)
+
+    def Leave(self, request: pb.Sealed, context: grpc.ServicerContext) -> pb.Sealed:  # noqa: N802
+        def handle(site: str, s: Session) -> bytes:
+            _, body, tensors = wire.open_message(s, request.sealed, "leave")
+            if body is not None or tensors:
+                raise ProtocolError(f"site {site!r}: leave request carries a payload")
+            self.coordinator.leave(site)
+            answer = wire.seal_message(s, "ok", None, [])
+            with self._lock:
+                if self._sessions.get(site) is s:
+                    del self._sessions[site]
+            return answer
+
+        return self._sealed(request, context, handle)
+
+
+def serve(coordinator: Coordinator, *, address: str, server_key_pem: bytes, server_cert_pem: bytes, ca_pem: bytes,
+          registry_dir: str | Path, identity_key: Ed25519PrivateKey, site_keys: Mapping[str, Ed25519PublicKey],
+          max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, insecure_dev: bool = False,
+          max_workers: int = 32) -> grpc.Server:
+    """Start serving ``coordinator`` on ``address`` (``host:port``; port 0 picks a free one, see :func:`bound_port`).
+
+    The CA, CRL and registry are read once here: restart the server after a revocation.
+    """
+    host, _ = split_address(address)
+    if insecure_dev and host not in LOOPBACK_HOSTS:
+        raise ConfigError(f"insecure_dev serves without TLS and only on loopback; refusing address {address!r}")
+    if not 0 < max_message_bytes <= min(DEFAULT_MAX_BLOB_BYTES, 2**31 - 1 - GRPC_OVERHEAD):
+        raise ConfigError("max_message_bytes must be positive and below 2 GiB")
+    service = FederationService(coordinator, ca_pem=ca_pem, registry_dir=registry_dir, identity_key=identity_key,
+                                site_keys=site_keys, max_message_bytes=max_message_bytes, insecure_dev=insecure_dev)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="fedbone-grpc"),
+                         options=grpc_options(max_message_bytes))
+    pb_grpc.add_FederationServicer_to_server(service, server)
+    if insecure_dev:
+        port = server.add_insecure_port(address)
+    else:
+        creds = grpc.ssl_server_credentials([(server_key_pem, server_cert_pem)], root_certificates=ca_pem,
+                                            require_client_auth=True)
+        port = server.add_secure_port(address, creds)
+    if port == 0:
+        raise ConfigError(f"cannot bind the server to {address!r}")
+    server.start()
+    _PORTS[id(server)] = port
+    return server
+
+
+_PORTS: dict[int, int] = {}
+
+
+def bound_port(server: grpc.Server) -> int:
+    """The TCP port ``serve`` bound (useful with port 0)."""
+    return _PORTS[id(server)]

@@ -1,0 +1,1 @@
+"""Generated gRPC code for ``fedbone.proto`` (see README.md to regenerate)."""

@@ -1,0 +1,295 @@
+"""Message <-> (canonical JSON, tensor list) codecs for the gRPC transport. No pickle anywhere.
+
+Every gRPC payload is one sealed envelope (:mod:`fedbone_med.crypto.envelope`). The envelope carries
+only float tensors, so the non-tensor part of a message (its *meta*: JoinRequest, JoinReply with the
+CutSpec, RoundReport metrics, RoundSync, the StepHeader fields) is canonical JSON (sorted keys, no
+whitespace, ASCII, no NaN literals) whose bytes travel as the frame's first tensor: a 1-D float16
+tensor of byte values 0..255 (exact in float16; always finite, so the envelope's finiteness check
+passes). The meta is thus encrypted and authenticated with the rest of the frame. Its ``"type"`` key
+names the RPC, so a sealed frame cannot be replayed into a different RPC. Tensors (z, F, dF, dz, an
+embedding state dict in the order of the names listed in the meta) follow the meta tensor.
+
+Decoders are strict: exact key sets (unknown or missing keys are refused), exact types, bounded sizes.
+Non-finite floats (e.g. the train loss of a round without steps) are written as the strings
+``"NaN"``, ``"Infinity"`` and ``"-Infinity"``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..crypto.envelope import Expect, Session
+from ..crypto.errors import InvalidMessage
+from ..crypto.frame import FrameHeader, Kind
+from ..errors import ProtocolError
+from ..models.split import CutSpec
+from .messages import JoinReply, JoinRequest, RoundReport, RoundSync, StepHeader
+
+MAX_META_BYTES = 1 << 20
+MAX_NAME = 256
+_NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+# RPC names, as the meta's "type"
+TYPES = ("join", "join-reply", "forward", "features", "backward", "input-grad", "round-end", "ok",
+         "round-sync", "round-sync-reply", "leave")
+
+
+# -- canonical JSON ----------------------------------------------------------------------------
+def canonical_json(obj: Any) -> bytes:
+    try:
+        return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError(f"message cannot be encoded as canonical JSON: {exc}") from None
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ProtocolError(f"message: duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def _no_constants(name: str) -> Any:
+    raise ProtocolError(f"message: JSON constant {name} is not allowed")
+
+
+def parse_json(raw: bytes) -> dict[str, Any]:
+    if len(raw) > MAX_META_BYTES:
+        raise ProtocolError("message: metadata too large")
+    try:
+        obj = json.loads(raw.decode("ascii"), object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+    except (UnicodeDecodeError, ValueError):
+        raise ProtocolError("message: metadata is not valid canonical JSON") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("message: metadata must be a JSON object")
+    return obj
+
+
+def meta_tensor(meta: dict[str, Any]) -> Tensor:
+    raw = canonical_json(meta)
+    if len(raw) > MAX_META_BYTES:
+        raise ProtocolError("message: metadata too large")
+    return torch.tensor(list(raw), dtype=torch.float16)
+
+
+def meta_from_tensor(t: Tensor) -> dict[str, Any]:
+    if t.dtype != torch.float16 or t.dim() != 1 or t.numel() > MAX_META_BYTES:
+        raise ProtocolError("message: metadata tensor has the wrong dtype or shape")
+    v = t.to(torch.int32)
+    if not bool((v.to(torch.float16) == t).all()) or bool((v < 0).any()) or bool((v > 255).any()):
+        raise ProtocolError("message: metadata tensor is not a byte string")
+    return parse_json(bytes(v.to(torch.uint8).tolist()))
+
+
+# -- strict field readers ------------------------------------------------------------------------
+def check_keys(d: dict[str, Any], required: set[str], what: str, optional: frozenset[str] = frozenset()) -> None:
+    keys = set(d)
+    missing, unknown = required - keys, keys - required - optional
+    if missing or unknown:
+        raise ProtocolError(f"{what}: missing keys {sorted(missing)}, unknown keys {sorted(unknown)}")
+
+
+def get_str(d: dict[str, Any], k: str, what: str) -> str:
+    v = d[k]
+    if not isinstance(v, str) or len(v) > MAX_NAME:
+        raise ProtocolError(f"{what}: {k!r} must be a string of at most {MAX_NAME} characters")
+    return v
+
+
+def get_int(d: dict[str, Any], k: str, what: str, lo: int = 0) -> int:
+    v = d[k]
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo or v > 2**63 - 1:
+        raise ProtocolError(f"{what}: {k!r} must be an integer >= {lo}")
+    return v
+
+
+def _float_out(x: float) -> float | str:
+    x = float(x)
+    if math.isfinite(x):
+        return x
+    return "NaN" if math.isnan(x) else ("Infinity" if x > 0 else "-Infinity")
+
+
+def _float_in(v: Any, what: str) -> float:
+    if isinstance(v, str) and v in _NONFINITE:
+        return _NONFINITE[v]
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ProtocolError(f"{what}: expected a number")
+    return float(v)
+
+
+def _float_map(d: Any, what: str) -> dict[str, float]:
+    if not isinstance(d, dict) or len(d) > 1024:
+        raise ProtocolError(f"{what}: expected an object of at most 1024 numbers")
+    out = {}
+    for k, v in d.items():
+        if len(k) > MAX_NAME:
+            raise ProtocolError(f"{what}: key too long")
+        out[k] = _float_in(v, f"{what}[{k!r}]")
+    return out
+
+
+def _names(v: Any, what: str) -> list[str]:
+    if not isinstance(v, list) or len(v) > 4096 or not all(isinstance(s, str) and 0 < len(s) <= MAX_NAME for s in v):
+        raise ProtocolError(f"{what}: expected a list of names")
+    if len(set(v)) != len(v):
+        raise ProtocolError(f"{what}: duplicate names")
+    return v
+
+
+# -- messages ----------------------------------------------------------------------------------
+def step_to_json(h: StepHeader) -> dict[str, Any]:
+    return {"run_id": h.run_id, "site": h.site, "round": h.round, "step": h.step, "sequence": h.sequence,
+            "mode": h.mode}
+
+
+def step_from_json(d: Any) -> StepHeader:
+    what = "step header"
+    if not isinstance(d, dict):
+        raise ProtocolError(f"{what}: expected an object")
+    check_keys(d, {"run_id", "site", "round", "step", "sequence", "mode"}, what)
+    mode = d["mode"]
+    if mode not in ("train", "eval"):
+        raise ProtocolError(f"{what}: mode must be 'train' or 'eval'")
+    return StepHeader(get_str(d, "run_id", what), get_str(d, "site", what), get_int(d, "round", what),
+                      get_int(d, "step", what), get_int(d, "sequence", what), mode)
+
+
+def join_request_to_json(r: JoinRequest) -> dict[str, Any]:
+    return {"site": r.site, "modality": r.modality, "task_type": r.task_type, "num_train": r.num_train,
+            "software_version": r.software_version}
+
+
+def join_request_from_json(d: Any) -> JoinRequest:
+    what = "join request"
+    if not isinstance(d, dict):
+        raise ProtocolError(f"{what}: expected an object")
+    check_keys(d, {"site", "modality", "task_type", "num_train", "software_version"}, what)
+    return JoinRequest(get_str(d, "site", what), get_str(d, "modality", what), get_str(d, "task_type", what),
+                       get_int(d, "num_train", what), get_str(d, "software_version", what))
+
+
+def join_reply_to_json(r: JoinReply) -> dict[str, Any]:
+    cut = r.cut
+    return {"run_id": r.run_id, "round": r.round, "step": r.step, "config_hash": r.config_hash,
+            "cut": {"z_channels": cut.z_channels, "feature_channels": list(cut.feature_channels),
+                    "feature_strides": list(cut.feature_strides), "max_batch": cut.max_batch}}
+
+
+def _int_list(v: Any, what: str) -> tuple[int, ...]:
+    if not isinstance(v, list) or len(v) > 64 or not all(
+        isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v
+    ):
+        raise ProtocolError(f"{what}: expected a list of positive integers")
+    return tuple(v)
+
+
+def join_reply_from_json(d: Any) -> JoinReply:
+    what = "join reply"
+    if not isinstance(d, dict):
+        raise ProtocolError(f"{what}: expected an object")
+    check_keys(d, {"run_id", "round", "step", "config_hash", "cut"}, what)
+    c = d["cut"]
+    if not isinstance(c, dict):
+        raise ProtocolError(f"{what}: cut must be an object")
+    check_keys(c, {"z_channels", "feature_channels", "feature_strides", "max_batch"}, "cut spec")
+    cut = CutSpec(get_int(c, "z_channels", "cut spec", 1), _int_list(c["feature_channels"], "cut spec"),
+                  _int_list(c["feature_strides"], "cut spec"), get_int(c, "max_batch", "cut spec", 1))
+    if len(cut.feature_channels) != len(cut.feature_strides):
+        raise ProtocolError("cut spec: feature_channels and feature_strides differ in length")
+    return JoinReply(get_str(d, "run_id", what), cut, get_int(d, "round", what), get_int(d, "step", what),
+                     get_str(d, "config_hash", what))
+
+
+def _state_to_wire(state: dict[str, Tensor] | None) -> tuple[list[str] | None, list[Tensor]]:
+    if state is None:
+        return None, []
+    names = sorted(state)
+    return names, [state[n] for n in names]
+
+
+def _state_from_wire(names: Any, tensors: list[Tensor], what: str) -> dict[str, Tensor] | None:
+    if names is None:
+        if tensors:
+            raise ProtocolError(f"{what}: tensors without names")
+        return None
+    names = _names(names, what)
+    if len(names) != len(tensors):
+        raise ProtocolError(f"{what}: {len(names)} names for {len(tensors)} tensors")
+    return dict(zip(names, tensors, strict=True))
+
+
+def round_report_to_wire(r: RoundReport) -> tuple[dict[str, Any], list[Tensor]]:
+    names, tensors = _state_to_wire(r.embedding)
+    meta = {"site": r.site, "round": r.round, "samples": r.samples, "train_loss": _float_out(r.train_loss),
+            "metrics": {k: _float_out(v) for k, v in r.metrics.items()},
+            "extra": {k: _float_out(v) for k, v in r.extra.items()},
+            "embedding": names, "embedding_signature": r.embedding_signature}
+    return meta, tensors
+
+
+def round_report_from_wire(d: Any, tensors: list[Tensor]) -> RoundReport:
+    what = "round report"
+    if not isinstance(d, dict):
+        raise ProtocolError(f"{what}: expected an object")
+    check_keys(d, {"site", "round", "samples", "train_loss", "metrics", "extra", "embedding",
+                   "embedding_signature"}, what)
+    sig = d["embedding_signature"]
+    if sig is not None:
+        sig = get_str(d, "embedding_signature", what)
+    return RoundReport(get_str(d, "site", what), get_int(d, "round", what), get_int(d, "samples", what),
+                       _float_in(d["train_loss"], f"{what}: train_loss"), _float_map(d["metrics"], f"{what}: metrics"),
+                       _state_from_wire(d["embedding"], tensors, f"{what}: embedding"), sig,
+                       _float_map(d["extra"], f"{what}: extra"))
+
+
+def round_sync_to_wire(s: RoundSync) -> tuple[dict[str, Any], list[Tensor]]:
+    names, tensors = _state_to_wire(s.embedding)
+    return {"round": s.round, "group": list(s.group), "embedding": names}, tensors
+
+
+def round_sync_from_wire(d: Any, tensors: list[Tensor]) -> RoundSync:
+    what = "round sync"
+    if not isinstance(d, dict):
+        raise ProtocolError(f"{what}: expected an object")
+    check_keys(d, {"round", "group", "embedding"}, what)
+    return RoundSync(get_int(d, "round", what), _state_from_wire(d["embedding"], tensors, f"{what}: embedding"),
+                     tuple(_names(d["group"], f"{what}: group")))
+
+
+# -- sealed frames -----------------------------------------------------------------------------
+# The envelope's frame kinds are fixed (forward, features, backward, input-grad); control messages
+# ride on the kind of their direction and are told apart by the authenticated meta "type".
+KIND_OF: dict[str, Kind] = {
+    "join": "forward", "forward": "forward", "round-end": "forward", "round-sync": "forward", "leave": "forward",
+    "backward": "backward",
+    "join-reply": "features", "features": "features", "ok": "features", "round-sync-reply": "features",
+    "input-grad": "input-grad",
+}
+
+
+def seal_message(session: Session, type_: str, body: Any, tensors: list[Tensor], *, round: int = 0,
+                 step: int = 0) -> bytes:
+    """Seal ``{"type", "body"}`` as the meta tensor followed by ``tensors``."""
+    header = FrameHeader(run_id=session.run_id, round=round, step=step, site=session.site, kind=KIND_OF[type_])
+    return session.seal(header, [meta_tensor({"type": type_, "body": body}), *tensors])
+
+
+def open_message(session: Session, blob: bytes, type_: str, *, round: int | None = None,
+                 step: int | None = None) -> tuple[FrameHeader, Any, list[Tensor]]:
+    """Open a sealed message of ``type_``; raises :class:`InvalidMessage` or :class:`ProtocolError`."""
+    header, tensors = session.open(blob, Expect(kind=KIND_OF[type_], round=round, step=step))
+    if not tensors:
+        raise InvalidMessage("unexpected", "no metadata")
+    meta = meta_from_tensor(tensors[0])
+    check_keys(meta, {"type", "body"}, "message")
+    if meta["type"] != type_:
+        raise InvalidMessage("unexpected", "wrong message type")
+    return header, meta["body"], tensors[1:]

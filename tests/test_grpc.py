@@ -1,0 +1,341 @@
+"""The gRPC transport: mutual TLS + sealed envelope, exact over the wire, and refusing attacks."""
+
+from __future__ import annotations
+
+import math
+import threading
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from conftest import CLS5, site_cfg, tiny_server
+from fedbone_med.crypto.provision import provision, revoke
+from fedbone_med.data.sources import ArraySplit, SiteData
+from fedbone_med.errors import ConfigError, ProtocolError
+from fedbone_med.server import Coordinator
+from fedbone_med.site import SiteRuntime
+from fedbone_med.transport import InProcessTransport, JoinRequest, RoundReport, RoundSync, StepHeader, wire
+from fedbone_med.transport.grpc_client import GrpcTransport, RemoteError
+from fedbone_med.transport.grpc_service import bound_port, serve
+from fedbone_med.transport.proto import fedbone_pb2 as pb
+from fedbone_med.transport.proto import fedbone_pb2_grpc as pb_grpc
+
+SITES = ("a", "b")
+
+
+class Pki:
+    def __init__(self, root: Path, sites: tuple[str, ...] = SITES) -> None:
+        provision(root, list(sites))
+        self.root = root
+        self.ca = (root / "ca" / "ca.pem").read_bytes()
+        self.server_cert = (root / "server" / "server.pem").read_bytes()
+        self.server_key = (root / "server" / "server-key.pem").read_bytes()
+        self.server_identity = Ed25519PrivateKey.generate()
+        self.site_identity = {s: Ed25519PrivateKey.generate() for s in sites}
+
+    def kit(self, site: str) -> tuple[bytes, bytes]:
+        d = self.root / "sites" / site
+        return (d / "site.pem").read_bytes(), (d / "site-key.pem").read_bytes()
+
+    def serve(self, coord: Coordinator, **kw) -> tuple[grpc.Server, int]:
+        kw.setdefault("address", "127.0.0.1:0")
+        server = serve(coord, server_key_pem=self.server_key, server_cert_pem=self.server_cert,
+                       ca_pem=self.ca, registry_dir=self.root, identity_key=self.server_identity,
+                       site_keys={s: k.public_key() for s, k in self.site_identity.items()}, **kw)
+        return server, bound_port(server)
+
+    def transport(self, site: str, port: int, *, kit: tuple[bytes, bytes] | None = None, **kw) -> GrpcTransport:
+        cert, key = kit or self.kit(site)
+        return GrpcTransport(site, f"127.0.0.1:{port}", ca_pem=self.ca, cert_pem=cert, key_pem=key,
+                             identity_key=self.site_identity[site],
+                             server_public_key=self.server_identity.public_key(), timeout=60.0, **kw)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Pki:
+    return Pki(tmp_path_factory.mktemp("pki") / "out")
+
+
+@pytest.fixture
+def servers():
+    started: list[grpc.Server] = []
+    yield started
+    for s in started:
+        s.stop(0)
+
+
+def _canonical(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().clone(memory_format=torch.contiguous_format)
+
+
+class CanonicalInProcess(InProcessTransport):
+    """In-process, but delivering tensors with standard contiguous strides, as the wire does.
+
+    ``InProcessTransport`` keeps the server's strides (e.g. (B, C, 1, 1) maps strided like channels-last),
+    and the site's head then takes other kernels: results differ in the last bits (~1e-5 relative after
+    the backward pass). With the same layouts both transports are bit-equal.
+    """
+
+    def forward(self, header, z):
+        return [_canonical(f) for f in super().forward(header, _canonical(z))]
+
+    def backward(self, header, grads):
+        return _canonical(super().backward(header, [_canonical(g) for g in grads]))
+
+
+def _data(seed: int, n: int = 8, size: int = 32) -> SiteData:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 3, size, size, generator=g)
+    y = torch.randint(0, CLS5.num_classes, (n,), generator=g)
+    split = ArraySplit(x, y)
+    return SiteData(split, split)
+
+
+# -- wire codecs ---------------------------------------------------------------------------------
+def test_wire_round_trips_and_is_strict():
+    report = RoundReport("a", 3, 10, float("nan"), {"auc": 0.5, "x": math.inf}, {"w": torch.ones(2, 2)}, "sig")
+    meta, tensors = wire.round_report_to_wire(report)
+    raw = wire.canonical_json(meta)
+    back = wire.round_report_from_wire(wire.parse_json(raw), tensors)
+    assert math.isnan(back.train_loss) and back.metrics == {"auc": 0.5, "x": math.inf}
+    assert back.embedding is not None and torch.equal(back.embedding["w"], torch.ones(2, 2))
+    with pytest.raises(ProtocolError, match="unknown keys"):
+        wire.round_report_from_wire({**meta, "image": "x"}, tensors)
+    with pytest.raises(ProtocolError, match="names for"):
+        wire.round_report_from_wire(meta, [])
+    with pytest.raises(ProtocolError, match="integer"):
+        wire.step_from_json({**wire.step_to_json(StepHeader("r", "a", 0, 0, 1)), "round": True})
+    with pytest.raises(ProtocolError, match="duplicate"):
+        wire.parse_json(b'{"a":1,"a":2}')
+    with pytest.raises(ProtocolError):
+        wire.parse_json(b'{"a":NaN}')
+    meta = wire.meta_from_tensor(wire.meta_tensor({"type": "ok", "body": None}))
+    assert meta == {"type": "ok", "body": None}
+    sync_meta, sync_t = wire.round_sync_to_wire(RoundSync(1, None, ("a",)))
+    assert wire.round_sync_from_wire(sync_meta, sync_t) == RoundSync(1, None, ("a",))
+
+
+# -- 1. split exactness over the wire ------------------------------------------------------------
+def _coordinator() -> Coordinator:
+    coord = Coordinator(tiny_server("mean"), run_id="run-1", seed=0)
+    # A second joined site keeps the step open, so the site's gradient slot stays readable.
+    coord.join(JoinRequest("placeholder", "fundus", "classification", 1, "test"))
+    return coord
+
+
+def test_split_over_grpc_equals_in_process(pki, servers):
+    cfg = site_cfg("a", "dr_grade", "fundus", CLS5)
+    data = _data(0)
+    x, y = data.train.images, data.train.targets
+
+    coord_i = _coordinator()
+    site_i = SiteRuntime(cfg, CanonicalInProcess(coord_i), data, seed=3)
+    site_i.join()
+    loss_i = site_i.forward_backward(x, y, round=0, step=0)
+
+    coord_g = _coordinator()
+    server, port = pki.serve(coord_g)
+    servers.append(server)
+    with pki.transport("a", port) as transport:
+        assert transport.run_id == "run-1"
+        site_g = SiteRuntime(cfg, transport, data, seed=3)
+        site_g.join()
+        loss_g = site_g.forward_backward(x, y, round=0, step=0)
+
+    assert loss_g == loss_i  # bit-equal: the wire carries raw float32 bytes
+    grads_i = dict(site_i.model.named_parameters())
+    for name, p in site_g.model.named_parameters():
+        assert p.grad is not None
+        torch.testing.assert_close(p.grad, grads_i[name].grad, rtol=0, atol=0, msg=name)
+    torch.testing.assert_close(coord_g.slots["a"], coord_i.slots["a"], rtol=0, atol=0)
+
+    # Against the plain InProcessTransport, which keeps the server's strides: the head takes other kernels, so
+    # only close (differences up to ~4e-4 of a tensor's largest gradient).
+    coord_p = _coordinator()
+    site_p = SiteRuntime(cfg, InProcessTransport(coord_p), data, seed=3)
+    site_p.join()
+    assert site_p.forward_backward(x, y, round=0, step=0) == pytest.approx(loss_g, rel=1e-6)
+    grads_p = dict(site_p.model.named_parameters())
+    for name, p in site_g.model.named_parameters():
+        ref = grads_p[name].grad
+        torch.testing.assert_close(p.grad, ref, rtol=1e-5, atol=1e-3 * float(ref.abs().max()), msg=name)
+    ref = coord_p.slots["a"]
+    torch.testing.assert_close(coord_g.slots["a"], ref, rtol=1e-5, atol=1e-3 * float(ref.abs().max()))
+
+
+# -- 2. a short federation -----------------------------------------------------------------------
+ROUNDS, STEPS = 2, 2
+
+
+def _sites(transports) -> list[SiteRuntime]:
+    return [SiteRuntime(site_cfg(s, "dr_grade", "fundus", CLS5, n_train=8, n_val=8, batch=4), transports[s],
+                        _data(i + 1), seed=7) for i, s in enumerate(SITES)]
+
+
+def _run_site(site: SiteRuntime) -> None:
+    for rnd in range(ROUNDS):
+        for i in range(STEPS):
+            site.train_step(rnd, rnd * STEPS + i, i)
+        site.end_round(rnd, {"primary": 0.5}, share_embedding=True)
+        assert site.sync_round(rnd) == SITES
+
+
+def test_two_site_federation_over_grpc_matches_in_process(pki, servers):
+    coord_i = Coordinator(tiny_server("projection"), run_id="run-2", seed=0)
+    sites_i = _sites({s: CanonicalInProcess(coord_i) for s in SITES})
+    for s in sites_i:
+        s.join()
+    for rnd in range(ROUNDS):
+        for i in range(STEPS):
+            for s in sites_i:
+                s.train_step(rnd, rnd * STEPS + i, i)
+        for s in sites_i:
+            s.end_round(rnd, {"primary": 0.5}, share_embedding=True)
+        for s in sites_i:
+            s.sync_round(rnd)
+
+    coord_g = Coordinator(tiny_server("projection"), run_id="run-2", seed=0, wait_timeout=60)
+    server, port = pki.serve(coord_g)
+    servers.append(server)
+    transports = {s: pki.transport(s, port) for s in SITES}
+    sites_g = _sites(transports)
+    # Join one after the other: SiteRuntime.join builds the model under torch.random.fork_rng, which
+    # seeds the process-global generator, so two joins racing in one process would mix their seeds.
+    for s in sites_g:
+        s.join()
+    errors: list[BaseException] = []
+
+    def run(site: SiteRuntime) -> None:
+        try:
+            _run_site(site)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(s,)) for s in sites_g]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+    for s in SITES:
+        transports[s].leave(s)
+        transports[s].close()
+    assert not coord_g.sites
+
+    assert coord_g.step == coord_i.step == ROUNDS * STEPS
+    for (name, a), b in zip(coord_g.backbone.state_dict().items(), coord_i.backbone.state_dict().values(),
+                            strict=True):
+        assert torch.equal(a, b), f"backbone {name} differs"
+    for sg, si in zip(sites_g, sites_i, strict=True):
+        for (name, a), b in zip(sg.model.state_dict().items(), si.model.state_dict().values(), strict=True):
+            assert torch.equal(a, b), f"site {sg.name} {name} differs"
+
+
+# -- 3. attacks ----------------------------------------------------------------------------------
+def _raw_stub(pki: Pki, port: int, cert: bytes, key: bytes) -> tuple[grpc.Channel, pb_grpc.FederationStub]:
+    creds = grpc.ssl_channel_credentials(root_certificates=pki.ca, private_key=key, certificate_chain=cert)
+    channel = grpc.secure_channel(f"127.0.0.1:{port}", creds, options=[("grpc.ssl_target_name_override", "localhost")])
+    return channel, pb_grpc.FederationStub(channel)
+
+
+@pytest.fixture
+def served(pki, servers) -> tuple[Coordinator, int]:
+    coord = Coordinator(tiny_server("mean"), run_id="run-3", seed=0, wait_timeout=5)
+    server, port = pki.serve(coord)
+    servers.append(server)
+    return coord, port
+
+
+def test_certificate_from_another_ca_is_refused(pki, served, tmp_path):
+    _, port = served
+    other = Pki(tmp_path / "other", ("a",))
+    with pytest.raises(RemoteError) as info:
+        pki.transport("a", port, kit=other.kit("a"))
+    assert info.value.code in ("UNAVAILABLE", "UNAUTHENTICATED", "PERMISSION_DENIED")
+
+
+def test_a_site_cannot_speak_for_another(pki, served):
+    _, port = served
+    channel, stub = _raw_stub(pki, port, *pki.kit("a"))
+    with channel:
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Handshake(pb.HandshakeRequest(site="b"), timeout=10)
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "cannot speak for site 'b'" in info.value.details()
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Forward(pb.Sealed(site="b", sealed=b"x" * 64), timeout=10)
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def _sealed_forward(t: GrpcTransport, seq: int) -> bytes:
+    assert t._session is not None
+    header = StepHeader(t.run_id or "", t.site, 0, 0, seq, "eval")
+    return wire.seal_message(t._session, "forward", wire.step_to_json(header), [torch.rand(1, 16, 8, 8)])
+
+
+def test_replayed_and_tampered_frames_are_refused(pki, served):
+    _, port = served
+    with pki.transport("a", port) as t:
+        t.join(JoinRequest("a", "fundus", "classification", 8, "test"))
+        blob = _sealed_forward(t, 1)
+        t._stub.Forward(pb.Sealed(site="a", sealed=blob), timeout=10)
+        with pytest.raises(grpc.RpcError) as info:
+            t._stub.Forward(pb.Sealed(site="a", sealed=blob), timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "replay" in info.value.details()
+
+        bad = bytearray(_sealed_forward(t, 2))
+        bad[-20] ^= 1
+        with pytest.raises(grpc.RpcError) as info:
+            t._stub.Forward(pb.Sealed(site="a", sealed=bytes(bad)), timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "authentication" in info.value.details()
+
+        # A frame sealed for one RPC cannot be sent to another.
+        with pytest.raises(grpc.RpcError) as info:
+            t._stub.Join(pb.Sealed(site="a", sealed=_sealed_forward(t, 3)), timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "unexpected" in info.value.details()
+
+        # After a reconnect (re-key) the transport works again; nothing leaks tensor values in errors.
+        t.reconnect()
+        feats = t.forward(StepHeader(t.run_id or "", "a", 0, 0, 10, "eval"), torch.rand(1, 16, 8, 8))
+        assert len(feats) == 4
+
+
+def test_insecure_dev_refuses_non_loopback_addresses(pki):
+    coord = Coordinator(tiny_server("mean"), run_id="r", seed=0)
+    for address in ("0.0.0.0:0", "10.1.2.3:0", "[::]:0", "example.org:0"):
+        with pytest.raises(ConfigError, match="loopback"):
+            pki.serve(coord, address=address, insecure_dev=True)
+
+
+def test_insecure_dev_on_loopback_still_uses_the_sealed_envelope(pki, servers):
+    coord = Coordinator(tiny_server("mean"), run_id="dev", seed=0)
+    server, port = pki.serve(coord, insecure_dev=True)
+    servers.append(server)
+    t = GrpcTransport("a", f"127.0.0.1:{port}", ca_pem=None, cert_pem=None, key_pem=None, insecure_dev=True,
+                      identity_key=pki.site_identity["a"], server_public_key=pki.server_identity.public_key())
+    with t:
+        assert t.join(JoinRequest("a", "fundus", "classification", 8, "test")).run_id == "dev"
+    # Without the site's handshake identity key there is no session, even on loopback.
+    with pytest.raises(RemoteError) as info:
+        GrpcTransport("a", f"127.0.0.1:{port}", ca_pem=None, cert_pem=None, key_pem=None, insecure_dev=True,
+                      identity_key=pki.site_identity["b"], server_public_key=pki.server_identity.public_key())
+    assert info.value.code == "PERMISSION_DENIED" and "signature" in info.value.details
+
+
+def test_revoked_site_is_refused_after_restart(pki, served, servers, tmp_path):
+    revoked = Pki(tmp_path / "rev")
+    coord, _ = served
+    server, port = revoked.serve(coord)
+    servers.append(server)
+    revoked.transport("b", port).close()  # accepted before revocation
+    revoke(revoked.root, "b")
+    server.stop(0)
+    server, port = revoked.serve(coord)  # restarted: reads the new CRL and registry
+    servers.append(server)
+    with pytest.raises(RemoteError) as info:
+        revoked.transport("b", port)
+    assert info.value.code == "PERMISSION_DENIED" and "revoked" in info.value.details
+    revoked.transport("a", port).close()  # the others are unaffected
