@@ -158,20 +158,22 @@ class PrivacyConfig:
     activation_clip: float = 1.0
     label_dp: bool = True
     label_clip: float = 1.0
+    dpsgd: bool = False  # DP-SGD (Opacus) on the site's own layers: embedding, adaptation, head
+    dpsgd_clip: float = 1.0
     secure_mode: bool = False
     accountant: Literal["rdp", "prv"] = "rdp"
 
     def validate(self) -> list[str]:
         out = _positive("target_epsilon", self.target_epsilon) + _positive("noise_multiplier", self.noise_multiplier)
         out += _positive("epsilon_budget", self.epsilon_budget) + _positive("activation_clip", self.activation_clip)
-        out += _positive("label_clip", self.label_clip)
+        out += _positive("label_clip", self.label_clip) + _positive("dpsgd_clip", self.dpsgd_clip)
         if self.enabled:
             if (self.target_epsilon is None) == (self.noise_multiplier is None):
                 out.append("target_epsilon/noise_multiplier: give exactly one of them when privacy is enabled")
             if self.target_epsilon is None and self.epsilon_budget is None:
                 out.append("epsilon_budget: an explicit noise_multiplier needs an epsilon_budget to enforce")
-            if not (self.activation_dp or self.label_dp):
-                out.append("activation_dp/label_dp: privacy is enabled but no mechanism is on")
+            if not (self.activation_dp or self.label_dp or self.dpsgd):
+                out.append("activation_dp/label_dp/dpsgd: privacy is enabled but no mechanism is on")
         return out
 
 

@@ -31,7 +31,7 @@ class SitePrivacy:
         self.sample_rate = min(1.0, batch_size / num_train)
         self.train = SiteAccountant(num_train, cfg.delta, cfg.accountant)
         self.val = SiteAccountant(max(num_val, 1), None, cfg.accountant)
-        per_step = int(cfg.activation_dp) + int(cfg.label_dp)
+        per_step = int(cfg.activation_dp) + int(cfg.label_dp) + int(cfg.dpsgd)
         if cfg.noise_multiplier is not None:
             sigma = cfg.noise_multiplier
         elif cfg.target_epsilon is not None:
@@ -53,10 +53,14 @@ class SitePrivacy:
         self.activation = GaussianActivationDP(cfg.activation_clip, sigma, gen(1), cfg.secure_mode) \
             if cfg.activation_dp else None
         self.label = LabelDP(cfg.label_clip, sigma, gen(2), cfg.secure_mode) if cfg.label_dp else None
+        # DP-SGD's noise generator (the optimizer itself is built by the site runtime).
+        self.dpsgd_generator = gen(3) if cfg.dpsgd else None
 
     def charge_step(self) -> float:
         """Account this step's releases, or raise BudgetExceeded (nothing may be sent then)."""
         releases = [m.release(self.sample_rate) for m in (self.activation, self.label) if m is not None]
+        if self.cfg.dpsgd:
+            releases.append(Release(self.sigma, self.sample_rate, "dpsgd"))
         return self.train.charge(self.budget, releases)
 
     def charge_evaluation(self) -> bool:

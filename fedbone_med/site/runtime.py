@@ -28,6 +28,7 @@ from ..device import resolve_device
 from ..errors import CheckpointError
 from ..models import CutSpec, SiteModel, TaskLoss, build_site_model, class_probabilities, decode
 from ..optim import build_optimizer
+from ..privacy.dpsgd_site import DPSiteOptimizer, PrivateSiteModel, make_private_site_model, split_step_dp
 from ..privacy.site import SitePrivacy
 from ..transport.base import Transport
 from ..transport.messages import JoinRequest, RoundReport, StepHeader
@@ -57,15 +58,25 @@ class SiteRuntime:
         self.sequence = 0
         self._round_losses: list[float] = []
         self.privacy: SitePrivacy | None = None
+        self.private_model: PrivateSiteModel | None = None  # Opacus hooks on the site layers (DP-SGD)
 
     def configure_privacy(self, planned_steps: int) -> None:
         """Set up the site's DP mechanisms and accountants for a run of ``planned_steps`` steps."""
-        if self.cfg.privacy.enabled:
+        p = self.cfg.privacy
+        if p.enabled:
             self.privacy = SitePrivacy(
-                self.cfg.privacy, num_train=len(self.data.train), num_val=len(self.data.val),
+                p, num_train=len(self.data.train), num_val=len(self.data.val),
                 batch_size=self.cfg.train.batch_size, planned_steps=planned_steps,
                 seed=derive_seed(self.seed, "privacy", self.name),
             )
+            if p.dpsgd:
+                model, _, optimizer = self._joined()
+                self.private_model = make_private_site_model(model)
+                self.optimizer = DPSiteOptimizer(
+                    optimizer, noise_multiplier=self.privacy.sigma, max_grad_norm=p.dpsgd_clip,
+                    expected_batch_size=self.cfg.train.batch_size, generator=self.privacy.dpsgd_generator,
+                    secure_mode=p.secure_mode,
+                )
 
     # -- membership ---------------------------------------------------------------
     def join(self) -> None:
@@ -110,6 +121,8 @@ class SiteRuntime:
         if self.privacy is not None:
             self.privacy.charge_step()  # raises BudgetExceeded before anything is sent
         x, y = x.to(self.device), y.to(self.device)
+        if self.private_model is not None and self.privacy is not None:
+            return self._forward_backward_dpsgd(self.private_model, self.privacy, x, y, round, step, cut)
         z = model.embed(x)  # (B, D, h, w)
         header = self._header(round, step, "train")
         z_sent = z.detach() if self.privacy is None else self.privacy.noise_activation(z.detach())
@@ -126,6 +139,22 @@ class SiteRuntime:
         dz = check_input_grad(dz, z).to(self.device)
         z.backward(dz if z_local.grad is None else z_local.grad + dz)
         return float(loss.detach())
+
+    def _forward_backward_dpsgd(self, private: PrivateSiteModel, privacy: SitePrivacy, x: Tensor, y: Tensor,
+                                round: int, step: int, cut: CutSpec) -> float:
+        """The same split step through Opacus hooks, leaving per-sample gradients for DP-SGD."""
+        z_ref: list[Tensor] = []
+
+        def send_z(z: Tensor) -> list[Tensor]:
+            z_ref.append(z)
+            feats = self.transport.forward(self._header(round, step, "train"), privacy.noise_activation(z.detach()))
+            return [f.to(self.device) for f in check_features(feats, cut, x.shape[0])]
+
+        def send_feature_grads(d_feats: list[Tensor]) -> Tensor:
+            dz = self.transport.backward(self._header(round, step, "train"), privacy.noise_feature_grads(d_feats))
+            return check_input_grad(dz, z_ref[0]).to(self.device)
+
+        return split_step_dp(private, send_z, send_feature_grads, x, y, self.loss_fn)
 
     def train_step(self, round: int, step: int, step_in_round: int) -> float:
         _, _, optimizer = self._joined()
@@ -181,9 +210,9 @@ class SiteRuntime:
     def end_round(self, round: int, metrics: dict[str, float], share_embedding: bool) -> dict[str, float]:
         """Report the round (metrics and, for FedAvg, the embedding) to the server."""
         model, _, _ = self._joined()
-        # A private site keeps its embedding: its weights are trained on every record and are
-        # not covered by the activation/label mechanisms (only DP-SGD would cover them).
-        share_embedding = share_embedding and self.privacy is None
+        # A private site shares its embedding only when DP-SGD trains it: otherwise its weights
+        # are an unaccounted release of every record.
+        share_embedding = share_embedding and (self.privacy is None or self.private_model is not None)
         losses, self._round_losses = self._round_losses, []
         train_loss = sum(losses) / len(losses) if losses else float("nan")
         emb = {k: v.detach().cpu() for k, v in model.embedding.state_dict().items()} if share_embedding else None
