@@ -153,6 +153,7 @@ class PrivacyConfig:
     target_epsilon: float | None = None
     noise_multiplier: float | None = None
     epsilon_budget: float | None = None
+    validation_epsilon_budget: float | None = None  # validation records' own budget; default: epsilon_budget
     delta: float | None = None
     activation_dp: bool = True
     activation_clip: float = 1.0

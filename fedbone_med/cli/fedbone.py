@@ -8,6 +8,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from tqdm import tqdm
+
 from .. import __version__
 from .common import main_wrapper, not_yet
 
@@ -40,7 +42,8 @@ def _run(args: argparse.Namespace) -> int:
                 continue
             eps = f" (eps {m['epsilon']:.2f})" if "epsilon" in m else ""
             parts.append(f"{name}: {m['primary']:.3f}{eps}")
-        print(f"round {record['round']}: " + ", ".join(parts) + f"  ({record['seconds']:.1f} s)", file=sys.stderr)
+        # tqdm.write keeps the line above the progress bar instead of inside it
+        tqdm.write(f"round {record['round']}: " + ", ".join(parts) + f"  ({record['seconds']:.1f} s)", file=sys.stderr)
 
     results = fed.run(resume=args.resume, progress=not args.quiet, on_round=on_round)
     print(format_table(results))

@@ -41,6 +41,7 @@ class SitePrivacy:
             raise PrivacyError("privacy: give target_epsilon or noise_multiplier")
         self.sigma = sigma
         self.budget = cfg.epsilon_budget if cfg.epsilon_budget is not None else float(cfg.target_epsilon or 0.0)
+        self.validation_budget = cfg.validation_epsilon_budget or self.budget
         self._generators: list[torch.Generator] = []
 
         def gen(i: int) -> torch.Generator | None:
@@ -68,7 +69,7 @@ class SitePrivacy:
         if self.activation is None:
             return True  # label DP only: validation sends z in the clear; documented in SECURITY.md
         try:
-            self.val.charge(self.budget, [Release(self.activation.noise_multiplier, 1.0, "validation")])
+            self.val.charge(self.validation_budget, [Release(self.activation.noise_multiplier, 1.0, "validation")])
         except BudgetExceeded:
             return False
         return True
