@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+from hypothesis import settings
 
 from fedbone_med.config import (
     AggregationConfig,
@@ -16,6 +19,13 @@ from fedbone_med.config import (
     TaskConfig,
     TrainConfig,
 )
+
+# CI runs the property tests with a fixed derivation of examples, so that a run is repeatable;
+# locally they draw fresh examples every time.
+settings.register_profile("ci", derandomize=True, deadline=None)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
+
 
 TINY_BACKBONE = BackboneConfig(
     name="swin-tiny", embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), window_size=4

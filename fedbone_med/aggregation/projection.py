@@ -93,29 +93,22 @@ def check_order(order: Sequence[int] | Tensor, num_sites: int) -> list[int]:
     return items
 
 
-GRAM_BLOCK_COLS = 1 << 15
-
-
 def gram_matrix(grads: Tensor, chunk_bytes: int = GRAM_CHUNK_BYTES) -> Tensor:
-    """G = grads @ grads.T (K, K), returned in float64, symmetrised.
+    """G = grads @ grads.T (K, K) in float64, symmetrised.
 
-    float64 input is one float64 GEMM. Other dtypes run one float32 GEMM per column block
-    (at most ``GRAM_BLOCK_COLS`` columns, about ``chunk_bytes``), and the blocks are summed
-    in float64: each block's sum is short, so the result is within float32 rounding of the
-    norms' product, at a third of the cost of a float64 GEMM on CPUs (a memory-bound pass).
+    float64 input is one GEMM; other dtypes are cast to float64 in column chunks of about
+    ``chunk_bytes`` so the extra memory stays bounded, accumulating in float64.
     """
     k, p = grads.shape
     g = grads.detach()
     if g.dtype == torch.float64:
         gram = g @ g.T  # (K, K)
     else:
-        # Lower-precision input: a float32 GEMM per column block (each block's sum is short,
-        # so its rounding error is small), blocks accumulated in float64.
-        cols = max(1, min(GRAM_BLOCK_COLS, chunk_bytes // (4 * k)))
+        cols = max(1, chunk_bytes // (8 * k))
         gram = torch.zeros(k, k, dtype=torch.float64, device=g.device)
         for start in range(0, p, cols):
-            chunk = g[:, start : start + cols].to(torch.float32)  # (K, cols)
-            gram += (chunk @ chunk.T).to(torch.float64)
+            chunk = g[:, start : start + cols].to(torch.float64)  # (K, cols)
+            gram.addmm_(chunk, chunk.T)
     return ((gram + gram.T) * 0.5).cpu()
 
 
