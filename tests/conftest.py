@@ -65,3 +65,22 @@ def _deterministic_threads():
     torch.set_num_threads(min(n, 2))
     yield
     torch.set_num_threads(n)
+
+
+class SimulatedCrash(Exception):
+    """Raised by :func:`resume_after_crash` right after round 0's checkpoint."""
+
+
+def resume_after_crash(cfg, out):
+    """Run ``cfg`` in ``out``, 'crash' right after round 0's checkpoint, then resume it in a new
+    Federation (as a restarted process would); returns (resumed federation, its results)."""
+    from fedbone_med.experiments.federation import Federation
+
+    def crash(record: dict) -> None:
+        if record["round"] == 0:
+            raise SimulatedCrash
+
+    with pytest.raises(SimulatedCrash):
+        Federation(cfg, out).run(progress=False, on_round=crash)
+    resumed = Federation(cfg, out)
+    return resumed, resumed.run(resume=True, progress=False)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import CLS2, SEG1, SEG9, site_cfg, tiny_server
+from conftest import CLS2, SEG1, SEG9, resume_after_crash, site_cfg, tiny_server
 from fedbone_med.config import ExperimentConfig
 from fedbone_med.experiments.federation import Federation, format_table
 
@@ -64,15 +64,6 @@ def _states(fed: Federation) -> dict[str, torch.Tensor]:
     return out
 
 
-class _Crash(Exception):
-    pass
-
-
-def _crash_after_round_0(record: dict) -> None:
-    if record["round"] == 0:
-        raise _Crash
-
-
 @pytest.mark.slow
 def test_resumed_run_ends_equal_to_an_uninterrupted_run(tmp_path):
     cfg = _experiment(rounds=2, steps=3, n_train=24)
@@ -88,10 +79,7 @@ def test_resumed_run_ends_equal_to_an_uninterrupted_run(tmp_path):
     full_results = full.run(progress=False)
 
     # The same run "crashes" right after round 0's checkpoint, then a new process resumes.
-    with pytest.raises(_Crash):
-        Federation(cfg, tmp_path / "part").run(progress=False, on_round=_crash_after_round_0)
-    resumed = Federation(cfg, tmp_path / "part")
-    resumed_results = resumed.run(resume=True, progress=False)
+    resumed, resumed_results = resume_after_crash(cfg, tmp_path / "part")
 
     a, b = _states(full), _states(resumed)
     assert a.keys() == b.keys()

@@ -9,7 +9,7 @@ import pytest
 import torch
 from opacus.accountants import RDPAccountant
 
-from conftest import CLS2, SEG1, site_cfg, tiny_server
+from conftest import CLS2, SEG1, resume_after_crash, site_cfg, tiny_server
 from fedbone_med.config import ExperimentConfig, PrivacyConfig
 from fedbone_med.configtools import from_mapping
 from fedbone_med.errors import ConfigError
@@ -98,17 +98,7 @@ def test_resume_restores_the_accountant_and_the_noise(tmp_path):
     full = Federation(cfg, tmp_path / "full")
     full_results = full.run(progress=False)
 
-    class Crash(Exception):
-        pass
-
-    def crash(record):
-        if record["round"] == 0:
-            raise Crash
-
-    with pytest.raises(Crash):
-        Federation(cfg, tmp_path / "part").run(progress=False, on_round=crash)
-    resumed = Federation(cfg, tmp_path / "part")
-    out = resumed.run(resume=True, progress=False)
+    resumed, out = resume_after_crash(cfg, tmp_path / "part")
     assert out["final"]["private"]["epsilon"] == full_results["final"]["private"]["epsilon"]
     assert out["final"]["private"]["epsilon"] <= 8.0
     for (k, a), b in zip(full.coordinator.backbone.state_dict().items(),
@@ -130,17 +120,7 @@ def test_dpsgd_on_the_site_layers_is_accounted_resumes_exactly_and_allows_embedd
     after = full.sites[0].model.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before), "DP-SGD must update the site layers"
 
-    class Crash(Exception):
-        pass
-
-    def crash(record):
-        if record["round"] == 0:
-            raise Crash
-
-    with pytest.raises(Crash):
-        Federation(cfg, tmp_path / "part").run(progress=False, on_round=crash)
-    resumed = Federation(cfg, tmp_path / "part")
-    resumed.run(resume=True, progress=False)
+    resumed, _ = resume_after_crash(cfg, tmp_path / "part")
     for (k, a), b in zip(full.sites[0].model.state_dict().items(),
                          resumed.sites[0].model.state_dict().values(), strict=True):
         assert torch.equal(a, b), f"site layer {k} differs after resume (DP-SGD noise must resume exactly)"
