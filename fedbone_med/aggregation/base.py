@@ -156,38 +156,32 @@ class ProjectionAggregator(Aggregator):
         self.rounds = int(state["rounds"])
 
 
-class MeanAggregator(Aggregator):
-    """Plain (optionally weighted) mean of the site gradients; no projection."""
+class _PlainAggregator(Aggregator):
+    """Plain (optionally weighted) reduction of the site gradients; no projection."""
+
+    def __call__(
+        self,
+        grads: Tensor,
+        site_names: Sequence[str] | None = None,
+        *,
+        weights: Sequence[float] | Tensor | None = None,
+    ) -> tuple[Tensor, AggregationStats]:
+        from . import projection
+
+        reduce = projection.mean_aggregate if self.name == "mean" else projection.sum_aggregate
+        return reduce(grads, weights=weights, site_names=site_names)
+
+
+class MeanAggregator(_PlainAggregator):
+    """Plain (optionally weighted) mean of the site gradients."""
 
     name = "mean"
 
-    def __call__(
-        self,
-        grads: Tensor,
-        site_names: Sequence[str] | None = None,
-        *,
-        weights: Sequence[float] | Tensor | None = None,
-    ) -> tuple[Tensor, AggregationStats]:
-        from .projection import mean_aggregate
 
-        return mean_aggregate(grads, weights=weights, site_names=site_names)
-
-
-class SumAggregator(Aggregator):
-    """Plain (optionally weighted) sum of the site gradients; no projection."""
+class SumAggregator(_PlainAggregator):
+    """Plain (optionally weighted) sum of the site gradients."""
 
     name = "sum"
-
-    def __call__(
-        self,
-        grads: Tensor,
-        site_names: Sequence[str] | None = None,
-        *,
-        weights: Sequence[float] | Tensor | None = None,
-    ) -> tuple[Tensor, AggregationStats]:
-        from .projection import sum_aggregate
-
-        return sum_aggregate(grads, weights=weights, site_names=site_names)
 
 
 _REGISTRY: dict[str, Callable[..., Aggregator]] = {}

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,11 +21,10 @@ from typing import Any
 
 import numpy as np
 
+from ..checkpoint import file_sha256
 from ..config import SiteConfig
 from ..errors import ConfigError, DataError
-from .manifest import Manifest, Sample, resolve_root, seeded_subject_split
-
-_HASH_CHUNK = 1 << 20
+from .manifest import Manifest, Sample, resolve_root, seeded_subject_split, subject_of
 
 
 @dataclass
@@ -152,23 +150,6 @@ def _check_phantom(cfg: SiteConfig, report: DataReport) -> None:
 
 
 # --------------------------------------------------------------------------- file-based manifests
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(_HASH_CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _subject(name: str, regex: str | None) -> str:
-    if regex is None:
-        return Path(name).stem
-    m = re.search(regex, name)
-    if m is None:
-        raise DataError(f"file name does not match the subject pattern {regex!r}")
-    return m.group(1) if m.groups() else m.group(0)
-
-
 def _list_samples(m: Manifest, root: Path, report: DataReport) -> list[Sample]:
     """Every sample the manifest names, recording (not raising) per-file problems."""
     if m.kind == "classification":
@@ -189,7 +170,7 @@ def _list_samples(m: Manifest, root: Path, report: DataReport) -> list[Sample]:
     out = []
     for f in files:
         try:
-            subject = _subject(f.name, m.images.subject)
+            subject = subject_of(f.name, m.images.subject)
         except DataError as exc:
             report.errors.append(f"{f}: subject: {exc}")
             subject = f.stem
@@ -341,7 +322,7 @@ def _check_files(cfg: SiteConfig, m: Manifest, root: Path, report: DataReport) -
             report.errors.append(f"{x.image}: image missing")
         else:
             checked += 1
-            hashes.setdefault(_file_sha256(x.image), []).append(x)
+            hashes.setdefault(file_sha256(x.image), []).append(x)
             try:
                 img = read_image(x.image, mode="keep", raw=True)
                 shape = img.shape[:2]

@@ -156,7 +156,8 @@ def resolve_root(manifest: Manifest, data_root: str | Path | None = None) -> Pat
     return root
 
 
-def _subject(name: str, regex: str | None) -> str:
+def subject_of(name: str, regex: str | None) -> str:
+    """The subject (patient) id in a file name: group 1 of ``regex``, or the stem without one."""
     if regex is None:
         return Path(name).stem
     m = re.search(regex, name)
@@ -176,7 +177,7 @@ def _segmentation_samples(m: Manifest, root: Path) -> list[Sample]:
     for f in files:
         masks = tuple(root / spec.folder / spec.name.format(stem=f.stem, name=f.name) for spec in m.masks)
         missing += [p for p in masks if not p.is_file()]
-        samples.append(Sample(f, _subject(f.name, m.images.subject), masks))
+        samples.append(Sample(f, subject_of(f.name, m.images.subject), masks))
     if missing:
         shown = ", ".join(str(p) for p in missing[:3])
         raise DataError(f"dataset '{m.name}': {len(missing)} mask file(s) missing, e.g. {shown}")
@@ -212,7 +213,7 @@ def _classification_samples(m: Manifest, root: Path) -> list[Sample]:
             raise DataError(f"dataset '{m.name}': class folder not found: {folder}")
         regex = m.images.subject if m.images else None
         pattern = m.images.pattern if m.images else "*"
-        out += [Sample(p, _subject(p.name, regex), label=label) for p in sorted(folder.glob(pattern)) if p.is_file()]
+        out += [Sample(p, subject_of(p.name, regex), label=label) for p in sorted(folder.glob(pattern)) if p.is_file()]
     return out
 
 
@@ -313,7 +314,7 @@ def _volume_samples(m: Manifest, root: Path) -> list[Sample]:
         if m.kind == "classification" and f.name not in labels:
             raise DataError(f"dataset '{m.name}': volume {f.name} has no row in the labels file")
         n = count_bscans(f, spec.axis)
-        subject = _subject(f.name, spec.subject)
+        subject = subject_of(f.name, spec.subject)
         out += [Sample(f, subject, masks, labels.get(f.name), frame=k) for k in range(n)]
     if missing:
         raise DataError(f"dataset '{m.name}': {len(missing)} label volume(s) missing, e.g. {missing[0]}")

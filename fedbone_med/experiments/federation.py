@@ -11,6 +11,7 @@ atomically after every round; ``resume=True`` continues from them).
 
 from __future__ import annotations
 
+import json
 import platform
 import sys
 import time
@@ -112,8 +113,6 @@ class Federation:
         for site in self.sites:
             site.load_state_dict(load_checkpoint(self.ckpt_dir / f"site-{site.name}.pt", "site"))
             site.run_id = self.run_id
-        import json
-
         prior = json.loads((self.out / "results.json").read_text())
         done = self.coordinator.round
         self.results["rounds"] = [r for r in prior["rounds"] if r["round"] < done]

@@ -214,8 +214,7 @@ class FederationService(pb_grpc.FederationServicer):
     def RoundSync(self, request: pb.Sealed, context: grpc.ServicerContext) -> pb.Sealed:  # noqa: N802
         def handle(site: str, s: Session) -> bytes:
             header, body, tensors = wire.open_message(s, request.sealed, "round-sync")
-            if body is not None or tensors:
-                raise ProtocolError(f"site {site!r}: round-sync request carries a payload")
+            _require_no_payload(site, "round-sync", body, tensors)
             result = self.coordinator.round_sync(site, header.round)
             meta, out = wire.round_sync_to_wire(result)
             return wire.seal_message(s, "round-sync-reply", meta, out, round=header.round)
@@ -225,8 +224,7 @@ class FederationService(pb_grpc.FederationServicer):
     def Leave(self, request: pb.Sealed, context: grpc.ServicerContext) -> pb.Sealed:  # noqa: N802
         def handle(site: str, s: Session) -> bytes:
             _, body, tensors = wire.open_message(s, request.sealed, "leave")
-            if body is not None or tensors:
-                raise ProtocolError(f"site {site!r}: leave request carries a payload")
+            _require_no_payload(site, "leave", body, tensors)
             self.coordinator.leave(site)
             answer = wire.seal_message(s, "ok", None, [])
             with self._lock:
@@ -274,3 +272,8 @@ _PORTS: dict[int, int] = {}
 def bound_port(server: grpc.Server) -> int:
     """The TCP port ``serve`` bound (useful with port 0)."""
     return _PORTS[id(server)]
+
+
+def _require_no_payload(site: str, what: str, body: object, tensors: list) -> None:
+    if body is not None or tensors:
+        raise ProtocolError(f"site {site!r}: {what} request carries a payload")
