@@ -250,6 +250,37 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class NetworkConfig:
+    """How the server and the sites meet over gRPC (``fedbone-server serve``, ``fedbone-site train``,
+    ``fedbone run --transport grpc``). Ignored by the in-process transport.
+
+    ``min_sites``: a step whose deadline passes aggregates over the sites that delivered when at least
+    this many did, and is skipped otherwise; sites that missed it are dropped and rejoin at the next
+    round. ``step_deadline_s`` counts from the first gradient of the step to arrive; ``round_deadline_s``
+    from the first end-of-round report; ``join_timeout_s`` is how long the server waits for every
+    expected site before it starts with ``min_sites``.
+    """
+
+    address: str = "127.0.0.1:50051"
+    min_sites: int = 1
+    step_deadline_s: float = 300.0
+    round_deadline_s: float = 900.0
+    join_timeout_s: float = 600.0
+    max_message_mb: int = 256
+
+    def validate(self) -> list[str]:
+        out = _positive("min_sites", self.min_sites) + _positive("max_message_mb", self.max_message_mb)
+        for key in ("step_deadline_s", "round_deadline_s", "join_timeout_s"):
+            out += _positive(key, getattr(self, key))
+        host, sep, port = self.address.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            out.append(f"address: expected HOST:PORT, got {self.address!r}")
+        if self.max_message_mb > 2047:
+            out.append("max_message_mb: gRPC messages must stay below 2 GiB")
+        return out
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     """A federation: a server and the sites taking part, trained for ``rounds`` x ``steps_per_round``."""
 
@@ -260,9 +291,12 @@ class ExperimentConfig:
     rounds: int = 3
     steps_per_round: int = 20
     embedding_fedavg: bool = True
+    network: NetworkConfig = field(default_factory=NetworkConfig)
 
     def validate(self) -> list[str]:
         out = _positive("rounds", self.rounds) + _positive("steps_per_round", self.steps_per_round)
+        if self.network.min_sites > len(self.sites):
+            out.append(f"network.min_sites: {self.network.min_sites} is more than the {len(self.sites)} sites")
         names = [s.name for s in self.sites]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -270,6 +304,50 @@ class ExperimentConfig:
         if not self.sites:
             out.append("sites: an experiment needs at least one site")
         return out
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """What ``fedbone-server serve`` needs: the schedule, the backbone and the network, but no site's data.
+
+    ``sites`` names the sites the server waits for before the first step (empty: every registered,
+    unrevoked site in the provisioning directory). An experiment file works too: see
+    :func:`load_serve_config`.
+    """
+
+    name: str
+    server: ServerConfig = field(default_factory=ServerConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    sites: tuple[str, ...] = ()
+    seed: int = 0
+    rounds: int = 3
+    steps_per_round: int = 20
+    embedding_fedavg: bool = True
+
+    def validate(self) -> list[str]:
+        out = _positive("rounds", self.rounds) + _positive("steps_per_round", self.steps_per_round)
+        bad = [n for n in self.sites if not _NAME.match(n)]
+        if bad:
+            out.append(f"sites: not valid site names: {', '.join(map(repr, bad))}")
+        if self.sites and self.network.min_sites > len(self.sites):
+            out.append(f"network.min_sites: {self.network.min_sites} is more than the {len(self.sites)} sites")
+        return out
+
+    @classmethod
+    def of(cls, exp: ExperimentConfig) -> ServeConfig:
+        return cls(name=exp.name, server=exp.server, network=exp.network, sites=tuple(s.name for s in exp.sites),
+                   seed=exp.seed, rounds=exp.rounds, steps_per_round=exp.steps_per_round,
+                   embedding_fedavg=exp.embedding_fedavg)
+
+
+def load_serve_config(path: str | Path) -> ServeConfig:
+    """A server file (``sites = ["a", "b"]``) or an experiment file (``[[sites]]`` tables; only names are kept)."""
+    p = Path(path)
+    data = read_toml(p)
+    entries = data.get("sites")
+    if isinstance(entries, list) and entries and all(isinstance(e, dict) for e in entries):
+        return ServeConfig.of(experiment_from_mapping(data, base_dir=p.parent))
+    return from_mapping(ServeConfig, data, where=p.name)
 
 
 def _read_site_file(path: str | Path) -> dict[str, Any]:

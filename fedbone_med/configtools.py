@@ -74,6 +74,45 @@ def to_plain(obj: Any) -> Any:
     return obj
 
 
+def _toml_value(value: Any, where: str) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if value != value:
+            return "nan"
+        if value in (float("inf"), float("-inf")):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a TOML basic string: JSON's escapes are valid TOML escapes
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v, where) for v in value) + "]"
+    raise ConfigError(f"{where}: cannot write a {type(value).__name__} to TOML")
+
+
+def to_toml(data: dict[str, Any], header: str = "") -> str:
+    """Write a configuration mapping (``to_plain`` output) as TOML that ``read_toml`` reads back equal.
+
+    ``None`` values are left out (they mean "not set": the loader's default is ``None`` too).
+    """
+    lines = [f"# {line}" for line in header.splitlines()]
+
+    def table(prefix: str, mapping: dict[str, Any]) -> None:
+        scalars = {k: v for k, v in mapping.items() if v is not None and not isinstance(v, dict)}
+        tables = {k: v for k, v in mapping.items() if isinstance(v, dict)}
+        if prefix and (scalars or not tables):
+            lines.append(f"\n[{prefix}]")
+        for k, v in scalars.items():
+            lines.append(f"{k} = {_toml_value(v, prefix + '.' + k if prefix else k)}")
+        for k, v in tables.items():
+            table(f"{prefix}.{k}" if prefix else k, v)
+
+    table("", data)
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
 def config_hash(obj: Any) -> str:
     """SHA-256 of the canonical JSON form of a configuration (for checkpoints and the audit log)."""
     canonical = json.dumps(to_plain(obj), sort_keys=True, separators=(",", ":"))

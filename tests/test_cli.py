@@ -23,11 +23,17 @@ def test_console_scripts_are_installed_and_print_help(tool):
     assert "usage:" in out.stdout and tool in out.stdout
 
 
-def test_not_yet_available_commands_say_so_and_exit_2(capsys):
+def test_serve_without_a_provisioning_directory_names_what_is_missing(tmp_path, capsys):
     from fedbone_med.cli import server
 
-    assert server.main(["serve", "--config", "server.toml"]) == 2
-    assert "not yet available" in capsys.readouterr().err
+    cfg = tmp_path / "server.toml"
+    cfg.write_text('name = "x"\nsites = ["a"]\n')
+    code = server.main(["serve", "--config", str(cfg), "--kit", str(tmp_path / "nokit"), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 9 and "registry.json" in err and "fedbone-server provision" in err
+    cfg.write_text('name = "x"\nsites = ["a"]\nbogus = 1\n')
+    code = server.main(["serve", "--config", str(cfg), "--kit", str(tmp_path / "nokit"), "--out", str(tmp_path / "o")])
+    assert code == 2 and "bogus" in capsys.readouterr().err
 
 
 def test_fedbone_run_writes_results_and_prints_the_table(tmp_path, capsys):

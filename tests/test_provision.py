@@ -15,6 +15,7 @@ import tomllib
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store
 
@@ -30,11 +31,14 @@ from fedbone_med.crypto.identity import (
     load_registry,
     verify_peer,
 )
-from fedbone_med.crypto.provision import ProvisionError, provision, revoke, write_private_key
+from fedbone_med.crypto.kits import ServerKit, SiteKit
+from fedbone_med.crypto.provision import ProvisionError, identity_public_hex, provision, revoke, write_private_key
+from fedbone_med.errors import ConfigError
 from fedbone_med.errors import ConfigError
 
 SITES = ["clinic-a", "clinic-b", "clinic-c"]
-KIT_FILES = {"site-key.pem", "site.pem", "ca.pem", "server-address.txt", "site.toml", "README.txt"}
+KIT_FILES = {"site-key.pem", "identity-key.pem", "site.pem", "ca.pem", "server-identity.pub.pem",
+             "server-address.txt", "site.toml", "README.txt"}
 
 
 @pytest.fixture(scope="module")
@@ -71,13 +75,16 @@ def _reason(exc: pytest.ExceptionInfo[IdentityError]) -> str:
 
 def test_provisioning_creates_every_file_with_the_right_modes(fed: Path) -> None:
     assert {p.name for p in (fed / "ca").iterdir()} == {"ca.pem", "ca-key.pem"}
-    assert {p.name for p in (fed / "server").iterdir()} == {"server.pem", "server-key.pem", "ca.pem"}
+    assert {p.name for p in (fed / "server").iterdir()} == {"server.pem", "server-key.pem", "ca.pem",
+                                                           "identity-key.pem", "identity.pub.pem"}
     assert sorted(p.name for p in (fed / "sites").iterdir()) == SITES
     for name in SITES:
         kit = fed / "sites" / name
         assert {p.name for p in kit.iterdir()} == KIT_FILES
         assert _mode(kit / "site-key.pem") == 0o600
+        assert _mode(kit / "identity-key.pem") == 0o600
         assert _mode(kit / "site.pem") == 0o644
+        assert (kit / "server-identity.pub.pem").read_bytes() == (fed / "server" / "identity.pub.pem").read_bytes()
         assert (kit / "ca.pem").read_bytes() == (fed / "ca" / "ca.pem").read_bytes()
         assert (kit / "server-address.txt").read_text().strip() == "fedbone.example.org:50051"
         readme = (kit / "README.txt").read_text()
@@ -85,7 +92,11 @@ def test_provisioning_creates_every_file_with_the_right_modes(fed: Path) -> None
         assert not any("ca-key" in p.name for p in kit.iterdir())  # the CA key is never in a kit
     assert _mode(fed / "ca" / "ca-key.pem") == 0o600
     assert _mode(fed / "server" / "server-key.pem") == 0o600
+    assert _mode(fed / "server" / "identity-key.pem") == 0o600
     for key in fed.rglob("*-key.pem"):
+        if key.name == "identity-key.pem":  # the envelope identity: Ed25519
+            assert isinstance(serialization.load_pem_private_key(key.read_bytes(), password=None), Ed25519PrivateKey)
+            continue
         loaded = serialization.load_pem_private_key(key.read_bytes(), password=None)
         assert isinstance(loaded, ec.EllipticCurvePrivateKey) and loaded.curve.name == "secp256r1"
     assert (fed / "crl.pem").exists() and (fed / "registry.json").exists()
@@ -436,3 +447,36 @@ def test_mutual_tls_handshake_in_memory_then_verify_peer(fed: Path) -> None:
     peer = server.getpeercert(binary_form=True)
     assert peer is not None
     assert verify_peer(peer, *_ctx(fed)) == "clinic-b"
+
+
+def test_kits_load_and_pair_the_envelope_identities(fed: Path) -> None:
+    """The registry carries each site's identity public key; each kit carries the server's."""
+    server = ServerKit.load(fed)
+    assert sorted(server.site_keys) == SITES
+    for name in SITES:
+        kit = SiteKit.load(fed / "sites" / name)
+        assert identity_public_hex(kit.identity_key) == identity_public_hex(server.site_keys[name])
+        assert identity_public_hex(kit.server_identity) == identity_public_hex(server.identity_key)
+        assert kit.address == "fedbone.example.org:50051"
+    other = SiteKit.load(fed / "sites" / SITES[0])
+    assert identity_public_hex(other.identity_key) != identity_public_hex(server.site_keys[SITES[1]])
+
+
+def test_kit_loader_refuses_a_group_readable_secret_and_a_missing_file(tmp_path: Path) -> None:
+    out = tmp_path / "p"
+    provision(out, ["a"])
+    kit = out / "sites" / "a"
+    (kit / "identity-key.pem").chmod(0o640)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        SiteKit.load(kit)
+    (kit / "identity-key.pem").chmod(0o600)
+    (kit / "server-identity.pub.pem").unlink()
+    with pytest.raises(ConfigError, match="server-identity.pub.pem: missing"):
+        SiteKit.load(kit)
+
+
+def test_a_revoked_site_has_no_envelope_identity_at_the_server(tmp_path: Path) -> None:
+    out = tmp_path / "p"
+    provision(out, ["a", "b"])
+    revoke(out, "a")
+    assert sorted(ServerKit.load(out).site_keys) == ["b"]

@@ -30,6 +30,18 @@ def _run(args: argparse.Namespace) -> int:
         f"'{cfg.server.backbone.name}'",
         file=sys.stderr,
     )
+    if args.transport == "grpc":
+        from ..experiments.networked import run_networked
+
+        print(f"transport: gRPC with mutual TLS on loopback; a server process and {len(cfg.sites)} site "
+              f"processes (logs in {out / 'logs'})", file=sys.stderr)
+        results = run_networked(cfg, out, resume=args.resume, threads=args.threads, quiet=args.quiet)
+        print(format_table(results))
+        print(f"\nresults: {out / 'results.json'}    server checkpoint: {out / 'server' / 'checkpoints'}    "
+              f"audit log: {out / 'server' / 'audit' / 'server.jsonl'}")
+        if args.json:
+            print(json.dumps(results["final"], indent=2))
+        return 0
     fed = Federation(cfg, out)
 
     def on_round(record: dict) -> None:
@@ -68,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--steps", type=int, help="override steps per round")
     run.add_argument("--quiet", action="store_true", help="no progress bar or per-round lines")
     run.add_argument("--json", action="store_true", help="also print the final metrics as JSON")
+    run.add_argument("--transport", choices=["inprocess", "grpc"], default="inprocess",
+                     help="inprocess: one process (default); grpc: a server and one process per site on "
+                          "loopback, mutual TLS")
+    run.add_argument("--threads", type=int, default=1, help="torch threads per process with --transport grpc")
     run.set_defaults(func=_run)
 
     rep = sub.add_parser("reproduce", help="reproduce a paper experiment with baselines")

@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Sequence
 
 from .. import __version__
-from .common import main_wrapper, not_yet
+from .common import main_wrapper
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,8 +14,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"fedbone-med {__version__}")
     sub = p.add_subparsers(title="commands")
     s = sub.add_parser("serve", help="serve the backbone over gRPC with mutual TLS")
-    s.add_argument("--config", required=True)
-    s.set_defaults(func=not_yet("fedbone-server serve", "the networked federation issue"))
+    s.add_argument("--config", required=True,
+                   help="server TOML (schedule, [server], [network], sites = [...]) or an experiment TOML")
+    s.add_argument("--kit", required=True, help="the provisioning directory (server/, registry.json, crl.pem)")
+    s.add_argument("--out", required=True, help="output directory: checkpoints/, server-results.json, audit/")
+    s.add_argument("--address", help="HOST:PORT to listen on (default: [network] address; port 0 picks one)")
+    s.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    s.add_argument("--port-file", help="write the bound port to this file once listening")
+    s.add_argument("--threads", type=int, help="torch CPU threads for the backbone (default: torch's choice)")
+    s.set_defaults(func=_serve)
     pr = sub.add_parser("provision", help="create a project CA, server certificate and site startup kits")
     pr.add_argument("--sites", default="", help="comma-separated site names, e.g. eye-clinic-a,eye-clinic-b")
     pr.add_argument("--out", required=True, help="provisioning directory (created, or extended if it exists)")
@@ -34,6 +41,22 @@ def build_parser() -> argparse.ArgumentParser:
                              "cessation-of-operation"])
     rv.set_defaults(func=_revoke)
     return p
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..config import load_serve_config
+    from ..server.networked import NetworkedServer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = load_serve_config(args.config)
+    server = NetworkedServer(cfg, args.kit, args.out, address=args.address, resume=args.resume,
+                             port_file=args.port_file)
+    server.run()
+    print(f"server results: {server.out / 'server-results.json'}    checkpoint: {server.ckpt_path}")
+    return 0
 
 
 def _split(names: str) -> list[str]:
@@ -70,3 +93,7 @@ def _revoke(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     return main_wrapper(build_parser, argv)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Sequence
 
 from .. import __version__
-from .common import main_wrapper, not_yet
+from .common import main_wrapper
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -32,7 +32,7 @@ def _check_data(args: argparse.Namespace) -> int:
     from ..data.check import check_site_data
     from ..errors import DataError
 
-    report = check_site_data(load_site(args.config))
+    report = check_site_data(load_site(args.config), data_root=args.data_root)
     print(report.format())
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
@@ -44,6 +44,28 @@ def _check_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..config import load_site
+    from ..crypto.kits import SiteKit
+    from ..site.networked import NetworkedSite
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = load_site(args.config)
+    site = NetworkedSite(cfg, SiteKit.load(args.kit), args.out, address=args.server,
+                         reconnect_timeout=args.reconnect_timeout, progress=not args.quiet,
+                         server_name=args.server_name)
+    results = site.run(resume=args.resume)
+    last = results["rounds"][-1] if results["rounds"] else {}
+    key = results["primary_metric"]
+    print(f"site '{cfg.name}': {len(results['rounds'])} round(s); last {key} {last.get(key, float('nan')):.3f}"
+          + (f"; stopped: {results['stopped']['reason']}" if results["stopped"] else ""))
+    print(f"site results: {site.out / 'site-results.json'}    checkpoint: {site.ckpt_path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedbone-site", description="Run a FedBone hospital site.")
     p.add_argument("--version", action="version", version=f"fedbone-med {__version__}")
@@ -52,10 +74,25 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("config", help="site file, e.g. sites/phantom-vessels.toml")
     v.set_defaults(func=_validate)
     t = sub.add_parser("train", help="join a federation server and train this site")
-    t.add_argument("--config", required=True)
-    t.set_defaults(func=not_yet("fedbone-site train over the network", "the networked federation issue"))
+    t.add_argument("--config", required=True, help="site file, e.g. sites/phantom-vessels.toml")
+    t.add_argument("--kit", required=True, help="this site's startup kit (from `fedbone-server provision`)")
+    t.add_argument("--out", required=True, help="output directory: checkpoints/, site-results.json")
+    t.add_argument("--server", help="HOST:PORT of the server (default: the kit's server-address.txt)")
+    t.add_argument("--server-name", default="localhost", help="the name in the server's certificate")
+    t.add_argument("--resume", action="store_true", help="start from this site's checkpoint in --out")
+    t.add_argument("--reconnect-timeout", type=float, default=600.0,
+                   help="seconds to keep retrying an unreachable server (default 600)")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    t.set_defaults(func=_train)
     c = sub.add_parser("check-data", help="check every image and label before training")
     c.add_argument("--config", required=True, help="site file, e.g. sites/chase-db1-vessels.toml")
+    c.add_argument(
+        "--data-root",
+        metavar="DIR",
+        help="folder that holds the dataset folders named by relative manifest roots "
+        "(default: $FEDBONE_DATA_ROOT, else ../shared/data beside the checkout)",
+    )
     c.add_argument("--json", metavar="FILE", help="also write the full report as JSON to FILE")
     c.set_defaults(func=_check_data)
     return p
@@ -63,3 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     return main_wrapper(build_parser, argv)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -75,6 +75,7 @@ class RegistryEntry:
     revoked: bool = False
     revoked_at: str | None = None
     reason: str | None = None
+    identity_key: str | None = None  # hex of the site's raw Ed25519 handshake public key (32 bytes)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -83,6 +84,8 @@ class RegistryEntry:
             "not_after": self.not_after.isoformat(),
             "revoked": self.revoked,
         }
+        if self.identity_key is not None:
+            out["identity_key"] = self.identity_key
         if self.revoked:
             out["revoked_at"] = self.revoked_at
             out["reason"] = self.reason
@@ -172,9 +175,13 @@ def _entry_from_json(name: str, raw: Any) -> RegistryEntry:
         raise IdentityError("registry", f"registry: entry for site {name!r} has a malformed fingerprint")
     if not isinstance(revoked, bool):
         raise IdentityError("registry", f"registry: entry for site {name!r}: revoked must be true or false")
+    ident = raw.get("identity_key")
+    if ident is not None and (not isinstance(ident, str) or len(ident) != 64
+                              or any(c not in "0123456789abcdef" for c in ident)):
+        raise IdentityError("registry", f"registry: entry for site {name!r} has a malformed identity_key")
     return RegistryEntry(
         name=name, fingerprint=fp, serial=serial, not_after=not_after, revoked=revoked,
-        revoked_at=raw.get("revoked_at"), reason=raw.get("reason"),
+        revoked_at=raw.get("revoked_at"), reason=raw.get("reason"), identity_key=ident,
     )
 
 

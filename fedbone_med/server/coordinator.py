@@ -9,12 +9,26 @@ is reproducible whichever transport delivered the messages.
 
 Thread-safe: gRPC calls arrive on several threads; a condition variable holds a site's
 next-step forward until the current step has been aggregated.
+
+Membership and failures (used by the networked server; the in-process runner needs none of it):
+
+- ``expected_sites``: training forwards wait until every expected site has joined, or until
+  :meth:`start` is called (the server does so after its join timeout, with at least ``min_sites``).
+- A site that joins once training has started (a new site, or one that dropped and came back)
+  is admitted at the start of the next round; its join reply names that round and step.
+- ``step_deadline``: once the first gradient of a step has arrived, the others have this many
+  seconds. Then the step aggregates over the sites that delivered if at least ``min_sites`` did,
+  and is skipped otherwise; either way the sites that missed it are dropped (they rejoin at the
+  next round). ``round_deadline`` does the same for end-of-round reports. Deadlines are checked by
+  the threads waiting at the barrier, so no extra thread is needed.
+- Every join, leave, dropout and skipped step is appended to ``events`` for the audit log.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +42,7 @@ from ..device import resolve_device
 from ..errors import ProtocolError
 from ..models import CutSpec, build_backbone, refuse_batchnorm
 from ..optim import build_optimizer
-from ..transport.messages import JoinReply, JoinRequest, RoundReport, RoundSync, StepHeader
+from ..transport.messages import JoinReply, JoinRequest, RoundReport, RoundSync, Schedule, StepHeader
 from ..transport.validate import check_activation, check_feature_grads
 
 
@@ -43,6 +57,12 @@ class _SiteSession:
 class _RoundState:
     reports: dict[str, RoundReport] = field(default_factory=dict)
     synced: dict[str, RoundSync] | None = None
+    first_report_at: float | None = None
+    members: tuple[str, ...] = ()  # the sites whose reports completed the round
+
+
+class SiteDropped(ProtocolError):
+    """The site is no longer a member (it missed a deadline or re-joined); it should join again."""
 
 
 class Coordinator:
@@ -57,12 +77,30 @@ class Coordinator:
         config_hash: str = "",
         embedding_fedavg: bool = True,
         wait_timeout: float = 600.0,
+        steps_per_round: int | None = None,
+        expected_sites: Sequence[str] | None = None,
+        min_sites: int = 1,
+        step_deadline: float | None = None,
+        round_deadline: float | None = None,
+        rounds: int | None = None,
     ) -> None:
         self.cfg = cfg
         self.run_id = run_id
         self.config_hash = config_hash
         self.embedding_fedavg = embedding_fedavg
         self.wait_timeout = wait_timeout
+        self.steps_per_round = steps_per_round
+        self.schedule = (Schedule(rounds, steps_per_round, seed, embedding_fedavg)
+                         if rounds is not None and steps_per_round is not None else None)
+        self.expected_sites = tuple(sorted(expected_sites)) if expected_sites is not None else None
+        self.min_sites = min_sites
+        self.step_deadline = step_deadline
+        self.round_deadline = round_deadline
+        self.started = expected_sites is None
+        self.pending: dict[str, _SiteSession] = {}  # joined mid-round: admitted when the round completes
+        self.dropped: dict[str, str] = {}  # site -> why it is no longer a member (until it joins again)
+        self.events: list[dict[str, Any]] = []  # joins, leaves, dropouts, skipped steps (for the audit log)
+        self._first_slot_at: float | None = None
         self.device = resolve_device(cfg.device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -86,21 +124,92 @@ class Coordinator:
         self.step_log: list[dict[str, Any]] = []
         self.usage: dict[str, list[int]] = {}  # site -> [training steps, samples] since the last take_usage()
         self.rounds: dict[int, _RoundState] = {}
+        self.completed_rounds: list[int] = []
+        # Called with the lock held when a round completes (round, its reports): the networked server
+        # writes its checkpoint and audit record there, so both describe exactly the round boundary.
+        self.on_round_finished: Callable[[int, dict[str, RoundReport]], None] | None = None
         self._cv = threading.Condition()
 
     # -- membership ---------------------------------------------------------------
+    def _round_untouched(self) -> bool:
+        """No step of the current round has started: a joining site can take part in it."""
+        if self.steps_per_round is None:
+            return True
+        busy = self.slots or any(s.pending is not None for s in self.sites.values())
+        return not busy and self.step == self.round * self.steps_per_round
+
     def join(self, request: JoinRequest) -> JoinReply:
         with self._cv:
-            self.sites[request.site] = _SiteSession(request)
-            return JoinReply(self.run_id, self.cut, self.round, self.step, self.config_hash)
+            name = request.site
+            self.dropped.pop(name, None)
+            if name in self.sites and self.started:  # a member came back (restarted): its round is lost
+                self._drop(name, "re-joined mid-round (restarted?)")
+            self.pending.pop(name, None)
+            session = _SiteSession(request)
+            if not self.started or self._round_untouched():
+                self.sites[name] = session
+                rnd, step = self.round, self.step
+            else:
+                self.pending[name] = session
+                rnd = self.round + 1
+                step = rnd * self.steps_per_round if self.steps_per_round is not None else self.step
+            self.events.append({"event": "join", "site": name, "round": rnd})
+            if not self.started and self.expected_sites is not None and set(self.expected_sites) <= set(self.sites):
+                self.started = True
+            self._cv.notify_all()
+            return JoinReply(self.run_id, self.cut, rnd, step, self.config_hash, self.schedule)
+
+    def start(self) -> int:
+        """Start training with the sites that have joined (after the join timeout); returns how many."""
+        with self._cv:
+            if len(self.sites) < self.min_sites:
+                raise ProtocolError(f"only {len(self.sites)} site(s) joined, fewer than min_sites={self.min_sites}")
+            self.started = True
+            self._cv.notify_all()
+            return len(self.sites)
 
     def leave(self, site: str) -> None:
         with self._cv:
-            self.sites.pop(site, None)
+            was_member = self.sites.pop(site, None) is not None
+            self.pending.pop(site, None)
             self.slots.pop(site, None)
+            if was_member:
+                self.events.append({"event": "leave", "site": site, "round": self.round, "reason": "left"})
             self._maybe_aggregate()
             self._cv.notify_all()
 
+    def _drop(self, site: str, reason: str) -> None:
+        """Remove a member that failed (lock held); it may join again and is admitted next round."""
+        if self.sites.pop(site, None) is None:
+            return
+        self.slots.pop(site, None)
+        self.dropped[site] = reason
+        self.events.append({"event": "dropout", "site": site, "round": self.round, "step": self.step,
+                            "reason": reason})
+        self._cv.notify_all()
+
+    def _check_deadlines(self) -> None:
+        """Apply the step and round deadlines (lock held); called by threads waiting at a barrier."""
+        now = time.monotonic()
+        if (self.step_deadline is not None and self._first_slot_at is not None
+                and now - self._first_slot_at > self.step_deadline):
+            self._maybe_aggregate(deadline_passed=True)
+        if self.round_deadline is not None:
+            state = self.rounds.get(self.round)
+            if (state is not None and state.synced is None and state.first_report_at is not None
+                    and now - state.first_report_at > self.round_deadline):
+                for name in sorted(set(self.sites) - set(state.reports)):
+                    self._drop(name, f"no end-of-round report for round {self.round} before the deadline")
+                self._finish_round(state)
+
+    def _wait(self, left: float) -> bool:
+        """Wait on the barrier (lock held) for at most ``left`` seconds, checking deadlines."""
+        if left <= 0:
+            return False
+        tick = left if self.step_deadline is None and self.round_deadline is None else min(left, 0.25)
+        self._cv.wait(timeout=tick)
+        self._check_deadlines()
+        return True
     def _session(self, header: StepHeader) -> _SiteSession:
         if header.run_id != self.run_id:
             raise ProtocolError(
@@ -108,6 +217,10 @@ class Coordinator:
             )
         session = self.sites.get(header.site)
         if session is None:
+            if header.site in self.dropped:
+                raise SiteDropped(f"site '{header.site}' was dropped ({self.dropped[header.site]}); join again")
+            if header.site in self.pending:
+                raise SiteDropped(f"site '{header.site}' is admitted from round {self.round + 1}; wait for it")
             raise ProtocolError(f"site '{header.site}' has not joined this federation")
         if header.sequence <= session.last_sequence:
             raise ProtocolError(
@@ -141,12 +254,16 @@ class Coordinator:
         if header.step < self.step:
             raise ProtocolError(f"site '{header.site}': step {header.step} is over; the server is at step {self.step}")
         deadline = time.monotonic() + self.wait_timeout
-        while header.step > self.step:
-            left = deadline - time.monotonic()
-            if left <= 0 or not self._cv.wait(timeout=left):
+        while header.step > self.step or not self.started:
+            if not self._wait(deadline - time.monotonic()):
                 raise ProtocolError(
                     f"site '{header.site}': timed out waiting for the other sites to finish step {self.step}"
+                    if self.started else f"site '{header.site}': timed out waiting for the federation to start"
                 )
+            if header.site not in self.sites:
+                raise SiteDropped(f"site '{header.site}' was dropped ({self.dropped.get(header.site, 'left')})")
+        if header.step < self.step:  # the step was closed by its deadline while this site waited
+            raise SiteDropped(f"site '{header.site}': step {header.step} is over; the server is at step {self.step}")
 
     def backward(self, header: StepHeader, grads: list[Tensor]) -> Tensor:
         """Back-propagate a site's dF into its gradient slot; return dz."""
@@ -168,6 +285,8 @@ class Coordinator:
                 row[offset : offset + g.numel()].copy_(g.reshape(-1))
                 offset += g.numel()
             self.slots[header.site] = row
+            if self._first_slot_at is None:
+                self._first_slot_at = time.monotonic()
             self._maybe_aggregate()
             self._cv.notify_all()
             return out[-1].detach()
@@ -184,10 +303,28 @@ class Coordinator:
             self.slots = {n: matrix[i] for i, n in enumerate(names) if n in self.slots}
         return self._slot_matrix[names.index(site)]
 
-    def _maybe_aggregate(self) -> None:
+    def _maybe_aggregate(self, deadline_passed: bool = False) -> None:
         expected = sorted(self.sites)
-        if not expected or any(s not in self.slots for s in expected):
+        if not expected and not self.slots:
             return
+        if any(s not in self.slots for s in expected):
+            if not deadline_passed:
+                return
+            missing = [s for s in expected if s not in self.slots]
+            for name in missing:
+                self._drop(name, f"missed the deadline of step {self.step}")
+            expected = sorted(self.sites)
+            if len(expected) < self.min_sites:
+                self.events.append({"event": "step_skipped", "round": self.round, "step": self.step,
+                                    "sites": expected, "reason": f"{len(expected)} site(s) delivered, "
+                                    f"fewer than min_sites={self.min_sites}"})
+                for s in list(self.sites.values()):
+                    s.pending = None
+                self.slots.clear()
+                self._first_slot_at = None
+                self.step += 1
+                self._cv.notify_all()
+                return
         if expected == self._slot_names:
             stacked = self._slot_matrix  # (K, P), no copy
         else:  # a site left mid-step
@@ -202,7 +339,9 @@ class Coordinator:
         self.optimizer.zero_grad(set_to_none=True)
         self.step_log.append({"step": self.step, "round": self.round, **stats.to_dict()})
         self.slots.clear()
+        self._first_slot_at = None
         self.step += 1
+        self._cv.notify_all()
 
     def take_usage(self) -> dict[str, tuple[int, int]]:
         """Steps and samples per site since the last call (for the round's audit record)."""
@@ -215,13 +354,38 @@ class Coordinator:
     def round_end(self, report: RoundReport) -> None:
         with self._cv:
             if report.site not in self.sites:
+                if report.site in self.dropped:
+                    raise SiteDropped(f"site '{report.site}' was dropped ({self.dropped[report.site]}); join again")
                 raise ProtocolError(f"site '{report.site}' has not joined this federation")
+            if report.round != self.round:
+                raise ProtocolError(f"site '{report.site}': report for round {report.round}, the server is in "
+                                    f"round {self.round}")
             state = self.rounds.setdefault(report.round, _RoundState())
+            if state.first_report_at is None:
+                state.first_report_at = time.monotonic()
             state.reports[report.site] = report
             if set(state.reports) >= set(self.sites):
-                state.synced = self._average_embeddings(state.reports)
-                self.round = max(self.round, report.round + 1)
+                self._finish_round(state)
             self._cv.notify_all()
+
+    def _finish_round(self, state: _RoundState) -> None:
+        """Every member reported (or the round deadline passed): average, advance, admit new sites."""
+        reports = {k: v for k, v in state.reports.items() if k in self.sites}
+        state.synced = self._average_embeddings(reports) if reports else {}
+        state.members = tuple(sorted(reports))
+        finished = self.round
+        self.round += 1
+        if self.steps_per_round is not None:
+            # A round whose steps were cut short (every site dropped) still ends where the schedule says.
+            self.step = max(self.step, self.round * self.steps_per_round)
+        self.sites.update(self.pending)
+        self.pending.clear()
+        self.completed_rounds.append(finished)
+        for old in [r for r in self.rounds if r < finished]:  # keep only the last round's sync
+            del self.rounds[old]
+        if self.on_round_finished is not None:
+            self.on_round_finished(finished, reports)  # lock held: nothing moves until it returns
+        self._cv.notify_all()
 
     def round_sync(self, site: str, round: int) -> RoundSync:
         with self._cv:
@@ -229,10 +393,27 @@ class Coordinator:
             while True:
                 state = self.rounds.get(round)
                 if state is not None and state.synced is not None:
+                    if site not in state.members:
+                        raise SiteDropped(f"site '{site}' did not report round {round}; join again")
                     return state.synced.get(site, RoundSync(round, None, (site,)))
-                left = deadline - time.monotonic()
-                if left <= 0 or not self._cv.wait(timeout=left):
+                if site not in self.sites:
+                    raise SiteDropped(f"site '{site}' was dropped ({self.dropped.get(site, 'left')}); join again")
+                if not self._wait(deadline - time.monotonic()):
                     raise ProtocolError(f"site '{site}': round {round} did not complete in time")
+
+    def wait_round(self, round: int, timeout: float) -> bool:
+        """Block until ``round`` has completed (for the server's main loop); False on timeout."""
+        with self._cv:
+            deadline = time.monotonic() + timeout
+            while self.round <= round:
+                if not self._wait(deadline - time.monotonic()):
+                    return False
+            return True
+
+    def take_events(self) -> list[dict[str, Any]]:
+        with self._cv:
+            out, self.events = self.events, []
+            return out
 
     def _average_embeddings(self, reports: dict[str, RoundReport]) -> dict[str, RoundSync]:
         """FedAvg of embeddings among sites with the same modality and architecture."""
@@ -267,6 +448,21 @@ class Coordinator:
             "optimizer": self.optimizer.state_dict(),
             "aggregator": self.aggregator.state_dict(),
             "rng": torch.get_rng_state(),
+            "last_sync": self._last_sync_state(),
+        }
+
+    def _last_sync_state(self) -> dict[str, Any] | None:
+        """The last completed round's sync, so sites can still fetch it from a restarted server."""
+        done = [r for r, st in self.rounds.items() if st.synced is not None]
+        if not done:
+            return None
+        r = max(done)
+        st = self.rounds[r]
+        assert st.synced is not None
+        return {
+            "round": r,
+            "members": list(st.members),
+            "synced": {site: {"embedding": rs.embedding, "group": list(rs.group)} for site, rs in st.synced.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -276,3 +472,8 @@ class Coordinator:
         self.round = int(state["round"])
         self.step = int(state["step"])
         torch.set_rng_state(state["rng"])
+        last = state.get("last_sync")
+        if last is not None:
+            r = int(last["round"])
+            synced = {site: RoundSync(r, v["embedding"], tuple(v["group"])) for site, v in last["synced"].items()}
+            self.rounds = {r: _RoundState(synced=synced, members=tuple(last["members"]))}

@@ -25,13 +25,13 @@ from ..config import SiteConfig
 from ..data.augment import augment_batch
 from ..data.sources import SiteData
 from ..device import resolve_device
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ProtocolError
 from ..models import CutSpec, SiteModel, TaskLoss, build_site_model, class_probabilities, decode
 from ..optim import build_optimizer
 from ..privacy.dpsgd_site import DPSiteOptimizer, PrivateSiteModel, make_private_site_model, split_step_dp
 from ..privacy.site import SitePrivacy
 from ..transport.base import Transport
-from ..transport.messages import JoinRequest, RoundReport, StepHeader
+from ..transport.messages import JoinReply, JoinRequest, RoundReport, StepHeader
 from ..transport.validate import check_features, check_input_grad
 from .metrics import classification_metrics, primary_metric, segmentation_counts, segmentation_metrics
 
@@ -43,7 +43,8 @@ def derive_seed(*parts: object) -> int:
 
 
 class SiteRuntime:
-    def __init__(self, cfg: SiteConfig, transport: Transport, data: SiteData, *, seed: int) -> None:
+    def __init__(self, cfg: SiteConfig, transport: Transport, data: SiteData, *, seed: int | None) -> None:
+        """``seed=None``: take the federation's seed from the server's join reply (networked sites)."""
         self.cfg = cfg
         self.name = cfg.name
         self.transport = transport
@@ -59,6 +60,7 @@ class SiteRuntime:
         self._round_losses: list[float] = []
         self.privacy: SitePrivacy | None = None
         self.private_model: PrivateSiteModel | None = None  # Opacus hooks on the site layers (DP-SGD)
+        self.joined: JoinReply | None = None  # the server's last join reply
 
     def configure_privacy(self, planned_steps: int) -> None:
         """Set up the site's DP mechanisms and accountants for a run of ``planned_steps`` steps."""
@@ -79,17 +81,25 @@ class SiteRuntime:
                 )
 
     # -- membership ---------------------------------------------------------------
-    def join(self) -> None:
+    def join(self) -> JoinReply:
         reply = self.transport.join(
             JoinRequest(self.name, self.cfg.modality, self.cfg.task.type, len(self.data.train), __version__)
         )
-        self.run_id, self.cut = reply.run_id, reply.cut
+        if self.cut is not None and reply.cut != self.cut:
+            raise ProtocolError(f"site '{self.name}': the server's cut changed since this site joined; "
+                                "the backbone is not the one this site's layers were built for")
+        self.run_id, self.cut, self.joined = reply.run_id, reply.cut, reply
+        if self.seed is None:
+            if reply.schedule is None:
+                raise ProtocolError(f"site '{self.name}': the server sent no schedule and this site has no seed")
+            self.seed = derive_seed(reply.schedule.seed, self.name)
         if self.model is None:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(derive_seed(self.seed, "site-init", self.name))
                 self.model = build_site_model(self.cfg, reply.cut).to(self.device)
             t = self.cfg.train
             self.optimizer = build_optimizer(t.optimizer, self.model.parameters(), t.lr, t.weight_decay)
+        return reply
 
     def _joined(self) -> tuple[SiteModel, CutSpec, torch.optim.Optimizer]:
         if self.model is None or self.cut is None or self.optimizer is None:

@@ -13,7 +13,8 @@ site certificates will carry it in a later step) and keeps the resulting
 Errors map to gRPC status codes with the error's message (never tensor values): identity and handshake
 failures -> PERMISSION_DENIED, no client certificate -> UNAUTHENTICATED, a refused frame
 (``InvalidMessage``) -> INVALID_ARGUMENT ``"invalid message: <reason>"``, ``ProtocolError`` ->
-INVALID_ARGUMENT, no session yet -> FAILED_PRECONDITION, other ``FedboneError`` -> FAILED_PRECONDITION,
+INVALID_ARGUMENT, a site that is no longer a member (dropped, or admitted from the next round) -> ABORTED,
+no session yet -> FAILED_PRECONDITION, other ``FedboneError`` -> FAILED_PRECONDITION,
 anything else -> INTERNAL with a generic message (details go to the server log only).
 
 ``insecure_dev=True`` serves without TLS on loopback only (no certificates: the site named in the request is
@@ -38,6 +39,7 @@ from ..crypto.errors import HandshakeError, InvalidMessage
 from ..crypto.handshake import ServerHandshake
 from ..crypto.identity import IdentityError, load_certificate, load_crl, load_registry, verify_peer
 from ..errors import ConfigError, FedboneError, ProtocolError
+from ..server.coordinator import SiteDropped
 from . import wire
 from .proto import fedbone_pb2 as pb
 from .proto import fedbone_pb2_grpc as pb_grpc
@@ -124,6 +126,8 @@ class FederationService(pb_grpc.FederationServicer):
             code, message = grpc.StatusCode.PERMISSION_DENIED, str(exc)
         except InvalidMessage as exc:
             code, message = grpc.StatusCode.INVALID_ARGUMENT, f"invalid message: {exc}"
+        except SiteDropped as exc:  # not a member (any more): the site should join again
+            code, message = grpc.StatusCode.ABORTED, str(exc)
         except ProtocolError as exc:
             code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
         except FedboneError as exc:

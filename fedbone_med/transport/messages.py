@@ -37,12 +37,23 @@ class JoinRequest:
 
 
 @dataclass(frozen=True)
+class Schedule:
+    """The federation's training schedule, which a networked site learns from the server at join."""
+
+    rounds: int
+    steps_per_round: int
+    seed: int  # the federation seed; a site derives its own seeds from it and its name
+    embedding_fedavg: bool
+
+
+@dataclass(frozen=True)
 class JoinReply:
     run_id: str
     cut: CutSpec
-    round: int  # the round the server is in
-    step: int  # the next training step the server will aggregate
+    round: int  # the round this site starts in
+    step: int  # the training step this site starts at
     config_hash: str
+    schedule: Schedule | None = None
 
 
 @dataclass(frozen=True)

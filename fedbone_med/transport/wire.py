@@ -28,7 +28,7 @@ from ..crypto.errors import InvalidMessage
 from ..crypto.frame import FrameHeader, Kind
 from ..errors import ProtocolError
 from ..models.split import CutSpec
-from .messages import JoinReply, JoinRequest, RoundReport, RoundSync, StepHeader
+from .messages import JoinReply, JoinRequest, RoundReport, RoundSync, Schedule, StepHeader
 
 MAX_META_BYTES = 1 << 20
 MAX_NAME = 256
@@ -178,9 +178,26 @@ def join_request_from_json(d: Any) -> JoinRequest:
 
 def join_reply_to_json(r: JoinReply) -> dict[str, Any]:
     cut = r.cut
-    return {"run_id": r.run_id, "round": r.round, "step": r.step, "config_hash": r.config_hash,
+    sched = None if r.schedule is None else {
+        "rounds": r.schedule.rounds, "steps_per_round": r.schedule.steps_per_round, "seed": r.schedule.seed,
+        "embedding_fedavg": r.schedule.embedding_fedavg,
+    }
+    return {"run_id": r.run_id, "round": r.round, "step": r.step, "config_hash": r.config_hash, "schedule": sched,
             "cut": {"z_channels": cut.z_channels, "feature_channels": list(cut.feature_channels),
                     "feature_strides": list(cut.feature_strides), "max_batch": cut.max_batch}}
+
+
+def _schedule_from_json(s: Any) -> Schedule | None:
+    if s is None:
+        return None
+    what = "schedule"
+    if not isinstance(s, dict):
+        raise ProtocolError(f"{what}: expected an object")
+    check_keys(s, {"rounds", "steps_per_round", "seed", "embedding_fedavg"}, what)
+    if not isinstance(s["embedding_fedavg"], bool):
+        raise ProtocolError(f"{what}: embedding_fedavg must be true or false")
+    return Schedule(get_int(s, "rounds", what, 1), get_int(s, "steps_per_round", what, 1), get_int(s, "seed", what),
+                    s["embedding_fedavg"])
 
 
 def _int_list(v: Any, what: str) -> tuple[int, ...]:
@@ -195,7 +212,7 @@ def join_reply_from_json(d: Any) -> JoinReply:
     what = "join reply"
     if not isinstance(d, dict):
         raise ProtocolError(f"{what}: expected an object")
-    check_keys(d, {"run_id", "round", "step", "config_hash", "cut"}, what)
+    check_keys(d, {"run_id", "round", "step", "config_hash", "cut", "schedule"}, what)
     c = d["cut"]
     if not isinstance(c, dict):
         raise ProtocolError(f"{what}: cut must be an object")
@@ -205,7 +222,7 @@ def join_reply_from_json(d: Any) -> JoinReply:
     if len(cut.feature_channels) != len(cut.feature_strides):
         raise ProtocolError("cut spec: feature_channels and feature_strides differ in length")
     return JoinReply(get_str(d, "run_id", what), cut, get_int(d, "round", what), get_int(d, "step", what),
-                     get_str(d, "config_hash", what))
+                     get_str(d, "config_hash", what), _schedule_from_json(d["schedule"]))
 
 
 def _state_to_wire(state: dict[str, Tensor] | None) -> tuple[list[str] | None, list[Tensor]]:

@@ -1,0 +1,223 @@
+"""``fedbone-server serve``: the coordinator behind gRPC with mutual TLS, checkpointed every round.
+
+The server waits until every expected site has joined (or, after ``network.join_timeout_s``, starts
+with at least ``network.min_sites``), then the sites drive the protocol. When a round completes, the
+coordinator calls :meth:`NetworkedServer._round_finished` with its lock held, so the checkpoint and
+the audit record describe exactly the round boundary; a site's round sync returns only after both are
+on disk. ``--resume`` restarts from that checkpoint with the same run id: the sites reconnect by
+themselves and train the interrupted round again.
+
+Outputs in ``out``: ``checkpoints/server.pt``, ``server-results.json`` (per-round participation,
+losses, privacy reports, aggregation statistics per step, membership events), ``audit/server.jsonl``
+and ``keys/`` (the audit signing key, created on first use).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from .. import __version__
+from ..checkpoint import load_checkpoint, save_checkpoint, write_json_atomic
+from ..config import ServeConfig
+from ..configtools import config_hash, to_plain
+from ..crypto.kits import ServerKit
+from ..errors import CheckpointError, ConfigError, ProtocolError
+from ..transport.grpc_service import bound_port, serve
+from ..transport.messages import RoundReport
+from .audit_trail import ServerAuditTrail, ensure_server_key
+from .coordinator import Coordinator
+
+
+class NetworkedServer:
+    def __init__(self, cfg: ServeConfig, kit_dir: str | Path, out_dir: str | Path, *, address: str | None = None,
+                 resume: bool = False, port_file: str | Path | None = None, audit: bool = True,
+                 log: Any = None) -> None:
+        self.cfg = cfg
+        self.kit = ServerKit.load(kit_dir)
+        self.out = Path(out_dir)
+        self.address = address or cfg.network.address
+        self.resume = resume
+        self.port_file = Path(port_file) if port_file is not None else None
+        self.hash = config_hash(cfg)
+        self._print = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        expected = cfg.sites or tuple(sorted(self.kit.site_keys))
+        missing = [s for s in expected if s not in self.kit.site_keys]
+        if missing:
+            raise ConfigError(f"sites {', '.join(missing)} are not registered (or are revoked) in "
+                              f"{self.kit.root / 'registry.json'}; provision them first")
+        if not expected:
+            raise ConfigError(f"no registered site in {self.kit.root / 'registry.json'}")
+        self.expected = tuple(expected)
+        started = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        run_id = f"{cfg.name}-s{cfg.seed}-{self.hash[:10]}-{started}"
+        net = cfg.network
+        self.coordinator = Coordinator(
+            cfg.server, run_id=run_id, seed=cfg.seed, config_hash=self.hash, embedding_fedavg=cfg.embedding_fedavg,
+            wait_timeout=max(net.step_deadline_s, net.round_deadline_s, net.join_timeout_s) + 60.0,
+            steps_per_round=cfg.steps_per_round, rounds=cfg.rounds, expected_sites=self.expected,
+            min_sites=net.min_sites, step_deadline=net.step_deadline_s, round_deadline=net.round_deadline_s,
+        )
+        self.results: dict[str, Any] = {
+            "experiment": cfg.name, "run_id": run_id, "config_hash": self.hash, "seed": cfg.seed,
+            "software_version": __version__, "config": to_plain(cfg), "expected_sites": list(self.expected),
+            "backbone_parameters": self.coordinator.num_params, "rounds": [], "aggregation": [], "events": [],
+            "transport": "grpc",
+        }
+        self.audit_enabled = audit
+        self.audit: ServerAuditTrail | None = None
+        self._round_t0 = time.perf_counter()
+        self._done = threading.Event()
+        if resume:
+            self._load()
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.out / "checkpoints" / "server.pt"
+
+    def _load(self) -> None:
+        if not self.ckpt_path.exists():
+            raise CheckpointError(f"--resume: no server checkpoint at {self.ckpt_path}")
+        state = load_checkpoint(self.ckpt_path, "server")
+        if state["config_hash"] != self.hash:
+            raise CheckpointError(f"{self.ckpt_path} was written for a different configuration "
+                                  f"(hash {state['config_hash'][:10]}, this one {self.hash[:10]})")
+        self.coordinator.load_state_dict(state)
+        self.coordinator.run_id = self.results["run_id"] = str(state["run_id"])
+        prior = self.out / "server-results.json"
+        if prior.exists():
+            old = json.loads(prior.read_text())
+            done = self.coordinator.round
+            self.results["rounds"] = [r for r in old["rounds"] if r["round"] < done]
+            self.results["aggregation"] = [a for a in old["aggregation"] if a["round"] < done]
+            self.results["events"] = old.get("events", [])
+        self.results["events"].append({"event": "resume", "round": self.coordinator.round})
+
+    # -- per round (coordinator lock held) ------------------------------------------------------
+    def _round_finished(self, rnd: int, reports: dict[str, RoundReport]) -> None:
+        c = self.coordinator
+        steps, c.step_log = c.step_log, []
+        usage = {k: (v[0], v[1]) for k, v in c.usage.items()}
+        c.usage = {}
+        events, c.events = c.events, []
+        record = {
+            "round": rnd,
+            "seconds": time.perf_counter() - self._round_t0,
+            "sites": {name: {"train_loss": r.train_loss, "samples": r.samples, **r.extra}
+                      for name, r in sorted(reports.items())},
+            "usage": {k: {"steps": v[0], "samples": v[1]} for k, v in usage.items()},
+        }
+        self.results["rounds"].append(record)
+        self.results["aggregation"].extend(steps)
+        self.results["events"].extend(events)
+        digest = save_checkpoint(c.state_dict(), self.ckpt_path)
+        write_json_atomic(self.results, self.out / "server-results.json")
+        if self.audit is not None:
+            privacy = {n: (r.extra.get("epsilon"), r.extra.get("delta")) for n, r in reports.items()}
+            self.audit.round_finished(rnd, c.backbone, usage, steps, self.cfg.server.aggregation.method, digest,
+                                      privacy)
+            if rnd + 1 < self.cfg.rounds:
+                self.audit.round_started(c.backbone)
+        losses = ", ".join(f"{n} {r.train_loss:.3f}" for n, r in sorted(reports.items()))
+        notes = "".join(f"; {e['event']} {e.get('site', '')}".rstrip() for e in events if e["event"] != "join")
+        self._print(f"round {rnd}: {len(reports)} site(s), train loss {losses}{notes} "
+                    f"({record['seconds']:.1f} s)")
+        self._round_t0 = time.perf_counter()
+        if rnd + 1 >= self.cfg.rounds:
+            self._done.set()
+
+    # -- main -------------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        cfg, c = self.cfg, self.coordinator
+        self.out.mkdir(parents=True, exist_ok=True)
+        if c.round >= cfg.rounds:
+            self._print(f"all {cfg.rounds} rounds are already complete in {self.ckpt_path}")
+            return self.results
+        if self.audit_enabled:
+            key = ensure_server_key(self.out / "keys")
+            self.audit = ServerAuditTrail(self.out / "audit" / "server.jsonl", key, run_id=c.run_id,
+                                          config_hash=self.hash)
+            if not self.resume:
+                self.audit.start(c.backbone, cfg.server.aggregation.method, list(self.expected), cfg.seed, c.round)
+            self.audit.round_started(c.backbone)
+        c.on_round_finished = self._round_finished
+        server = serve(
+            c, address=self.address, server_key_pem=self.kit.key_pem, server_cert_pem=self.kit.cert_pem,
+            ca_pem=self.kit.ca_pem, registry_dir=self.kit.root, identity_key=self.kit.identity_key,
+            site_keys=self.kit.site_keys, max_message_bytes=cfg.network.max_message_mb << 20,
+        )
+        port = bound_port(server)
+        host = self.address.rpartition(":")[0]
+        if self.port_file is not None:
+            tmp = self.port_file.with_suffix(".tmp")
+            tmp.write_text(f"{port}\n")
+            tmp.replace(self.port_file)
+        self._print(f"fedbone-server {__version__}: run {c.run_id}, listening on {host}:{port} (mutual TLS), "
+                    f"waiting for {len(self.expected)} site(s): {', '.join(self.expected)}; "
+                    f"round {c.round} of {cfg.rounds}")
+        previous = signal.getsignal(signal.SIGTERM)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _raise_interrupt)
+        try:
+            self._wait_for_sites()
+            while not self._done.wait(timeout=0.5):
+                pass
+            self._wait_for_leaves()
+        except KeyboardInterrupt:
+            self._print(f"interrupted: the last completed round ({c.round - 1}) is checkpointed in {self.ckpt_path}; "
+                        "restart with --resume")
+            raise
+        finally:
+            server.stop(grace=2.0).wait()
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, previous)
+            if self.audit is not None:
+                self.audit.close()
+                self.audit = None
+            write_json_atomic(self.results, self.out / "server-results.json")
+        return self.results
+
+    def _wait_for_sites(self) -> None:
+        c = self.coordinator
+        deadline = time.monotonic() + self.cfg.network.join_timeout_s
+        while not c.started:
+            if time.monotonic() > deadline:
+                n = c.start()  # raises ProtocolError below min_sites
+                self._print(f"join timeout: starting with {n} site(s): {', '.join(sorted(c.sites))}")
+                return
+            time.sleep(0.1)
+        self._print(f"all {len(self.expected)} site(s) joined; training")
+
+    def _wait_for_leaves(self, grace: float | None = None) -> None:
+        """After the last round the sites still validate through the backbone: serve until they leave."""
+        c = self.coordinator
+        deadline = time.monotonic() + (grace if grace is not None else self.cfg.network.round_deadline_s)
+        while time.monotonic() < deadline:
+            with c._cv:
+                if not c.sites:
+                    return
+            time.sleep(0.1)
+        self._print("some sites did not leave after the last round; stopping anyway")
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def wait_for_port(port_file: Path, process: Any, timeout: float = 120.0) -> int:
+    """The port a server process wrote to ``port_file`` (for launchers and tests)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if port_file.exists():
+            return int(port_file.read_text().strip())
+        if process is not None and process.poll() is not None:
+            raise ProtocolError(f"the server process exited with code {process.returncode} before listening")
+        time.sleep(0.05)
+    raise ProtocolError(f"the server did not start listening within {timeout:.0f} s")

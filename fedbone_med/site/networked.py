@@ -1,0 +1,288 @@
+"""``fedbone-site train``: one hospital site training against a networked FedBone server.
+
+The site runtime (:class:`~fedbone_med.site.runtime.SiteRuntime`) is the same one the in-process
+federation uses; here it talks :class:`~fedbone_med.transport.grpc_client.GrpcTransport` (mutual TLS
+plus the sealed envelope) and learns the schedule (rounds, steps, seed) from the server's join reply.
+
+Per round: the steps, the end-of-round report, the server's round sync (averaged embedding), a
+checkpoint, then validation and a second checkpoint with the metrics. The site keeps the state it
+had at the start of the current round (in memory, and on disk as the previous round's checkpoint),
+so that whatever fails it can line up with the server again:
+
+- the server is unreachable, restarted or lost the session (UNAVAILABLE, DEADLINE_EXCEEDED,
+  FAILED_PRECONDITION "no session"): reconnect with exponential backoff and join again;
+- the server dropped this site (ABORTED: it missed a deadline, or re-joined mid-round): join again.
+
+After joining again the server's reply names the round this site takes part in next:
+
+- the round the site was in (a restarted server resumed from the checkpoint of the round before):
+  roll back to the start of that round and train it again;
+- the next round (the server completed this round, then restarted or dropped the site): fetch the
+  round's sync if this site has not applied it yet, validate, and go on;
+- a later round (the site was dropped and missed rounds): keep the state and go on from there.
+
+Ctrl-C leaves the federation cleanly; the last completed round's checkpoint is already on disk.
+A site whose privacy budget is spent stops before sending, checkpoints, leaves and says why.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from ..checkpoint import load_checkpoint, save_checkpoint, write_json_atomic
+from ..config import SiteConfig
+from ..crypto.kits import SiteKit
+from ..data.sources import load_site_data
+from ..errors import ProtocolError
+from ..privacy.errors import BudgetExceeded
+from ..transport.grpc_client import GrpcTransport, RemoteError
+from ..transport.grpc_service import DEFAULT_MAX_MESSAGE_BYTES
+from .metrics import primary_metric
+from .runtime import SiteRuntime
+
+RETRY_CODES = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "UNKNOWN", "INTERNAL"}
+
+
+def _needs_rejoin(exc: RemoteError) -> bool:
+    """A failure after which the site reconnects and joins again (anything else is fatal)."""
+    if exc.code in RETRY_CODES or exc.code == "ABORTED":
+        return True
+    return exc.code == "FAILED_PRECONDITION" and "no session" in exc.details
+
+
+@dataclass
+class _Progress:
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    reconnects: int = 0
+    rejoins: list[dict[str, Any]] = field(default_factory=list)
+
+
+class NetworkedSite:
+    """Runs one site against a server; see the module docstring for the failure behaviour."""
+
+    def __init__(self, cfg: SiteConfig, kit: SiteKit, out_dir: str | Path, *, address: str | None = None,
+                 reconnect_timeout: float = 600.0, call_timeout: float = 660.0, progress: bool = True,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, server_name: str = "localhost") -> None:
+        self.cfg = cfg
+        self.kit = kit
+        self.out = Path(out_dir)
+        self.address = address or kit.address
+        self.reconnect_timeout = reconnect_timeout
+        self.call_timeout = call_timeout
+        self.progress = progress
+        self.max_message_bytes = max_message_bytes
+        self.server_name = server_name
+        self.data = load_site_data(cfg)
+        self.transport: GrpcTransport | None = None
+        self.runtime: SiteRuntime | None = None
+        self.log = _Progress()
+        self.stopped: dict[str, Any] | None = None
+        self._round_start_state: dict[str, Any] | None = None  # runtime state at the start of the current round
+        self._synced_round = -1  # the last round whose sync this site applied
+
+    # -- connection -------------------------------------------------------------------------------
+    def _say(self, msg: str) -> None:
+        tqdm.write(f"[{self.cfg.name}] {msg}", file=sys.stderr)
+
+    def _connect(self) -> GrpcTransport:
+        """Open a session with the server, retrying with exponential backoff while it is unreachable."""
+        deadline = time.monotonic() + self.reconnect_timeout
+        delay = 0.5
+        run_id = self.runtime.run_id if self.runtime is not None and self.runtime.run_id else None
+        while True:
+            try:
+                return GrpcTransport(
+                    self.cfg.name, self.address, ca_pem=self.kit.ca_pem, cert_pem=self.kit.cert_pem,
+                    key_pem=self.kit.key_pem, identity_key=self.kit.identity_key,
+                    server_public_key=self.kit.server_identity, run_id=run_id, server_name=self.server_name,
+                    max_message_bytes=self.max_message_bytes, timeout=self.call_timeout,
+                )
+            except RemoteError as exc:
+                if exc.code not in RETRY_CODES or time.monotonic() + delay > deadline:
+                    raise ProtocolError(f"site '{self.cfg.name}': cannot reach the server at {self.address} "
+                                        f"({exc.code}: {exc.details})") from None
+                time.sleep(delay)
+                delay = min(delay * 2, 15.0)
+
+    def _join(self) -> int:
+        """(Re)connect and join; returns the round the server admits this site to."""
+        if self.transport is not None:
+            self.transport.close()
+        self.transport = self._connect()
+        if self.runtime is None:
+            self.runtime = SiteRuntime(self.cfg, self.transport, self.data, seed=None)
+        else:
+            self.runtime.transport = self.transport
+        reply = self.runtime.join()
+        if reply.schedule is None:
+            raise ProtocolError(f"site '{self.cfg.name}': the server did not send its training schedule")
+        return reply.round
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    @property
+    def ckpt_path(self) -> Path:
+        return self.out / "checkpoints" / "site.pt"
+
+    def _checkpoint(self, completed_round: int, evaluated: bool) -> None:
+        assert self.runtime is not None
+        state = self.runtime.state_dict()
+        state["completed_round"] = completed_round
+        state["evaluated"] = evaluated
+        save_checkpoint(state, self.ckpt_path)
+
+    def _results(self) -> dict[str, Any]:
+        rt = self.runtime
+        return {
+            "site": self.cfg.name,
+            "run_id": rt.run_id if rt is not None else "",
+            "modality": self.cfg.modality,
+            "task": self.cfg.data.task if self.cfg.data.source == "phantom"
+            else Path(self.cfg.data.manifest or "").stem,
+            "task_type": self.cfg.task.type,
+            "primary_metric": primary_metric(self.cfg.task),
+            "n_train": len(self.data.train),
+            "n_val": len(self.data.val),
+            "site_parameters": rt.num_parameters() if rt is not None and rt.model is not None else None,
+            "split": self.data.split or {"method": "phantom seeds", "seed": self.cfg.data.seed},
+            "rounds": self.log.rounds,
+            "reconnects": self.log.reconnects,
+            "rejoins": self.log.rejoins,
+            "stopped": self.stopped,
+        }
+
+    def _write_results(self) -> None:
+        write_json_atomic(self._results(), self.out / "site-results.json")
+
+    # -- training ---------------------------------------------------------------------------------
+    def run(self, resume: bool = False) -> dict[str, Any]:
+        self.out.mkdir(parents=True, exist_ok=True)
+        rnd = self._join()
+        rt = self.runtime
+        assert rt is not None and rt.joined is not None and rt.joined.schedule is not None
+        sched = rt.joined.schedule
+        rt.configure_privacy(sched.rounds * sched.steps_per_round)
+        if resume and self.ckpt_path.exists():
+            state = load_checkpoint(self.ckpt_path, "site")
+            rt.load_state_dict(state)
+            self._synced_round = int(state["completed_round"])
+            prior = self.out / "site-results.json"
+            if prior.exists():
+                import json
+
+                self.log.rounds = [r for r in json.loads(prior.read_text())["rounds"]
+                                   if r["round"] <= self._synced_round]
+            self._say(f"resumed from the checkpoint of round {self._synced_round}")
+        self._round_start_state = copy.deepcopy(rt.state_dict())
+        total = sched.rounds * sched.steps_per_round
+        bar = tqdm(total=total, initial=rnd * sched.steps_per_round, disable=not self.progress, unit="step",
+                   desc=self.cfg.name, file=sys.stderr, leave=False)
+        try:
+            while rnd < sched.rounds and self.stopped is None:
+                try:
+                    self._train_round(rnd, sched.steps_per_round, sched.embedding_fedavg, bar)
+                    rnd += 1
+                except RemoteError as exc:
+                    if not _needs_rejoin(exc):
+                        raise
+                    rnd = self._recover(rnd, exc)
+                    bar.n = rnd * sched.steps_per_round
+                    bar.refresh()
+        except KeyboardInterrupt:
+            self._say("interrupted: leaving the federation (the last completed round is checkpointed)")
+            self._leave_quietly()
+            self._write_results()
+            raise
+        finally:
+            bar.close()
+        self._leave_quietly()
+        self._write_results()
+        return self._results()
+
+    def _leave_quietly(self) -> None:
+        if self.runtime is None or self.transport is None:
+            return
+        try:
+            self.runtime.leave()
+        except (RemoteError, ProtocolError) as exc:
+            self._say(f"could not leave cleanly ({exc}); the server will drop this site at its deadline")
+
+    def _train_round(self, rnd: int, steps: int, share_embedding: bool, bar: tqdm) -> None:
+        rt = self.runtime
+        assert rt is not None
+        t0 = time.perf_counter()
+        last = rnd * steps + steps - 1
+        if self._synced_round < rnd:  # not yet trained (a recovery may have trained and synced it already)
+            for i in range(steps):
+                step = rnd * steps + i
+                try:
+                    loss = rt.train_step(rnd, step, i)
+                except BudgetExceeded as exc:
+                    self.stopped = {"round": rnd, "step": step, "reason": str(exc)}
+                    self._say(f"stopped: {exc}")
+                    self._write_results()
+                    return
+                bar.update(1)
+                elapsed = time.perf_counter() - t0
+                post = {"round": rnd, "loss": f"{loss:.3f}", "steps/s": f"{(i + 1) / max(elapsed, 1e-9):.2f}"}
+                if rt.privacy is not None:
+                    post["eps"] = f"{rt.privacy.report().get('epsilon', float('nan')):.2f}"
+                bar.set_postfix(post)
+            report = rt.end_round(rnd, {}, share_embedding)
+            rt.sync_round(rnd)
+            self._synced_round = rnd
+            self._checkpoint(rnd, evaluated=False)
+        else:
+            report = {"train_loss": float("nan")}
+        metrics = rt.evaluate(rnd, last)
+        record = {"round": rnd, **report, **metrics, "seconds": time.perf_counter() - t0}
+        self.log.rounds = [r for r in self.log.rounds if r["round"] != rnd] + [record]
+        self._checkpoint(rnd, evaluated=True)
+        self._round_start_state = copy.deepcopy(rt.state_dict())
+        self._write_results()
+        eps = f", eps {record['epsilon']:.2f}" if "epsilon" in record else ""
+        self._say(f"round {rnd}: {primary_metric(self.cfg.task)} {metrics['primary']:.3f}, "
+                  f"train loss {record['train_loss']:.3f}{eps} ({record['seconds']:.1f} s)")
+
+    def _recover(self, rnd: int, exc: RemoteError) -> int:
+        """Reconnect and join again after ``exc`` during round ``rnd``; return the round to run next."""
+        rt = self.runtime
+        assert rt is not None
+        self.log.reconnects += 1
+        self._say(f"lost the round ({exc.code}: {exc.details}); reconnecting")
+        admitted = self._join()
+        self.log.rejoins.append({"during_round": rnd, "admitted_round": admitted, "reason": exc.code})
+        if admitted == rnd:
+            # The server resumed from the end of the previous round: train this round again from its start.
+            assert self._round_start_state is not None
+            rt.load_state_dict(copy.deepcopy(self._round_start_state))
+            self._synced_round = rnd - 1
+            self._say(f"server resumed at round {rnd}: training it again from its start")
+            return rnd
+        if admitted == rnd + 1:
+            if self._synced_round >= rnd:
+                return rnd  # only the validation of this round was lost: _train_round runs it again
+            # The server completed this round before the failure: apply its sync, then validate.
+            try:
+                rt.sync_round(rnd)
+                self._synced_round = rnd
+                self._checkpoint(rnd, evaluated=False)
+                self._say(f"round {rnd} was completed by the server; its sync applied")
+                return rnd  # _train_round skips the steps and validates
+            except RemoteError:
+                pass  # this site's report did not make it into the round: it was dropped
+        if admitted < rnd:
+            raise ProtocolError(f"site '{self.cfg.name}': the server is back at round {admitted} but this site "
+                                f"already completed round {rnd - 1}; restore matching checkpoints")
+        if self._synced_round < rnd:  # dropped mid-round: the partial round's updates are discarded
+            assert self._round_start_state is not None
+            rt.load_state_dict(copy.deepcopy(self._round_start_state))
+            self._synced_round = rnd - 1
+        self._say(f"admitted again from round {admitted}")
+        return admitted
