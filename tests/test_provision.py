@@ -34,7 +34,6 @@ from fedbone_med.crypto.identity import (
 from fedbone_med.crypto.kits import ServerKit, SiteKit
 from fedbone_med.crypto.provision import ProvisionError, identity_public_hex, provision, revoke, write_private_key
 from fedbone_med.errors import ConfigError
-from fedbone_med.errors import ConfigError
 
 SITES = ["clinic-a", "clinic-b", "clinic-c"]
 KIT_FILES = {"site-key.pem", "identity-key.pem", "site.pem", "ca.pem", "server-identity.pub.pem",

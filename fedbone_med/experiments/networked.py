@@ -137,8 +137,10 @@ def run_networked(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = 
         for t in relays:
             t.join(timeout=5.0)
         if failed:
-            details = "\n".join(f"  {n} exited with code {c}; last lines of {logs / (n if n == 'server' else 'site-' + n)}"
-                                f".log:\n{_tail(logs / ((n if n == 'server' else 'site-' + n) + '.log'))}"
+            def log_of(n: str) -> Path:
+                return logs / ("server.log" if n == "server" else f"site-{n}.log")
+
+            details = "\n".join(f"  {n} exited with code {c}; last lines of {log_of(n)}:\n{_tail(log_of(n))}"
                                 for n, c in failed.items())
             raise NetworkedRunError(f"{len(failed)} process(es) failed:\n{details}")
     except KeyboardInterrupt:
