@@ -144,6 +144,7 @@ class Coordinator:
             self.dropped.pop(name, None)
             if name in self.sites and self.started:  # a member came back (restarted): its round is lost
                 self._drop(name, "re-joined mid-round (restarted?)")
+                self._membership_changed()
             self.pending.pop(name, None)
             session = _SiteSession(request)
             if not self.started or self._round_untouched():
@@ -175,8 +176,15 @@ class Coordinator:
             self.slots.pop(site, None)
             if was_member:
                 self.events.append({"event": "leave", "site": site, "round": self.round, "reason": "left"})
-            self._maybe_aggregate()
+            self._membership_changed()
             self._cv.notify_all()
+
+    def _membership_changed(self) -> None:
+        """A member left or was dropped (lock held): the barriers it held may now be complete."""
+        self._maybe_aggregate()
+        state = self.rounds.get(self.round)
+        if state is not None and state.synced is None and state.reports and set(state.reports) >= set(self.sites):
+            self._finish_round(state)
 
     def _drop(self, site: str, reason: str) -> None:
         """Remove a member that failed (lock held); it may join again and is admitted next round."""

@@ -1,0 +1,247 @@
+"""The networked federation with real processes: a server and three sites on loopback, mutual TLS,
+the sealed envelope, real certificates from `fedbone-server provision`.
+
+Each test starts separate Python processes (``python -m fedbone_med.cli.server serve`` and
+``python -m fedbone_med.cli.site train``), each with one torch thread.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedbone_med.config import load_experiment
+from fedbone_med.experiments.federation import Federation
+from fedbone_med.experiments.networked import NetworkedRunError, run_networked, write_configs
+from fedbone_med.server.networked import wait_for_port
+
+ROOT = Path(__file__).resolve().parents[1]
+SITES = ("fundus-dr", "fundus-vessels", "oct-edema")
+
+
+def _experiment(tmp: Path, rounds: int = 2, steps: int = 2, network: str = "") -> Path:
+    exp = tmp / "exp.toml"
+    exp.write_text(f"""
+name = "net"
+seed = 3
+rounds = {rounds}
+steps_per_round = {steps}
+[server.backbone]
+name = "swin-tiny"
+embed_dim = 16
+depths = [1, 1, 1, 1]
+num_heads = [1, 2, 2, 4]
+window_size = 4
+[network]
+{network}
+[[sites]]
+config = "{ROOT / 'sites' / 'phantom-dr.toml'}"
+[[sites]]
+config = "{ROOT / 'sites' / 'phantom-vessels.toml'}"
+[[sites]]
+config = "{ROOT / 'sites' / 'phantom-oct-edema.toml'}"
+[site_overrides.data]
+image_size = 32
+n_train = 12
+n_val = 8
+[site_overrides.train]
+batch_size = 4
+eval_batch_size = 8
+[site_overrides.model]
+adapt_dim = 16
+adapt_heads = 2
+""")
+    return exp
+
+
+def _backbone(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["backbone"]
+
+
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def _in_process(exp: Path, out: Path) -> dict[str, torch.Tensor]:
+    torch.set_num_threads(1)  # the site and server processes use one thread each
+    Federation(load_experiment(exp), out, audit=False).run(progress=False)
+    return _backbone(out / "checkpoints" / "server.pt")
+
+
+def test_three_site_processes_train_the_same_backbone_as_the_in_process_federation(tmp_path: Path) -> None:
+    exp = _experiment(tmp_path)
+    cfg = load_experiment(exp)
+    results = run_networked(cfg, tmp_path / "net", quiet=True, timeout=600)
+    assert results["transport"] == "grpc" and set(results["final"]) == set(SITES)
+    assert [r["round"] for r in results["rounds"]] == [0, 1]
+    assert len(results["aggregation"]) == 4 and all(a["num_sites"] == 3 for a in results["aggregation"])
+    net = _backbone(tmp_path / "net" / "server" / "checkpoints" / "server.pt")
+    ref = _in_process(exp, tmp_path / "inproc")
+    assert _max_diff(net, ref) <= 1e-6
+    # The same site metrics too: every site trained exactly as in one process.
+    inproc = json.loads((tmp_path / "inproc" / "results.json").read_text())
+    for name in SITES:
+        assert results["final"][name]["primary"] == pytest.approx(inproc["final"][name]["primary"], abs=1e-6)
+    # Every party left a verifiable trail: the server's audit log covers both rounds.
+    lines = (tmp_path / "net" / "server" / "audit" / "server.jsonl").read_text().splitlines()
+    assert sum('"round"' in line and '"kind":"round"' in line for line in lines) == 2
+    # A second run into the same directory is refused rather than mixing two runs.
+    with pytest.raises(NetworkedRunError, match="--resume"):
+        run_networked(cfg, tmp_path / "net", quiet=True)
+
+
+# -- failures: processes started by hand, as an operator would -------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+class _Fed:
+    """A provisioned federation whose processes the test starts, kills and restarts."""
+
+    def __init__(self, tmp: Path, exp: Path) -> None:
+        from fedbone_med.crypto.provision import provision
+
+        self.tmp = tmp
+        self.cfg = load_experiment(exp)
+        provision(tmp / "provision", list(SITES), server_address="127.0.0.1:50051")
+        self.server_toml, self.site_files = write_configs(self.cfg, tmp)
+        self.port = _free_port()
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start_server(self, resume: bool = False) -> None:
+        port_file = self.tmp / "port"
+        port_file.unlink(missing_ok=True)
+        cmd = [sys.executable, "-m", "fedbone_med.cli.server", "serve", "--config", str(self.server_toml),
+               "--kit", str(self.tmp / "provision"), "--out", str(self.tmp / "server"),
+               "--address", f"127.0.0.1:{self.port}", "--port-file", str(port_file)]
+        log = open(self.tmp / "server.log", "ab")  # noqa: SIM115 - the child owns it
+        self.procs["server"] = subprocess.Popen(cmd + (["--resume"] if resume else []), stdout=log,
+                                                stderr=subprocess.STDOUT, env=_env())
+        wait_for_port(port_file, self.procs["server"])
+
+    def start_site(self, name: str, resume: bool = False) -> None:
+        cmd = [sys.executable, "-m", "fedbone_med.cli.site", "train", "--config", str(self.site_files[name]),
+               "--kit", str(self.tmp / "provision" / "sites" / name), "--out", str(self.tmp / "sites" / name),
+               "--server", f"127.0.0.1:{self.port}", "--quiet", "--reconnect-timeout", "120"]
+        log = open(self.tmp / f"site-{name}.log", "ab")  # noqa: SIM115
+        self.procs[name] = subprocess.Popen(cmd + (["--resume"] if resume else []), stdout=log,
+                                            stderr=subprocess.STDOUT, env=_env())
+
+    def server_rounds(self) -> list[dict]:
+        try:
+            return json.loads((self.tmp / "server" / "server-results.json").read_text())["rounds"]
+        except (OSError, ValueError):
+            return []
+
+    def wait_rounds(self, n: int, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.server_rounds()) < n:
+            assert time.monotonic() < deadline, f"the server did not complete {n} round(s):\n{self.logs()}"
+            assert self.procs["server"].poll() is None, f"the server exited:\n{self.logs()}"
+            time.sleep(0.05)
+
+    def wait(self, name: str, timeout: float = 300) -> int:
+        return self.procs[name].wait(timeout=timeout)
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in self.tmp.glob("*.log"))
+
+    def close(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+@pytest.fixture
+def fed_factory(tmp_path: Path):
+    made: list[_Fed] = []
+
+    def make(**kw) -> _Fed:
+        f = _Fed(tmp_path, _experiment(tmp_path, **kw))
+        made.append(f)
+        return f
+
+    yield make
+    for f in made:
+        f.close()
+
+
+def test_a_site_killed_mid_round_is_dropped_at_the_deadline_and_the_others_carry_on(fed_factory) -> None:
+    fed = fed_factory(rounds=3, steps=3, network="min_sites = 2\nstep_deadline_s = 2.0\nround_deadline_s = 5.0")
+    fed.start_server()
+    for name in SITES:
+        fed.start_site(name)
+    fed.wait_rounds(1)
+    fed.procs["oct-edema"].send_signal(signal.SIGKILL)  # mid-round 1 (or in its validation of round 0)
+    for name in ("server", "fundus-dr", "fundus-vessels"):
+        assert fed.wait(name) == 0, fed.logs()
+    rounds = fed.server_rounds()
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert sorted(rounds[0]["sites"]) == sorted(SITES)
+    assert all(sorted(r["sites"]) == ["fundus-dr", "fundus-vessels"] for r in rounds[1:])
+    server = json.loads((fed.tmp / "server" / "server-results.json").read_text())
+    drops = [e for e in server["events"] if e["event"] == "dropout"]
+    assert [d["site"] for d in drops] == ["oct-edema"] and "deadline" in drops[0]["reason"]
+    # Every step of the schedule was taken, by the two remaining sites after the drop.
+    assert len(server["aggregation"]) == 9 and server["aggregation"][-1]["num_sites"] == 2
+
+
+def test_a_restarted_site_rejoins_at_the_next_round(fed_factory) -> None:
+    # A long deadline: the restarted site's join, not the deadline, is what releases the others.
+    fed = fed_factory(rounds=4, steps=3, network="min_sites = 2\nstep_deadline_s = 120.0")
+    fed.start_server()
+    for name in SITES:
+        fed.start_site(name)
+    fed.wait_rounds(1)
+    t0 = time.monotonic()
+    fed.procs["oct-edema"].send_signal(signal.SIGKILL)
+    fed.procs["oct-edema"].wait()
+    fed.start_site("oct-edema", resume=True)  # the administrator restarts it
+    for name in ("server", *SITES):
+        assert fed.wait(name) == 0, fed.logs()
+    assert time.monotonic() - t0 < 120.0
+    rounds = fed.server_rounds()
+    assert [r["round"] for r in rounds] == [0, 1, 2, 3]
+    assert sorted(rounds[-1]["sites"]) == sorted(SITES)  # back for the last round
+    missed = [r["round"] for r in rounds if "oct-edema" not in r["sites"]]
+    assert len(missed) == 1  # the round it was killed in (or whose validation it lost)
+    site = json.loads((fed.tmp / "sites" / "oct-edema" / "site-results.json").read_text())
+    assert site["rounds"][-1]["round"] == 3
+
+
+def test_a_restarted_server_resumes_and_ends_equal_to_an_uninterrupted_run(fed_factory, tmp_path: Path) -> None:
+    fed = fed_factory(rounds=3, steps=2)
+    fed.start_server()
+    for name in SITES:
+        fed.start_site(name)
+    fed.wait_rounds(1)
+    fed.procs["server"].send_signal(signal.SIGKILL)  # somewhere in round 1
+    fed.procs["server"].wait()
+    time.sleep(1.0)  # the sites notice and retry with backoff
+    fed.start_server(resume=True)
+    for name in ("server", *SITES):
+        assert fed.wait(name) == 0, fed.logs()
+    assert [r["round"] for r in fed.server_rounds()] == [0, 1, 2]
+    reconnects = [json.loads((fed.tmp / "sites" / n / "site-results.json").read_text())["reconnects"] for n in SITES]
+    assert all(r >= 1 for r in reconnects)
+    ref = _in_process(tmp_path / "exp.toml", tmp_path / "inproc")
+    assert _max_diff(_backbone(fed.tmp / "server" / "checkpoints" / "server.pt"), ref) <= 1e-6
