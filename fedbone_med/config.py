@@ -45,6 +45,9 @@ class DataConfig:
     pipeline: str | None = None
     augment: str | None = None  # a transform chain applied to each training sample at batch time
     val_split: str = "val"
+    # Leave out (and count, in the run's split record) files that fail to read, instead of
+    # stopping at the first; `fedbone-site check-data` lists them. Off: any bad file stops the run.
+    skip_bad_files: bool = False
 
     def validate(self) -> list[str]:
         out = []

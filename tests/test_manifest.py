@@ -55,13 +55,17 @@ def test_seeded_split_keeps_each_patient_in_one_split(fundus_folder):
 def test_split_file_that_separates_the_eyes_of_one_patient_is_refused(fundus_folder):
     rows = ["image,split"] + [f"P{i // 2:02d}_{'LR'[i % 2]}.png,{'train' if i % 2 else 'val'}" for i in range(10)]
     (fundus_folder / "clinic" / "split.csv").write_text("\n".join(rows) + "\n")
-    with pytest.raises(DataError, match="appear in more than one split"):
+    with pytest.raises(DataError, match="subject leak: one subject's files are in 2 splits"):
         list_samples(_manifest(split={"file": "split.csv"}), data_root=fundus_folder)
+    problems: list[str] = []
+    samples = list_samples(_manifest(split={"file": "split.csv"}), data_root=fundus_folder, problems=problems)
+    assert len(samples) == 10 and len(problems) == 5, "one problem per leaking subject, all collected"
+    assert all(p.startswith("subject leak:") for p in problems)
 
 
 def test_missing_masks_and_folders_are_named(fundus_folder):
     (fundus_folder / "clinic" / "masks" / "P00_L_vessels.png").unlink()
-    with pytest.raises(DataError, match="1 mask file\\(s\\) missing, e.g. .*P00_L_vessels.png"):
+    with pytest.raises(DataError, match="P00_L_vessels.png: mask missing \\(image P00_L.png\\)"):
         list_samples(_manifest(), data_root=fundus_folder)
     with pytest.raises(DataError, match="folder not found.*FEDBONE_DATA_ROOT"):
         list_samples(_manifest(root="elsewhere"), data_root=fundus_folder)
@@ -210,3 +214,101 @@ def test_oct_volumes_expand_to_bscans_with_their_layer_labels(tmp_path, fmt, mon
         first = sorted(volumes)[0]
         assert any(np.allclose(x[0].numpy(), to_uint8(volumes[first][0].image) / 255, atol=1e-6)
                    for x in torch.cat([data.train.images, data.val.images]))
+
+
+# --------------------------------------------------------------------------- per-B-scan labels of OCT volumes
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+BSCAN_MANIFEST = REPO / "pipelines" / "datasets" / "oct_edema_bscans.toml"
+
+
+def _write_bscan_set(root, n_patients: int = 4, n_bscans: int = 4, size: int = 32) -> dict:
+    """NIfTI volumes P01_L.nii.gz ... and bscan_labels.csv grading B-scans 0, 2, 3 of each
+    (B-scan 1 is left ungraded); a B-scan is 'edema' iff its phantom shows at least 20 pixels of
+    intraretinal fluid, so that oedema volumes hold B-scans of both classes.
+    Returns {(volume name, B-scan index): class id}."""
+    from fedbone_med.data.phantom_io import write_oct_nifti
+    from fedbone_med.data.phantoms import make_oct_volume
+
+    rows, truth = ["volume,bscan,label"], {}
+    for p in range(n_patients):
+        for e, eye in enumerate("LR"):
+            name = f"P{p + 1:02d}_{eye}.nii.gz"
+            vol = make_oct_volume(300 + 2 * p + e, n_bscans, size=size, label=(p + e) % 2)
+            write_oct_nifti(vol, root / "volumes" / name)
+            for k in (0, 2, 3):
+                truth[(name, k)] = int(vol[k].fluid.sum() >= 20)
+                rows.append(f"{name},{k},{'edema' if truth[(name, k)] else 'normal'}")
+    (root / "bscan_labels.csv").write_text("\n".join(rows) + "\n")
+    return truth
+
+
+def test_per_bscan_labels_from_nifti_volumes_load_aligned(tmp_path, monkeypatch):
+    """The example manifest on phantom volumes: each loaded B-scan carries its own CSV label."""
+    from fedbone_med.data.readers import read_nifti
+
+    truth = _write_bscan_set(tmp_path / "oct_edema")
+    assert set(truth.values()) == {0, 1}, "the phantom set has both classes"
+    mixed = [v for v in {n for n, _ in truth} if len({truth[(v, k)] for k in (0, 2, 3)}) > 1]
+    assert mixed, "some volume has B-scans of both classes, so a per-volume label would fail this test"
+    monkeypatch.setenv("FEDBONE_DATA_ROOT", str(tmp_path / "nowhere"))  # the data_root argument wins
+    (tmp_path / "site.toml").write_text(
+        f'name = "oct-edema"\nmodality = "oct"\n[data]\nsource = "manifest"\nmanifest = "{BSCAN_MANIFEST.as_posix()}"\n'
+        'image_size = 32\n[task]\ntype = "classification"\nnum_classes = 2\n[model]\nhead = "classification"\n'
+    )
+    data = load_site_data(load_site(tmp_path / "site.toml"), data_root=tmp_path)
+    assert (len(data.train), len(data.val)) == (18, 6), "3 graded B-scans x 2 eyes; 1 of 4 patients held out"
+    assert data.train.images.shape[1:] == (1, 32, 32) and data.split["val_subjects"] == 1
+    # find each loaded B-scan in the volumes and check it carries that B-scan's label
+    scans = {(name, k): read_nifti(tmp_path / "oct_edema" / "volumes" / name)[k] for name, k in truth}
+    for images, targets in ((data.train.images, data.train.targets), (data.val.images, data.val.targets)):
+        for x, y in zip(images, targets, strict=True):
+            (key,) = [key for key, scan in scans.items() if np.allclose(x[0].numpy(), scan, atol=1e-5)]
+            assert int(y) == truth[key], key
+    assert sorted(torch.cat([data.train.targets, data.val.targets]).tolist()) == sorted(truth.values())
+
+
+def test_per_bscan_label_problems_are_collected_or_raised(tmp_path):
+    from fedbone_med.data.pipeline import load_manifest
+
+    root = tmp_path / "oct_edema"
+    _write_bscan_set(root, n_patients=2)
+    csv_path = root / "bscan_labels.csv"
+    lines = csv_path.read_text().splitlines()
+    lines[1] = lines[1].replace("normal", "oedema?").replace("edema,", "oedema?,")  # unknown class
+    lines += ["P01_L.nii.gz,7,normal",  # beyond the volume's 4 B-scans
+              "P01_L.nii.gz,2,edema",  # the same B-scan twice
+              "P09_L.nii.gz,0,normal",  # no such volume
+              "P02_R.nii.gz,x,normal"]  # not an index
+    csv_path.write_text("\n".join(line for line in lines if not line.startswith("P02_L")) + "\n")  # P02_L unlabelled
+    m = load_manifest(BSCAN_MANIFEST)
+    problems: list[str] = []
+    samples = list_samples(m, data_root=tmp_path, problems=problems)
+    checks = ["row 2: label: not one of the declared classes", "row 11: B-scan index: outside the volume's 4",
+              "row 12: labels: the same B-scan is already labelled on row 3", "row 13: volume missing",
+              "row 14: B-scan index: not a non-negative integer", "P02_L.nii.gz: labels: the volume has no row"]
+    for check in checks:
+        assert sum(check in p for p in problems) == 1, (check, problems)
+    assert len(problems) == len(checks)
+    assert len(samples) == 3 * 3 - 1, "the good rows of the three labelled volumes are still listed"
+    assert all("oedema" not in p for p in problems), "label values are not echoed"
+    with pytest.raises(DataError) as e:  # training stops at the first, with the same message
+        list_samples(m, data_root=tmp_path)
+    assert str(e.value) == problems[0]
+
+
+def test_bscan_column_needs_volumes():
+    with pytest.raises(ConfigError, match="bscan_column labels B-scans of OCT volumes"):
+        from_mapping(Manifest, {"name": "c", "kind": "classification", "root": "r",
+                                "labels_csv": {"file": "l.csv", "image_column": "f", "label_column": "y",
+                                               "bscan_column": "b"}}, where="m")
+
+
+def test_named_classes_must_match_the_site_task(tmp_path, monkeypatch):
+    _write_bscan_set(tmp_path / "oct_edema", n_patients=2)
+    monkeypatch.setenv("FEDBONE_DATA_ROOT", str(tmp_path))
+    (tmp_path / "site.toml").write_text(
+        f'name = "oct-edema"\nmodality = "oct"\n[data]\nsource = "manifest"\nmanifest = "{BSCAN_MANIFEST.as_posix()}"\n'
+        'image_size = 32\n[task]\ntype = "classification"\nnum_classes = 3\n[model]\nhead = "classification"\n'
+    )
+    with pytest.raises(ConfigError, match="provides classification, num_classes = 2; the \\[task\\] table says"):
+        load_site_data(load_site(tmp_path / "site.toml"))

@@ -16,7 +16,15 @@ import pytest
 from PIL import Image
 from pydicom.encaps import encapsulate
 from pydicom.pixels import convert_color_space, get_decoder
-from pydicom.uid import JPEG2000, JPEGLSLossless
+from pydicom.uid import (
+    JPEG2000,
+    HTJ2KLossless,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    RLELossless,
+)
 
 from fedbone_med.data import readers
 from fedbone_med.data.phantom_io import (
@@ -286,6 +294,107 @@ def test_dicom_jpegls_has_no_decoder_here(tmp_path: Path, fundus) -> None:
     _no_patient(str(e.value))
 
 
+# --------------------------------------------------------------------------- compressed DICOM, built here
+def _pillow_frames(frames: np.ndarray, fmt: str, **params) -> list[bytes]:
+    """Each (H, W) or (H, W, 3) uint8 frame as one compressed codestream written by Pillow."""
+    import io
+
+    out = []
+    for f in frames:
+        buf = io.BytesIO()
+        Image.fromarray(f).save(buf, fmt, **params)
+        out.append(buf.getvalue())
+    return out
+
+
+def _recompress(src: Path, dst: Path, ts, fragments: list[bytes], photometric: str | None = None) -> Path:
+    """``src`` with its pixel data replaced by encapsulated ``fragments`` (one per frame) under ``ts``."""
+    ds = pydicom.dcmread(src)
+    ds.file_meta.TransferSyntaxUID = ts
+    ds.PixelData = encapsulate(fragments)
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    if photometric is not None:
+        ds.PhotometricInterpretation = photometric
+    ds.save_as(dst, enforce_file_format=True)
+    return dst
+
+
+def test_dicom_rle_lossless_matches_uncompressed_exactly(tmp_path: Path, fundus, octs) -> None:
+    """RLE Lossless, encoded and decoded by pydicom itself (no plugin needed)."""
+    assert get_decoder(RLELossless).is_available
+    for write, data in ((write_fundus_dicom, fundus), (write_oct_dicom, octs)):
+        plain = write(data, tmp_path / "plain.dcm", patient_id=PATIENT_ID)
+        ds = pydicom.dcmread(plain)
+        ds.compress(RLELossless)
+        ds.save_as(tmp_path / "rle.dcm")
+        assert pydicom.dcmread(tmp_path / "rle.dcm").file_meta.TransferSyntaxUID == RLELossless
+        im, ref = read_dicom(tmp_path / "rle.dcm"), read_dicom(plain)
+        assert im.transfer_syntax == "RLE Lossless" and im.frames == ref.frames
+        np.testing.assert_array_equal(im.pixels, ref.pixels)
+    np.testing.assert_array_equal(read_dicom(tmp_path / "rle.dcm", frame=3).pixels, ref.pixels[3])
+
+
+def test_dicom_jpeg2000_lossless_via_pillow_matches_exactly(tmp_path: Path, octs) -> None:
+    """JPEG 2000 (reversible wavelet) written by Pillow's OpenJPEG, decoded through pydicom's Pillow plugin."""
+    if not get_decoder(JPEG2000Lossless).is_available:
+        pytest.fail("pydicom should decode JPEG 2000 through Pillow here; check Pillow's OpenJPEG support")
+    stack = np.stack([to_uint8(o.image) for o in octs])
+    plain = write_oct_dicom(octs, tmp_path / "plain.dcm", patient_id=PATIENT_ID)
+    frames = _pillow_frames(stack, "JPEG2000", irreversible=False, no_jp2=True)
+    p = _recompress(plain, tmp_path / "j2k.dcm", JPEG2000Lossless, frames)
+    im = read_dicom(p)
+    assert im.transfer_syntax == "JPEG 2000 Image Compression (Lossless Only)" and im.frames == 4
+    np.testing.assert_array_equal(im.pixels, read_dicom(plain).pixels)
+
+
+def test_dicom_jpeg_baseline_via_pillow_is_close(tmp_path: Path, fundus, octs) -> None:
+    """Lossy JPEG Baseline: colour photographs (YBR_FULL_422, as cameras write them) and grey OCT
+    frames decode close to the uncompressed pixels."""
+    if not get_decoder(JPEGBaseline8Bit).is_available:
+        pytest.fail("pydicom should decode JPEG Baseline through Pillow here")
+    # colour: Pillow stores YCbCr with 4:2:2 chroma subsampling
+    plain = write_fundus_dicom(fundus, tmp_path / "op.dcm", patient_id=PATIENT_ID)
+    ref = read_dicom(plain).pixels
+    frames = _pillow_frames(to_uint8(fundus.image)[None], "JPEG", quality=95, subsampling=1)
+    im = read_dicom(_recompress(plain, tmp_path / "jpg.dcm", JPEGBaseline8Bit, frames, "YBR_FULL_422"))
+    assert im.pixels.shape == ref.shape == (48, 48, 3) and im.photometric == "YBR_FULL_422"
+    err = np.abs(im.pixels - ref)
+    assert float(err.mean()) < 6 / 255 and float(err.max()) < 64 / 255, (err.mean() * 255, err.max() * 255)
+    # the colours are right (not swapped channels or undone YCbCr): per-channel means match
+    np.testing.assert_allclose(im.pixels.mean(axis=(0, 1)), ref.mean(axis=(0, 1)), atol=2 / 255)
+    # grey, multi-frame
+    stack = np.stack([to_uint8(o.image) for o in octs])
+    plain = write_oct_dicom(octs, tmp_path / "oct.dcm", patient_id=PATIENT_ID)
+    ref = read_dicom(plain).pixels
+    im = read_dicom(_recompress(plain, tmp_path / "ojpg.dcm", JPEGBaseline8Bit, _pillow_frames(stack, "JPEG",
+                                                                                                  quality=95)))
+    assert im.pixels.shape == ref.shape == (4, 32, 40)
+    err = np.abs(im.pixels - ref)
+    assert float(err.mean()) < 3 / 255 and float(err.max()) < 48 / 255
+    assert not np.array_equal(im.pixels, ref), "lossy, so not bit-exact: the JPEG path was really taken"
+
+
+@pytest.mark.parametrize(
+    ("ts", "packages"),
+    [
+        (JPEGLosslessSV1, ["python-gdcm", "pylibjpeg-libjpeg"]),  # what many OCT and fundus devices write
+        (JPEGLSLossless, ["python-gdcm", "pylibjpeg-libjpeg", "pyjpegls"]),
+        (HTJ2KLossless, ["pylibjpeg-openjpeg"]),
+    ],
+)
+def test_dicom_without_installed_decoder_names_the_packages(tmp_path: Path, fundus, ts, packages) -> None:
+    if get_decoder(ts).is_available:
+        pytest.skip(f"a decoder for {ts.name} is installed here")
+    with pytest.raises(DataError, match="cannot decode pixel data with transfer syntax") as e:
+        read_dicom(_encapsulated(tmp_path, fundus, ts))
+    msg = str(e.value)
+    assert f"'{ts.name}'" in msg and "install one of:" in msg
+    for package in packages:
+        assert package in msg, (package, msg)
+    _no_patient(msg)
+
+
 def test_dicom_corrupt_files(tmp_path: Path, fundus) -> None:
     p = write_fundus_dicom(fundus, tmp_path / "op.dcm", patient_id=PATIENT_ID)
     data = p.read_bytes()
@@ -410,7 +519,10 @@ def test_readers_module_is_lazy() -> None:
     import subprocess
     import sys
 
-    code = "import sys, fedbone_med.data.readers; print(any(m in sys.modules for m in ('nibabel', 'tifffile')))"
+    code = (
+        "import sys, fedbone_med.data.readers, fedbone_med.data.manifest, fedbone_med.data.check; "
+        "print(any(m in sys.modules for m in ('pydicom', 'nibabel', 'tifffile', 'monai', 'torch')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
     assert readers.READERS["nifti"] is read_nifti

@@ -27,7 +27,17 @@ GEOMETRIC = {
     "RandZoomd": {"prob": 1.0, "min_zoom": 0.8, "max_zoom": 1.3, "mode": "nearest"},
     "RandAffined": {"prob": 1.0, "rotate_range": 0.5, "translate_range": [4, 4], "scale_range": 0.2,
                     "mode": "nearest", "padding_mode": "zeros"},
+    "RandSpatialCropd": {"roi_size": [30, 36], "random_size": False},
+    # deterministic geometry: sizes that change the array so that a misaligned mask would show
+    "Resized": {"spatial_size": [60, 44], "mode": "nearest"},
+    "SpatialPadd": {"spatial_size": [56, 60]},
+    "CenterSpatialCropd": {"roi_size": [40, 36]},
+    "ResizeWithPadOrCropd": {"spatial_size": [40, 60]},
 }
+INTENSITY_ONLY = {"EnsureChannelFirstd", "ScaleIntensityd", "ScaleIntensityRanged", "ScaleIntensityRangePercentilesd",
+                  "NormalizeIntensityd", "CastToTyped", "EnsureTyped", "RandAdjustContrastd", "RandGaussianNoised",
+                  "RandGaussianSmoothd", "RandScaleIntensityd", "RandShiftIntensityd"}
+ALBU_INTENSITY_ONLY = {"RandomBrightnessContrast", "CLAHE", "GaussNoise", "HueSaturationValue", "RandomGamma"}
 ALBU_GEOMETRIC = [
     {"name": "HorizontalFlip", "p": 1.0},
     {"name": "VerticalFlip", "p": 1.0},
@@ -36,6 +46,13 @@ ALBU_GEOMETRIC = [
     {"name": "Affine", "rotate": [-30, 30], "translate_percent": [-0.1, 0.1], "scale": [0.8, 1.2],
      "interpolation": 0, "p": 1.0},
 ]
+
+
+def test_every_allowed_geometric_transform_is_in_the_alignment_tests():
+    from fedbone_med.data.transforms import _ALBU_ALLOWED, _MONAI_ALLOWED
+
+    assert set(_MONAI_ALLOWED) - INTENSITY_ONLY == set(GEOMETRIC)
+    assert set(_ALBU_ALLOWED) - ALBU_INTENSITY_ONLY == {op["name"] for op in ALBU_GEOMETRIC}
 
 
 @pytest.mark.parametrize("name", sorted(GEOMETRIC))
@@ -90,6 +107,10 @@ def test_fundus_fov_crop_is_square_and_keeps_the_field():
     h, w = np.asarray(out["image"]).shape[1:]
     assert h == w and abs(h - 96) <= 6
     assert int(np.asarray(out["label"]).sum()) == int(ph.vessels.sum()), "the crop must not cut vessels"
+    # aligned: a mask computed from the image before the crop equals the one computed after it
+    bright = (framed.mean(axis=0) > 0.3).astype(np.uint8)[None]
+    out = build_transforms([{"name": "FundusFOVCropd", "keys": ["image", "label"]}])({"image": framed, "label": bright})
+    np.testing.assert_array_equal(np.asarray(out["label"])[0], np.asarray(out["image"]).mean(axis=0) > 0.3)
 
 
 def test_clahe_and_speckle_run_and_stay_in_range():

@@ -1,18 +1,25 @@
 """``fedbone-site check-data``: find every problem in a site's data before training starts.
 
 :func:`check_site_data` walks a site's dataset once, one file at a time, and collects every
-problem instead of stopping at the first: the manifest against the site's ``[task]`` table,
-files that are missing or unreadable, masks of the wrong size, "binary" masks that are not
-binary, class ids and labels out of range, blank images and empty masks (warnings), identical
-image files (a warning; an error across splits, which leaks between them) and subjects found in
-more than one split (an error). It also gathers per-split counts and label / class-pixel
-distributions. Messages name the file and the check that failed; they never hold pixel values,
-label values or patient data beyond the file paths the administrator configured.
+problem instead of stopping at the first. The file list comes from the manifest's own listing
+(:func:`~fedbone_med.data.manifest.list_samples` with a ``problems`` list), so check-data and
+training agree on what the data set is: missing images, masks and label volumes, bad label-CSV
+rows (unknown class, not an integer, duplicate, B-scan index out of range, volume without
+labels), files the split file does not place and subjects in more than one split are all
+listing problems. Then every file is read: unreadable or corrupt images, DICOM and NIfTI files
+(wrong number of dimensions, no pixel data, undecodable compression), masks whose size differs
+from their image, label volumes whose shape differs from their volume, "binary" masks that are
+not binary, class ids and labels out of range, the same pixels in two splits (content hash; an
+error) are errors; blank images, empty masks, duplicates within a split, size outliers and
+masks without an image are warnings. Every manifest kind is covered: image folders with masks,
+labels CSVs, class folders, npz archives and OCT volumes (NIfTI or multi-frame DICOM, with
+label volumes or per-volume / per-B-scan labels). It also gathers per-split counts, label and
+class-pixel distributions and image sizes. Messages name the file and the check that failed;
+they never hold pixel values, label values or DICOM header values.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
@@ -21,10 +28,18 @@ from typing import Any
 
 import numpy as np
 
-from ..checkpoint import file_sha256
 from ..config import SiteConfig
 from ..errors import ConfigError, DataError
-from .manifest import Manifest, Sample, resolve_root, seeded_subject_split, subject_of
+from .manifest import (
+    Manifest,
+    MaskSpec,
+    Sample,
+    assign_splits,
+    list_unsplit,
+    orphan_masks,
+    reason,
+    resolve_root,
+)
 
 
 @dataclass
@@ -55,7 +70,10 @@ class DataReport:
         lines.append(f"WARNINGS ({len(self.warnings)}):" if self.warnings else "warnings: none")
         lines += [f"  - {w}" for w in self.warnings]
         for name, sp in s.get("splits", {}).items():
-            parts = [f"{sp.get('images', 0)} images"]
+            if "volumes" in sp:
+                parts = [f"{sp.get('images', 0)} B-scans in {sp['volumes']} volumes"]
+            else:
+                parts = [f"{sp.get('images', 0)} images"]
             if "subjects" in sp:
                 parts.append(f"{sp['subjects']} subjects")
             for key in ("blank_images", "empty_masks"):
@@ -74,6 +92,10 @@ class DataReport:
                     "    foreground fractions: "
                     + ", ".join(f"{k}: {v:.4f}" for k, v in sp["foreground_fraction"].items())
                 )
+        if s.get("image_sizes"):
+            size = s["image_sizes"]
+            lines.append("image sizes (width x height): " + ", ".join(
+                f"{k} {v[0]:g}x{v[1]:g}" for k, v in size.items()))
         if s.get("duplicate_groups"):
             lines.append(f"duplicate image groups: {s['duplicate_groups']}")
         verdict = "FAILED" if self.errors else "OK"
@@ -150,76 +172,10 @@ def _check_phantom(cfg: SiteConfig, report: DataReport) -> None:
 
 
 # --------------------------------------------------------------------------- file-based manifests
-def _list_samples(m: Manifest, root: Path, report: DataReport) -> list[Sample]:
-    """Every sample the manifest names, recording (not raising) per-file problems."""
-    if m.kind == "classification":
-        from .manifest import _classification_samples
-
-        try:
-            return _classification_samples(m, root)
-        except (ConfigError, DataError) as exc:
-            report.errors.append(f"labels: {exc}")
-            return []
-    if m.images is None:
-        report.errors.append(f"dataset '{m.name}': a segmentation manifest needs [dataset.images]")
-        return []
-    folder = root / m.images.folder
-    files = sorted(p for p in folder.glob(m.images.pattern) if p.is_file())
-    if not files:
-        report.errors.append(f"{folder}: image listing: no images matching {m.images.pattern!r}")
-    out = []
-    for f in files:
-        try:
-            subject = subject_of(f.name, m.images.subject)
-        except DataError as exc:
-            report.errors.append(f"{f}: subject: {exc}")
-            subject = f.stem
-        masks = tuple(root / spec.folder / spec.name.format(stem=f.stem, name=f.name) for spec in m.masks)
-        out.append(Sample(f, subject, masks))
-    return out
-
-
-def _assign_splits(m: Manifest, root: Path, samples: list[Sample], report: DataReport) -> list[Sample]:
-    s = m.split
-    if s.file is None:
-        table = seeded_subject_split([x.subject for x in samples], s.val_fraction, s.test_fraction, s.seed)
-        return [Sample(x.image, x.subject, x.masks, x.label, table[x.subject]) for x in samples]
-    path = root / s.file
-    if not path.is_file():
-        report.errors.append(f"{path}: split file: not found")
-        return []
-    with path.open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    if rows and not {s.file_column, s.split_column} <= set(rows[0]):
-        report.errors.append(f"{path}: split file: needs columns {s.file_column!r} and {s.split_column!r}")
-        return []
-    split_of = {r[s.file_column]: s.rename.get(r[s.split_column], r[s.split_column]) for r in rows}
-    out = []
-    for x in samples:
-        split = split_of.get(x.image.name, split_of.get(x.subject))
-        if split is None:
-            report.errors.append(f"{x.image}: split: the image (and its subject) is not in the split file {path}")
-            continue
-        out.append(Sample(x.image, x.subject, x.masks, x.label, split))
-    return out
-
-
-def _check_subject_leaks(samples: list[Sample], report: DataReport) -> None:
-    by_subject: dict[str, dict[str, Path]] = {}
-    for x in samples:
-        by_subject.setdefault(x.subject, {}).setdefault(x.split, x.image)
-    for per_split in by_subject.values():
-        if len(per_split) > 1:
-            files = "; ".join(f"{k}: {v}" for k, v in sorted(per_split.items()))
-            report.errors.append(
-                f"subject leak: one subject's images are in {len(per_split)} splits ({files}); "
-                "fix the split file or split by subject"
-            )
-
-
 @dataclass
 class _SplitStats:
-    images: int = 0
+    images: int = 0  # samples: images, or B-scans of volumes
+    volumes: set[Path] = field(default_factory=set)
     subjects: set[str] = field(default_factory=set)
     blank: int = 0
     empty: int = 0
@@ -229,67 +185,86 @@ class _SplitStats:
     total_pixels: int = 0
 
 
-def _mask_problems(cfg: SiteConfig, m: Manifest, sample: Sample, image_shape: tuple[int, ...] | None,
-                   st: _SplitStats, report: DataReport) -> None:
-    from .pipeline import _color_map
-    from .readers import read_image, read_mask
+def _digest(a: np.ndarray) -> str:
+    """Content hash of decoded pixels (so a re-saved or re-exported copy is still found)."""
+    h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
+    h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
 
-    t = cfg.task
-    multilabel = len(m.masks) > 1
-    empty_all = True
-    read_all = True
-    for i, (spec, path) in enumerate(zip(m.masks, sample.masks, strict=True)):
-        if not path.is_file():
-            report.errors.append(f"{path}: mask missing (image {sample.image.name})")
-            read_all = False
-            continue
-        try:
-            if spec.kind == "color":
-                mask = read_mask(path, kind="color", color_map=_color_map(spec.colors), unknown=spec.unknown)
-            elif spec.kind == "index":
-                mask = read_mask(path, kind="index")
-            else:
-                raw = read_image(path, mode="keep", raw=True)
-                flat = raw.max(axis=2) if raw.ndim == 3 else raw
-                n_values = (np.count_nonzero(np.bincount(flat.ravel(), minlength=2)) if flat.dtype.kind in "bu"
-                            and flat.dtype.itemsize == 1 else len(np.unique(flat)))
-                del raw, flat
-                if n_values > 2:
-                    report.errors.append(
-                        f"{path}: binary mask: holds {n_values} distinct values, expected at most 2 "
-                        "(background and foreground); re-export it as a 0/1 or 0/255 mask"
-                    )
-                    read_all = False
-                    continue
-                mask = read_mask(path, kind="binary", threshold=spec.threshold)
-        except DataError as exc:
-            report.errors.append(f"{path}: mask read: {exc}")
-            read_all = False
-            continue
-        if image_shape is not None and mask.shape != image_shape:
-            report.errors.append(
-                f"{path}: mask size: mask is {mask.shape[1]}x{mask.shape[0]} pixels, "
-                f"its image {sample.image.name} is {image_shape[1]}x{image_shape[0]}"
-            )
-            read_all = False
-            continue
+
+def _read_photo_raw(path: Path) -> np.ndarray:
+    """The pixels of one 2-D image (raster, or a single-frame DICOM), in stored units for raster."""
+    from .readers import detect_format, read_dicom, read_image
+
+    if detect_format(path) == "dicom":
+        image = read_dicom(path)
+        if image.frames > 1:
+            raise DataError(f"{path}: a multi-frame DICOM holds a volume; list its B-scans with [dataset.volumes]")
+        return image.pixels
+    return read_image(path, mode="keep", raw=True)
+
+
+def _read_failure(path: Path, check: str, exc: Exception) -> str:
+    if isinstance(exc, DataError):
+        return f"{path}: {check}: {reason(exc, path)}"
+    # not one of the readers' own messages, which might quote file content: name the type only
+    return f"{path}: {check}: unexpected {type(exc).__name__} from the reader; the file may be corrupt"
+
+
+def _distinct(a: np.ndarray) -> int:
+    if a.dtype == np.uint8:
+        return int(np.count_nonzero(np.bincount(a.ravel(), minlength=2)))
+    return len(np.unique(a))
+
+
+class _FileChecker:
+    """One pass over the samples of a file-based manifest, one file in memory at a time."""
+
+    def __init__(self, cfg: SiteConfig, m: Manifest, report: DataReport) -> None:
+        self.cfg, self.m, self.report = cfg, m, report
+        self.stats: dict[str, _SplitStats] = {}
+        self.hashes: dict[str, list[tuple[Path, str]]] = {}  # content hash -> [(file, split)]
+        self.sizes: list[tuple[str, int, int]] = []  # (file, height, width)
+        self.checked = 0
+
+    def error(self, msg: str) -> None:
+        self.report.errors.append(msg)
+
+    def warn(self, msg: str) -> None:
+        self.report.warnings.append(msg)
+
+    def split(self, x: Sample) -> _SplitStats:
+        st = self.stats.setdefault(x.split, _SplitStats())
+        st.images += 1
+        st.subjects.add(x.subject)
+        return st
+
+    # ------------------------------------------------------------------ shared checks
+    def label_ok(self, x: Sample, st: _SplitStats) -> bool:
+        if x.label is None:
+            return True
+        st.labels[x.label] += 1
+        return 0 <= x.label < self.cfg.task.num_classes
+
+    def tally(self, i: int, spec: MaskSpec, mask: np.ndarray, where: str, st: _SplitStats) -> int | None:
+        """Class-range check and class statistics of one (H, W) mask; None if it failed the check."""
+        t = self.cfg.task
         n_fg = int(np.count_nonzero(mask))
         if spec.kind in ("index", "color"):
             counts = np.bincount(mask.ravel(), minlength=t.num_classes)
-            n_bad = int(counts[t.num_classes:].sum()) if t.mode == "multiclass" else 0
+            n_bad = int(counts[t.num_classes :].sum()) if t.mode == "multiclass" else 0
             if n_bad:
-                report.errors.append(
-                    f"{path}: class range: {n_bad} pixel(s) have class ids outside 0..{t.num_classes - 1} "
-                    "(task.num_classes)"
-                )
-                read_all = False
-                continue
+                self.error(f"{where}: class range: {n_bad} pixel(s) have class ids outside 0..{t.num_classes - 1} "
+                           "(task.num_classes)")
+                return None
             if st.pixels is None:
                 st.pixels = np.zeros(max(t.num_classes, len(counts)), np.int64)
+            elif len(counts) > len(st.pixels):
+                st.pixels = np.pad(st.pixels, (0, len(counts) - len(st.pixels)))
             st.pixels[: len(counts)] += counts
-        elif multilabel:
+        elif len(self.m.masks) > 1:
             if st.foreground is None:
-                st.foreground = [0] * len(m.masks)
+                st.foreground = [0] * len(self.m.masks)
             st.foreground[i] += n_fg
         else:
             if st.pixels is None:
@@ -297,67 +272,226 @@ def _mask_problems(cfg: SiteConfig, m: Manifest, sample: Sample, image_shape: tu
             st.pixels += (mask.size - n_fg, n_fg)
         if i == 0:
             st.total_pixels += mask.size
-        empty_all = empty_all and n_fg == 0
-        del mask
-    if read_all and empty_all and sample.masks:
-        st.empty += 1
-        report.warnings.append(f"{sample.masks[0]}: empty mask: no foreground pixels (image {sample.image.name})")
+        return n_fg
+
+    def remember(self, digest: str, path: Path, split: str) -> None:
+        self.hashes.setdefault(digest, []).append((path, split))
+
+    # ------------------------------------------------------------------ 2-D images
+    def photo(self, x: Sample) -> None:
+
+        st = self.split(x)
+        if not self.label_ok(x, st):
+            t = self.cfg.task
+            self.error(f"{x.image}: label range: label outside 0..{t.num_classes - 1} (task.num_classes)")
+        shape: tuple[int, ...] | None = None
+        try:
+            img = _read_photo_raw(x.image)
+        except Exception as exc:  # a reader bug or an odd file must not stop check-data
+            self.error(_read_failure(x.image, "image read", exc))
+        else:
+            self.checked += 1
+            shape = img.shape[:2]
+            self.sizes.append((str(x.image), shape[0], shape[1]))
+            if img.size == 0 or img.min() == img.max():
+                st.blank += 1
+                self.warn(f"{x.image}: blank image: every pixel has the same value")
+            else:
+                self.remember(_digest(img), x.image, x.split)
+            del img
+        if self.m.kind == "segmentation":
+            self.masks_2d(x, shape, st)
+
+    def read_mask_2d(self, spec: MaskSpec, path: Path) -> np.ndarray | None:
+        from .pipeline import _color_map
+        from .readers import read_image, read_mask
+
+        try:
+            if spec.kind == "color":
+                return read_mask(path, kind="color", color_map=_color_map(spec.colors), unknown=spec.unknown)
+            if spec.kind == "index":
+                return read_mask(path, kind="index")
+            raw = read_image(path, mode="keep", raw=True)
+            n_values = _distinct(raw.max(axis=2) if raw.ndim == 3 else raw)
+            del raw
+            if n_values > 2:
+                self.error(f"{path}: binary mask: holds {n_values} distinct values, expected at most 2 "
+                           "(background and foreground); re-export it as a 0/1 or 0/255 mask")
+                return None
+            return read_mask(path, kind="binary", threshold=spec.threshold)
+        except Exception as exc:  # a reader bug or an odd file must not stop check-data
+            self.error(_read_failure(path, "mask read", exc))
+            return None
+
+    def masks_2d(self, x: Sample, image_shape: tuple[int, ...] | None, st: _SplitStats) -> None:
+        read_all, empty_all = True, True
+        for i, (spec, path) in enumerate(zip(self.m.masks, x.masks, strict=True)):
+            if not path.is_file():  # reported by the listing
+                read_all = False
+                continue
+            self.checked += 1
+            mask = self.read_mask_2d(spec, path)
+            if mask is None:
+                read_all = False
+                continue
+            if image_shape is not None and mask.shape != image_shape:
+                self.error(f"{path}: mask size: mask is {mask.shape[1]}x{mask.shape[0]} pixels, "
+                           f"its image {x.image.name} is {image_shape[1]}x{image_shape[0]}")
+                read_all = False
+                continue
+            n_fg = self.tally(i, spec, mask, str(path), st)
+            if n_fg is None:
+                read_all = False
+                continue
+            empty_all = empty_all and n_fg == 0
+        if read_all and empty_all and x.masks:
+            st.empty += 1
+            self.warn(f"{x.masks[0]}: empty mask: no foreground pixels (image {x.image.name})")
+
+    # ------------------------------------------------------------------ OCT volumes
+    def label_volume(self, spec: MaskSpec, path: Path, shape: tuple[int, ...] | None) -> np.ndarray | None:
+        from .readers import read_nifti_labels
+
+        assert self.m.volumes is not None
+        if not path.is_file():  # reported by the listing
+            return None
+        self.checked += 1
+        try:
+            lab = read_nifti_labels(path, axis=self.m.volumes.axis)
+        except Exception as exc:  # a reader bug or an odd file must not stop check-data
+            self.error(_read_failure(path, "label volume read", exc))
+            return None
+        if shape is not None and lab.shape != shape:
+            self.error(f"{path}: label volume shape: {'x'.join(map(str, lab.shape))} (B-scans x rows x columns) "
+                       f"differs from its volume's {'x'.join(map(str, shape))}")
+            return None
+        t = self.cfg.task
+        if spec.kind == "binary":
+            n_values = _distinct(lab)
+            if n_values > 2:
+                self.error(f"{path}: binary mask: holds {n_values} distinct values, expected at most 2 "
+                           "(background and foreground)")
+                return None
+        elif t.mode == "multiclass":
+            n_bad = int(np.count_nonzero(lab >= t.num_classes))
+            if n_bad:
+                self.error(f"{path}: class range: {n_bad} voxel(s) have class ids outside 0..{t.num_classes - 1} "
+                           "(task.num_classes)")
+                return None
+        return lab
+
+    def volume(self, path: Path, samples: list[Sample]) -> None:
+        from .pipeline import read_volume
+
+        assert self.m.volumes is not None
+        vol: np.ndarray | None = None
+        try:
+            vol = read_volume(path, self.m.volumes.axis)  # (N, H, W)
+        except Exception as exc:  # a reader bug or an odd file must not stop check-data
+            self.error(_read_failure(path, "volume read", exc))
+        else:
+            self.checked += 1
+            self.sizes.append((str(path), vol.shape[1], vol.shape[2]))
+        labels = [self.label_volume(spec, p, None if vol is None else vol.shape)
+                  for spec, p in zip(self.m.masks, samples[0].masks, strict=True)]
+        have_labels = self.m.kind == "segmentation" and all(lab is not None for lab in labels)
+        bad_labels, outside, blank, empty = 0, 0, 0, 0
+        for x in samples:
+            st = self.split(x)
+            st.volumes.add(path)
+            bad_labels += not self.label_ok(x, st)
+            k = int(x.frame or 0)
+            if vol is None:
+                continue
+            if k >= vol.shape[0]:
+                outside += 1
+                continue
+            scan = vol[k]
+            if scan.min() == scan.max():
+                blank += 1
+                st.blank += 1
+            else:
+                self.remember(_digest(scan), path, x.split)
+            if not have_labels:
+                continue
+            n_fg = 0
+            for i, (spec, lab) in enumerate(zip(self.m.masks, labels, strict=True)):
+                assert lab is not None
+                plane = (lab[k] > spec.threshold).astype(np.uint8) if spec.kind == "binary" else lab[k]
+                n_fg += self.tally(i, spec, plane, f"{path} B-scan {k}", st) or 0
+            if n_fg == 0:
+                empty += 1
+                st.empty += 1
+        n = len(samples)
+        if bad_labels:
+            t = self.cfg.task
+            self.error(f"{path}: label range: {bad_labels} of {n} B-scan label(s) outside 0..{t.num_classes - 1} "
+                       "(task.num_classes)")
+        if outside and vol is not None:
+            self.error(f"{path}: B-scan index: {outside} labelled B-scan(s) beyond the volume's {vol.shape[0]}")
+        if blank:
+            self.warn(f"{path}: blank B-scans: {blank} of {n} B-scan(s) have every pixel the same value")
+        if have_labels and empty == n:
+            self.warn(f"{path}: empty labels: no foreground in any of the volume's {n} B-scan(s)")
+
+    # ------------------------------------------------------------------ across files
+    def finish(self) -> None:
+        # one message per set of files that share pixels (for volumes: how many B-scans they share)
+        shared: dict[tuple[tuple[Path, str], ...], int] = {}
+        for group in self.hashes.values():
+            if len(group) > 1:  # for volumes, may be one file (identical B-scans within it)
+                files = tuple(sorted(set(group)))
+                shared[files] = shared.get(files, 0) + 1
+        for files, n in shared.items():
+            splits = sorted({s for _, s in files})
+            listing = ", ".join(f"{f} ({s})" for f, s in files)
+            if self.m.volumes is not None:
+                listing += f": {n} identical B-scan(s)"
+            if len(splits) > 1:
+                self.error(f"duplicate images across splits (leaks between {' and '.join(splits)}): {listing}")
+            else:
+                self.warn(f"duplicate images (identical pixels): {listing}")
+        if len(self.sizes) >= 3:
+            mh = float(np.median([h for _, h, _ in self.sizes]))
+            mw = float(np.median([w for _, _, w in self.sizes]))
+            for f, h, w in self.sizes:
+                if not (0.5 <= h / mh <= 2 and 0.5 <= w / mw <= 2):
+                    self.warn(f"{f}: size outlier: {w}x{h} pixels, the median is {mw:g}x{mh:g}; check it is the "
+                              "right kind of image")
+        r = self.report.stats
+        if self.sizes:
+            hs, ws = [h for _, h, _ in self.sizes], [w for _, _, w in self.sizes]
+            r["image_sizes"] = {"min": [min(ws), min(hs)], "median": [float(np.median(ws)), float(np.median(hs))],
+                               "max": [max(ws), max(hs)]}
+        r["files_checked"] = self.checked
+        r["duplicate_groups"] = len(shared)
+        r["splits"] = {name: _split_dict(self.cfg, self.m, st) for name, st in sorted(self.stats.items())}
 
 
 def _check_files(cfg: SiteConfig, m: Manifest, root: Path, report: DataReport) -> None:
-    from .readers import read_image
-
-    samples = _assign_splits(m, root, _list_samples(m, root, report), report)
-    _check_subject_leaks(samples, report)
-    stats: dict[str, _SplitStats] = {}
-    hashes: dict[str, list[Sample]] = {}
-    t = cfg.task
-    checked = 0
-    for x in samples:
-        st = stats.setdefault(x.split, _SplitStats())
-        st.images += 1
-        st.subjects.add(x.subject)
-        shape: tuple[int, ...] | None = None
-        if not x.image.is_file():
-            report.errors.append(f"{x.image}: image missing")
-        else:
-            checked += 1
-            hashes.setdefault(file_sha256(x.image), []).append(x)
-            try:
-                img = read_image(x.image, mode="keep", raw=True)
-                shape = img.shape[:2]
-                if img.size == 0 or img.min() == img.max():
-                    st.blank += 1
-                    report.warnings.append(f"{x.image}: blank image: every pixel has the same value")
-                del img
-            except DataError as exc:
-                report.errors.append(f"{x.image}: image read: {exc}")
-        if m.kind == "classification":
-            if x.label is not None:
-                st.labels[x.label] += 1
-                if not 0 <= x.label < t.num_classes:
-                    report.errors.append(
-                        f"{x.image}: label range: label outside 0..{t.num_classes - 1} (task.num_classes)"
-                    )
-        else:
-            checked += sum(p.is_file() for p in x.masks)
-            _mask_problems(cfg, m, x, shape, st, report)
-    for group in hashes.values():
-        if len(group) < 2:
-            continue
-        splits = sorted({x.split for x in group})
-        listing = ", ".join(f"{x.image} ({x.split})" for x in group)
-        if len(splits) > 1:
-            report.errors.append(f"duplicate images across splits (leaks between {' and '.join(splits)}): {listing}")
-        else:
-            report.warnings.append(f"duplicate images (identical files): {listing}")
-    report.stats["files_checked"] = checked
-    report.stats["duplicate_groups"] = sum(len(g) > 1 for g in hashes.values())
-    report.stats["splits"] = {name: _split_dict(cfg, m, st) for name, st in sorted(stats.items())}
+    """The manifest's own listing (collecting its problems), then every file it names."""
+    problems: list[str] = []
+    samples = assign_splits(m, root, list_unsplit(m, root, problems), problems)
+    report.errors += problems
+    for p in orphan_masks(m, root):
+        report.warnings.append(f"{p}: orphan mask: no image in the image folder has this mask name")
+    checker = _FileChecker(cfg, m, report)
+    if m.volumes is not None:
+        by_volume: dict[Path, list[Sample]] = {}
+        for x in samples:
+            by_volume.setdefault(x.image, []).append(x)
+        for path, xs in by_volume.items():
+            checker.volume(path, xs)
+    else:
+        for x in samples:
+            checker.photo(x)
+    checker.finish()
 
 
 def _split_dict(cfg: SiteConfig, m: Manifest, st: _SplitStats) -> dict[str, Any]:
     out: dict[str, Any] = {"images": st.images, "subjects": len(st.subjects), "blank_images": st.blank}
+    if m.volumes is not None:
+        out["volumes"] = len(st.volumes)
     if m.kind == "classification":
         out["labels"] = {str(k): v for k, v in sorted(st.labels.items())}
         return out

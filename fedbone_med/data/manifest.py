@@ -6,12 +6,20 @@ and their labels in one of the layouts hospital data arrives in:
 * segmentation: an image folder and one or more mask folders matched by file name
   (``{stem}`` is the image name without extension), each mask binary, palette-indexed or
   colour-coded;
-* classification: a labels CSV, one folder per class, or arrays in a NumPy archive.
+* classification: a labels CSV (integer class ids or class names), one folder per class, or
+  arrays in a NumPy archive;
+* OCT volumes (``[volumes]``: NIfTI, or multi-frame DICOM Ophthalmic Tomography), each B-scan
+  a sample: segmentation from label volumes of the same geometry, classification from a labels
+  CSV with one row per volume or, with ``bscan_column``, one row per B-scan
+  (``volume,bscan,label``; only B-scans with a row are samples).
 
 Every sample carries a *subject* (patient) id, taken from the file name by a regular
 expression or from a CSV column, so that a split never puts one patient in two parts.
 A manifest yields :class:`Sample` records (paths and ids, no pixels); reading and
 transforming them is the pipeline's job (:mod:`fedbone_med.data.pipeline`).
+
+:func:`list_samples` raises at the first problem (training) or, given a ``problems`` list,
+collects every problem and lists what it can (``fedbone-site check-data``, which reuses it).
 """
 
 from __future__ import annotations
@@ -71,10 +79,25 @@ class MaskSpec:
 
 @dataclass(frozen=True)
 class LabelsCSV:
+    """A CSV of labels: one row per image, per OCT volume, or per B-scan of a volume.
+
+    ``image_column`` names the file (relative to the CSV's folder; for volumes, the volume's
+    file name). With ``bscan_column`` (volume manifests only) each row labels one B-scan
+    (0-based index along the volume's B-scan axis) and only the B-scans with a row become
+    samples. Labels are integer class ids, or names from ``classes`` (class id = position).
+    """
+
     file: str
     image_column: str
     label_column: str
     subject_column: str | None = None
+    bscan_column: str | None = None
+    classes: tuple[str, ...] = ()
+
+    def validate(self) -> list[str]:
+        if len(set(self.classes)) != len(self.classes):
+            return ["classes: class names must be unique"]
+        return []
 
 
 @dataclass(frozen=True)
@@ -127,7 +150,12 @@ class Manifest:
         if self.volumes is not None and any(m.kind == "color" for m in self.masks):
             out.append("label volumes hold class ids: use kind = 'index' or 'binary' for their masks")
         if self.volumes is not None and self.kind == "classification" and self.labels_csv is None:
-            out.append("classification of volumes takes its labels from labels_csv (one label per volume)")
+            out.append(
+                "classification of volumes takes its labels from labels_csv (one row per volume, or one per "
+                "B-scan with bscan_column)"
+            )
+        if self.labels_csv is not None and self.labels_csv.bscan_column is not None and self.volumes is None:
+            out.append("labels_csv.bscan_column labels B-scans of OCT volumes: it needs [volumes]")
         return out
 
 
@@ -156,6 +184,32 @@ def resolve_root(manifest: Manifest, data_root: str | Path | None = None) -> Pat
     return root
 
 
+# --------------------------------------------------------------------------- listing
+class Problems:
+    """Where listing problems go: raised at the first one (``out`` None: training, so a bad
+    data set stops the run with the message check-data gives), or collected into ``out``
+    (``fedbone-site check-data``, which lists every problem at once).
+
+    Messages read ``WHERE: CHECK: REASON`` and name files, rows and checks, never pixel or
+    label values or DICOM header values.
+    """
+
+    def __init__(self, out: list[str] | None = None) -> None:
+        self.out = out
+
+    def __call__(self, message: str) -> None:
+        if self.out is None:
+            raise DataError(message)
+        self.out.append(message)
+
+
+def reason(exc: BaseException, path: Path) -> str:
+    """An exception's message without the leading ``PATH: `` that the readers put first."""
+    msg = str(exc)
+    prefix = f"{path}: "
+    return msg[len(prefix) :] if msg.startswith(prefix) else msg
+
+
 def subject_of(name: str, regex: str | None) -> str:
     """The subject (patient) id in a file name: group 1 of ``regex``, or the stem without one."""
     if regex is None:
@@ -166,54 +220,244 @@ def subject_of(name: str, regex: str | None) -> str:
     return m.group(1) if m.groups() else m.group(0)
 
 
-def _segmentation_samples(m: Manifest, root: Path) -> list[Sample]:
+def _subject(path: Path, regex: str | None, report: Problems) -> str:
+    try:
+        return subject_of(path.name, regex)
+    except DataError:
+        report(f"{path}: subject: the file name does not match the subject pattern {regex!r}")
+        return Path(path.name).stem
+
+
+def _glob(folder: Path, pattern: str, what: str, report: Problems) -> list[Path]:
+    if not folder.is_dir():
+        report(f"{folder}: {what} folder: not found")
+        return []
+    files = sorted(p for p in folder.glob(pattern) if p.is_file())
+    if not files:
+        report(f"{folder}: {what} folder: no files matching {pattern!r} (empty folder?)")
+    return files
+
+
+def volume_stem(path: Path) -> str:
+    """A volume's name without its extension(s): ``S01_L.nii.gz`` -> ``S01_L``."""
+    return path.name.split(".")[0]
+
+
+def mask_paths(m: Manifest, root: Path, image: Path) -> tuple[Path, ...]:
+    """The mask (or label volume) files that belong to ``image``, one per ``[[masks]]`` entry."""
+    stem = volume_stem(image) if m.volumes is not None else image.stem
+    return tuple(root / spec.folder / spec.name.format(stem=stem, name=image.name) for spec in m.masks)
+
+
+def orphan_masks(m: Manifest, root: Path) -> list[Path]:
+    """Files in the mask folders that fit a mask name pattern but belong to no image (or volume)
+    of the image folder."""
+    source = m.volumes or m.images
+    if source is None or not m.masks:
+        return []
+    folder = root / source.folder
+    images = [p for p in folder.glob(source.pattern) if p.is_file()] if folder.is_dir() else []
+    expected = {p for image in images for p in mask_paths(m, root, image)}
+    out = []
+    for spec in m.masks:
+        folder = root / spec.folder
+        if not folder.is_dir():
+            continue
+        regex = re.compile(re.escape(spec.name).replace(r"\{stem\}", ".+").replace(r"\{name\}", ".+") + r"\Z")
+        out += [p for p in sorted(folder.iterdir()) if p.is_file() and regex.match(p.name) and p not in expected]
+    return out
+
+
+@dataclass(frozen=True)
+class LabelRow:
+    row: int  # line number in the CSV (the header is line 1)
+    image: str
+    label: int
+    subject: str | None = None
+    bscan: int | None = None
+
+
+def _parse_label(value: str | None, spec: LabelsCSV) -> int | None:
+    v = (value or "").strip()
+    if spec.classes:
+        return spec.classes.index(v) if v in spec.classes else None
+    try:
+        return int(v)
+    except ValueError:
+        return None
+
+
+def read_labels_csv(m: Manifest, root: Path, report: Problems) -> tuple[Path, list[LabelRow]]:
+    """The rows of a manifest's labels CSV that parse; every bad row is reported."""
+    spec = m.labels_csv
+    if spec is None:
+        raise ConfigError(f"dataset '{m.name}': no labels_csv")
+    path = root / spec.file
+    if not path.is_file():
+        report(f"{path}: labels file: not found")
+        return path, []
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            rows = list(csv.DictReader(fh))
+    except (UnicodeDecodeError, csv.Error) as exc:
+        report(f"{path}: labels file: unreadable CSV ({type(exc).__name__})")
+        return path, []
+    if not rows:
+        report(f"{path}: labels file: no rows under the header")
+        return path, []
+    cols = set(rows[0])
+    need = {spec.image_column, spec.label_column} | {c for c in (spec.subject_column, spec.bscan_column) if c}
+    if not need <= cols:
+        has = sorted(c for c in cols if c)
+        report(f"{path}: labels file: missing column(s) {sorted(need - cols)}; the file has {has}")
+        return path, []
+    out: list[LabelRow] = []
+    seen: dict[tuple[str, int | None], int] = {}
+    for i, row in enumerate(rows):
+        line = i + 2
+        where = f"{path}: row {line}"
+        image = (row.get(spec.image_column) or "").strip()
+        if not image:
+            report(f"{where}: labels: the {spec.image_column!r} cell is empty")
+            continue
+        label = _parse_label(row.get(spec.label_column), spec)
+        if label is None:
+            what = "not one of the declared classes (labels_csv.classes)" if spec.classes else "not an integer class id"
+            report(f"{where}: label: {what}")
+            continue
+        bscan: int | None = None
+        if spec.bscan_column:
+            try:
+                bscan = int((row.get(spec.bscan_column) or "").strip())
+            except ValueError:
+                bscan = -1
+            if bscan < 0:
+                report(f"{where}: B-scan index: not a non-negative integer")
+                continue
+        key = (Path(image).name if m.volumes is not None else image, bscan)
+        if key in seen:
+            what = "B-scan" if bscan is not None else ("volume" if m.volumes is not None else "image")
+            report(f"{where}: labels: the same {what} is already labelled on row {seen[key]}")
+            continue
+        seen[key] = line
+        subject = (row.get(spec.subject_column) or "").strip() or None if spec.subject_column else None
+        out.append(LabelRow(line, image, label, subject, bscan))
+    return path, out
+
+
+def _segmentation_samples(m: Manifest, root: Path, report: Problems) -> list[Sample]:
     if m.images is None:
         raise ConfigError(f"dataset '{m.name}': a segmentation manifest needs [dataset.images]")
-    folder = root / m.images.folder
-    files = sorted(p for p in folder.glob(m.images.pattern) if p.is_file())
-    if not files:
-        raise DataError(f"dataset '{m.name}': no images matching {m.images.pattern!r} in {folder}")
-    samples, missing = [], []
-    for f in files:
-        masks = tuple(root / spec.folder / spec.name.format(stem=f.stem, name=f.name) for spec in m.masks)
-        missing += [p for p in masks if not p.is_file()]
-        samples.append(Sample(f, subject_of(f.name, m.images.subject), masks))
-    if missing:
-        shown = ", ".join(str(p) for p in missing[:3])
-        raise DataError(f"dataset '{m.name}': {len(missing)} mask file(s) missing, e.g. {shown}")
-    return samples
-
-
-def _classification_samples(m: Manifest, root: Path) -> list[Sample]:
-    if m.labels_csv is not None:
-        spec = m.labels_csv
-        path = root / spec.file
-        if not path.is_file():
-            raise DataError(f"dataset '{m.name}': labels file not found: {path}")
-        with path.open(newline="") as fh:
-            rows = list(csv.DictReader(fh))
-        cols = set(rows[0]) if rows else set()
-        need = {spec.image_column, spec.label_column} | ({spec.subject_column} if spec.subject_column else set())
-        if not need <= cols:
-            raise DataError(f"{path}: missing column(s) {sorted(need - cols)}; the file has {sorted(cols)}")
-        base = path.parent
-        out = []
-        for i, row in enumerate(rows):
-            try:
-                label = int(row[spec.label_column])
-            except ValueError:
-                raise DataError(f"{path}: row {i + 2}: label is not an integer") from None
-            subject = row[spec.subject_column] if spec.subject_column else Path(row[spec.image_column]).stem
-            out.append(Sample(base / row[spec.image_column], subject, label=label))
-        return out
     out = []
+    for f in _glob(root / m.images.folder, m.images.pattern, "image", report):
+        masks = mask_paths(m, root, f)
+        for p in masks:
+            if not p.is_file():
+                report(f"{p}: mask missing (image {f.name})")
+        out.append(Sample(f, _subject(f, m.images.subject, report), masks))
+    return out
+
+
+def _classification_samples(m: Manifest, root: Path, report: Problems) -> list[Sample]:
+    regex = m.images.subject if m.images else None
+    out = []
+    if m.labels_csv is not None:
+        path, rows = read_labels_csv(m, root, report)
+        for r in rows:
+            f = path.parent / r.image
+            if not f.is_file():
+                report(f"{f}: image missing (named on row {r.row} of {path.name})")
+                continue
+            out.append(Sample(f, r.subject or _subject(f, regex, report), label=r.label))
+        return out
+    pattern = m.images.pattern if m.images else "*"
     for label, name in enumerate(m.class_folders):
-        folder = root / name
-        if not folder.is_dir():
-            raise DataError(f"dataset '{m.name}': class folder not found: {folder}")
-        regex = m.images.subject if m.images else None
-        pattern = m.images.pattern if m.images else "*"
-        out += [Sample(p, subject_of(p.name, regex), label=label) for p in sorted(folder.glob(pattern)) if p.is_file()]
+        for f in _glob(root / name, pattern, f"class {label}", report):
+            out.append(Sample(f, _subject(f, regex, report), label=label))
+    return out
+
+
+def count_bscans(path: Path, axis: int) -> int:
+    """Number of B-scans in an OCT volume, from its header only (no pixel data read)."""
+    from .readers import detect_format
+
+    if detect_format(path) == "dicom":
+        import pydicom
+
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception:  # pydicom raises many types; its messages may quote header bytes
+            raise DataError(f"{path}: DICOM header could not be parsed; the file may be corrupt") from None
+        try:
+            return max(1, int(ds.get("NumberOfFrames", 1) or 1))
+        except (TypeError, ValueError):
+            raise DataError(f"{path}: DICOM NumberOfFrames is not an integer") from None
+    import nibabel
+
+    try:
+        shape = tuple(nibabel.load(str(path)).header.get_data_shape())  # type: ignore[attr-defined]
+    except Exception as exc:
+        raise DataError(f"{path}: not a readable NIfTI volume ({type(exc).__name__})") from None
+    while len(shape) > 3 and shape[-1] == 1:  # a trailing singleton axis, as read_nifti drops it
+        shape = shape[:-1]
+    if len(shape) != 3 or not 0 <= axis < 3:
+        raise DataError(
+            f"{path}: expected a 3-D volume with B-scans along axis {axis}, got {len(shape)} dimension(s)"
+        )
+    return int(shape[axis])
+
+
+def _volume_samples(m: Manifest, root: Path, report: Problems) -> list[Sample]:
+    spec = m.volumes
+    if spec is None:
+        raise ConfigError(f"dataset '{m.name}': no [dataset.volumes] table")
+    folder = root / spec.folder
+    files = _glob(folder, spec.pattern, "volume", report)
+    by_volume: dict[str, list[LabelRow]] = {}
+    labels_path = root
+    if m.kind == "classification":
+        labels_path, rows = read_labels_csv(m, root, report)
+        if not rows:  # the labels file's problem is reported; no volume can be labelled
+            return []
+        for r in rows:
+            by_volume.setdefault(Path(r.image).name, []).append(r)
+        names = {f.name for f in files}
+        for name, rs in by_volume.items():
+            if name not in names:
+                report(f"{labels_path}: row {rs[0].row}: volume missing: no file of that name matches "
+                       f"{spec.pattern!r} in {folder}")
+    per_bscan = m.labels_csv is not None and m.labels_csv.bscan_column is not None
+    out: list[Sample] = []
+    for f in files:
+        masks = mask_paths(m, root, f)
+        for p in masks:
+            if not p.is_file():
+                report(f"{p}: label volume missing (volume {f.name})")
+        try:
+            n = count_bscans(f, spec.axis)
+        except DataError as exc:
+            report(f"{f}: volume read: {reason(exc, f)}")
+            continue
+        if m.kind != "classification":
+            subject = _subject(f, spec.subject, report)
+            out += [Sample(f, subject, masks, frame=k) for k in range(n)]
+            continue
+        rs = by_volume.get(f.name, [])
+        if not rs:
+            report(f"{f}: labels: the volume has no row in {labels_path.name}")
+            continue
+        subjects = {r.subject for r in rs}
+        if len(subjects) > 1:
+            report(f"{labels_path}: rows {rs[0].row}..{rs[-1].row}: subject: one volume's rows name different subjects")
+        subject = rs[0].subject or _subject(f, spec.subject, report)
+        if not per_bscan:
+            out += [Sample(f, subject, masks, rs[0].label, frame=k) for k in range(n)]
+            continue
+        for r in sorted(rs, key=lambda r: r.bscan or 0):
+            if r.bscan is None or r.bscan >= n:
+                report(f"{labels_path}: row {r.row}: B-scan index: outside the volume's {n} B-scan(s) ({f.name})")
+                continue
+            out.append(Sample(f, subject, masks, r.label, frame=r.bscan))
     return out
 
 
@@ -237,34 +481,50 @@ def seeded_subject_split(subjects: list[str], val_fraction: float, test_fraction
     return split
 
 
-def assign_splits(m: Manifest, root: Path, samples: list[Sample]) -> list[Sample]:
-    """Apply the split file, or a seeded split by subject (one patient, one split)."""
+def assign_splits(m: Manifest, root: Path, samples: list[Sample], problems: list[str] | None = None) -> list[Sample]:
+    """Apply the split file, or a seeded split by subject (one patient, one split).
+
+    Samples the split file does not place are reported and left out; a subject found in
+    more than one split is reported once per subject (its files are named, not its id).
+    """
+    report = Problems(problems)
     s = m.split
     if s.file is not None:
         path = root / s.file
         if not path.is_file():
-            raise DataError(f"dataset '{m.name}': split file not found: {path}")
-        with path.open(newline="") as fh:
-            rows = list(csv.DictReader(fh))
-        if rows and not {s.file_column, s.split_column} <= set(rows[0]):
-            raise DataError(f"{path}: needs columns {s.file_column!r} and {s.split_column!r}; has {sorted(rows[0])}")
-        table = {r[s.file_column]: s.rename.get(r[s.split_column], r[s.split_column]) for r in rows}
-        unknown = [x.image.name for x in samples if x.image.name not in table and x.subject not in table]
-        if unknown:
-            raise DataError(f"{path}: {len(unknown)} image(s) have no split, e.g. {unknown[0]}")
-        out = [_with_split(x, table.get(x.image.name, table.get(x.subject, ""))) for x in samples]
+            report(f"{path}: split file: not found")
+            return []
+        try:
+            with path.open(newline="", encoding="utf-8-sig") as fh:
+                rows = list(csv.DictReader(fh))
+        except (UnicodeDecodeError, csv.Error) as exc:
+            report(f"{path}: split file: unreadable CSV ({type(exc).__name__})")
+            return []
+        if not rows or not {s.file_column, s.split_column} <= set(rows[0]):
+            has = sorted(c for c in rows[0] if c) if rows else []
+            report(f"{path}: split file: needs columns {s.file_column!r} and {s.split_column!r}; has {has}")
+            return []
+        table = {(r[s.file_column] or "").strip(): s.rename.get(r[s.split_column], r[s.split_column]) for r in rows}
+        out, unplaced = [], set()
+        for x in samples:
+            split = table.get(x.image.name, table.get(x.subject))
+            if split is None:
+                if x.image not in unplaced:
+                    unplaced.add(x.image)
+                    report(f"{x.image}: split: neither the file nor its subject is in the split file {path.name}")
+                continue
+            out.append(_with_split(x, split))
     else:
         table = seeded_subject_split([x.subject for x in samples], s.val_fraction, s.test_fraction, s.seed)
         out = [_with_split(x, table[x.subject]) for x in samples]
-    by_subject: dict[str, set[str]] = {}
+    by_subject: dict[str, dict[str, Path]] = {}
     for x in out:
-        by_subject.setdefault(x.subject, set()).add(x.split)
-    leaked = sorted(k for k, v in by_subject.items() if len(v) > 1)
-    if leaked:
-        raise DataError(
-            f"dataset '{m.name}': {len(leaked)} subject(s) appear in more than one split (e.g. subject "
-            f"{leaked[0]!r}); fix the split file or split by subject"
-        )
+        by_subject.setdefault(x.subject, {}).setdefault(x.split, x.image)
+    for per_split in by_subject.values():
+        if len(per_split) > 1:
+            files = "; ".join(f"{k}: {v}" for k, v in sorted(per_split.items()))
+            report(f"subject leak: one subject's files are in {len(per_split)} splits ({files}); "
+                   "fix the split file or split by subject")
     return out
 
 
@@ -272,64 +532,33 @@ def _with_split(x: Sample, split: str) -> Sample:
     return Sample(x.image, x.subject, x.masks, x.label, split, x.frame)
 
 
-def count_bscans(path: Path, axis: int) -> int:
-    """Number of B-scans in an OCT volume, from its header only (no pixel data read)."""
-    from .readers import detect_format
+def list_samples(m: Manifest, data_root: str | Path | None = None, problems: list[str] | None = None) -> list[Sample]:
+    """Every sample of a file-based manifest, with its split (npz manifests are read directly).
 
-    if detect_format(path) == "dicom":
-        import pydicom
-
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-        except Exception:  # pydicom raises many types; its messages may quote header bytes
-            raise DataError(f"{path}: DICOM header could not be parsed") from None
-        return int(getattr(ds, "NumberOfFrames", 1) or 1)
-    import nibabel
-
-    try:
-        shape = tuple(nibabel.load(str(path)).header.get_data_shape())  # type: ignore[attr-defined]
-    except Exception as exc:
-        raise DataError(f"{path}: not a readable NIfTI volume ({type(exc).__name__})") from None
-    if len(shape) != 3 or not 0 <= axis < 3:
-        raise DataError(f"{path}: expected a 3-D volume with B-scans along axis {axis}, got {len(shape)} dimensions")
-    return int(shape[axis])
-
-
-def _volume_samples(m: Manifest, root: Path) -> list[Sample]:
-    spec = m.volumes
-    if spec is None:
-        raise ConfigError(f"dataset '{m.name}': no [dataset.volumes] table")
-    folder = root / spec.folder
-    files = sorted(p for p in folder.glob(spec.pattern) if p.is_file())
-    if not files:
-        raise DataError(f"dataset '{m.name}': no volumes matching {spec.pattern!r} in {folder}")
-    labels: dict[str, int] = {}
-    if m.kind == "classification":
-        labels = {x.image.name: int(x.label or 0) for x in _classification_samples(m, root)}
-    out, missing = [], []
-    for f in files:
-        stem = f.name.split(".")[0]
-        masks = tuple(root / s.folder / s.name.format(stem=stem, name=f.name) for s in m.masks)
-        missing += [p for p in masks if not p.is_file()]
-        if m.kind == "classification" and f.name not in labels:
-            raise DataError(f"dataset '{m.name}': volume {f.name} has no row in the labels file")
-        n = count_bscans(f, spec.axis)
-        subject = subject_of(f.name, spec.subject)
-        out += [Sample(f, subject, masks, labels.get(f.name), frame=k) for k in range(n)]
-    if missing:
-        raise DataError(f"dataset '{m.name}': {len(missing)} label volume(s) missing, e.g. {missing[0]}")
-    return out
-
-
-def list_samples(m: Manifest, data_root: str | Path | None = None) -> list[Sample]:
-    """Every sample of a file-based manifest, with its split (npz manifests are read directly)."""
+    Without ``problems`` the first problem raises :class:`DataError` (what training does).
+    With a list, every problem found while listing is appended to it (missing files, bad
+    label rows, unreadable volume headers, unplaced files, subject leaks) and the samples
+    that could be listed are returned (a sample whose mask is missing is kept, so that its
+    image can still be checked).
+    """
     if m.npz is not None:
         raise ConfigError(f"dataset '{m.name}': an npz manifest has no file list; use the pipeline loader")
-    root = resolve_root(m, data_root)
-    if m.volumes is not None:
-        samples = _volume_samples(m, root)
-    elif m.kind == "segmentation":
-        samples = _segmentation_samples(m, root)
+    if problems is None:
+        root = resolve_root(m, data_root)
     else:
-        samples = _classification_samples(m, root)
-    return assign_splits(m, root, samples)
+        try:
+            root = resolve_root(m, data_root)
+        except DataError as exc:
+            problems.append(f"data root: {exc}")
+            return []
+    return assign_splits(m, root, list_unsplit(m, root, problems), problems)
+
+
+def list_unsplit(m: Manifest, root: Path, problems: list[str] | None = None) -> list[Sample]:
+    """The samples of a file-based manifest before the split is applied (see :func:`list_samples`)."""
+    report = Problems(problems)
+    if m.volumes is not None:
+        return _volume_samples(m, root, report)
+    if m.kind == "segmentation":
+        return _segmentation_samples(m, root, report)
+    return _classification_samples(m, root, report)

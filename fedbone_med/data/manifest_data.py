@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,8 +21,9 @@ def _resize(keys: list[str], size: int, label_mode: str) -> dict[str, Any]:
 
 def _provided_task(m: Manifest) -> tuple[str, int, str | None]:
     """(type, num_classes, segmentation mode) that a manifest's labels provide."""
-    if m.kind == "classification":
-        return "classification", 0, None  # the number of classes is checked against the labels
+    if m.kind == "classification":  # named classes (CSV class names, class folders) fix the count
+        named = len(m.labels_csv.classes) if m.labels_csv is not None else len(m.class_folders)
+        return "classification", named, None  # 0: integer labels, checked against the labels themselves
     if len(m.masks) == 1 and m.masks[0].kind == "color":
         return "segmentation", max(m.masks[0].colors.values()) + 1, "multiclass"
     if len(m.masks) == 1 and m.masks[0].kind == "index":
@@ -57,7 +59,7 @@ def _check_labels(cfg: SiteConfig, split: ArraySplit, name: str) -> None:
         raise DataError(f"site '{cfg.name}': {name} images contain NaN or Inf after the pipeline")
 
 
-def load_manifest_site_data(cfg: SiteConfig) -> SiteData:
+def load_manifest_site_data(cfg: SiteConfig, data_root: str | Path | None = None) -> SiteData:
     d = cfg.data
     if d.manifest is None:
         raise ConfigError(f"site '{cfg.name}': data.manifest is required for source = 'manifest'")
@@ -66,7 +68,9 @@ def load_manifest_site_data(cfg: SiteConfig) -> SiteData:
     chain = load_chain(d.pipeline) if d.pipeline else []
     keys = ["image"] if m.kind == "classification" else ["image", "label"]
     chain = [*chain, _resize(keys, d.image_size, "nearest")]
-    train, val, record = load_manifest_splits(m, chain, val_split=d.val_split)
+    # data.skip_bad_files: leave out and count files that fail to read instead of stopping;
+    # the counts go into the split record of the run output.
+    train, val, record = load_manifest_splits(m, chain, data_root, val_split=d.val_split, skip_bad=d.skip_bad_files)
     if cfg.modality == "oct" and train.images.shape[1] == 3:  # grey B-scans read as RGB
         train, val = ArraySplit(train.images[:, :1], train.targets), ArraySplit(val.images[:, :1], val.targets)
     _check_labels(cfg, train, "training")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -170,9 +171,13 @@ def _generate(spec: PhantomTask, seeds: range, size: int) -> ArraySplit:
     return ArraySplit(torch.from_numpy(np.stack(images).astype(np.float32)), _target_tensor(spec.task, targets))
 
 
-def load_site_data(cfg: SiteConfig) -> SiteData:
-    """Materialise a site's train and validation splits (and its augmentation, if any)."""
-    data = _load_splits(cfg)
+def load_site_data(cfg: SiteConfig, data_root: str | Path | None = None) -> SiteData:
+    """Materialise a site's train and validation splits (and its augmentation, if any).
+
+    ``data_root`` (a command's ``--data-root``) holds the dataset folders that manifests name
+    by relative root; default ``$FEDBONE_DATA_ROOT``, else ``../shared/data``.
+    """
+    data = _load_splits(cfg, data_root)
     if cfg.data.augment:
         from .pipeline import load_chain
         from .transforms import build_transforms
@@ -181,12 +186,12 @@ def load_site_data(cfg: SiteConfig) -> SiteData:
     return data
 
 
-def _load_splits(cfg: SiteConfig) -> SiteData:
+def _load_splits(cfg: SiteConfig, data_root: str | Path | None = None) -> SiteData:
     d = cfg.data
     if d.source == "manifest":
         from .manifest_data import load_manifest_site_data
 
-        return load_manifest_site_data(cfg)
+        return load_manifest_site_data(cfg, data_root)
     spec = PHANTOM_TASKS.get(d.task)
     if spec is None:
         raise ConfigError(
