@@ -9,11 +9,14 @@ from __future__ import annotations
 from . import records
 from .errors import AuditError
 from .keys import key_id, load_private_key, load_public_key, load_public_keys
+from .ledger import FrameLedger, LedgerBook
 from .log import AuditLog
 from .records import AggregationSummary, Record, SiteRound, iso_utc, round_record
+from .site_trail import SiteAuditTrail, ensure_site_key
 from .verify import VerifyReport, verify_log
 
 __all__ = [
-    "AggregationSummary", "AuditError", "AuditLog", "Record", "SiteRound", "VerifyReport", "iso_utc", "key_id",
-    "load_private_key", "load_public_key", "load_public_keys", "records", "round_record", "verify_log",
+    "AggregationSummary", "AuditError", "AuditLog", "FrameLedger", "LedgerBook", "Record", "SiteAuditTrail",
+    "SiteRound", "VerifyReport", "ensure_site_key", "iso_utc", "key_id", "load_private_key", "load_public_key",
+    "load_public_keys", "records", "round_record", "verify_log",
 ]

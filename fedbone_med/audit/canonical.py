@@ -37,9 +37,14 @@ def _check(value: Any, path: str) -> None:
     raise AuditError(f"canonical JSON: type {type(value).__name__} at {path} is not allowed")
 
 
-def canonical_json(value: Any) -> bytes:
-    """Return the canonical UTF-8 JSON encoding of ``value`` or raise AuditError."""
-    _check(value, "$")
+def canonical_json(value: Any, *, parsed: bool = False) -> bytes:
+    """Return the canonical UTF-8 JSON encoding of ``value`` or raise AuditError.
+
+    ``parsed=True`` skips the type walk for a value that came straight from ``json.loads``
+    with NaN/Infinity refused (it can only hold JSON types); ``allow_nan=False`` still applies.
+    """
+    if not parsed:
+        _check(value, "$")
     text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     return text.encode("utf-8")
 

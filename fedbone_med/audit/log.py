@@ -19,15 +19,13 @@ private key. Truncation back to an earlier signed checkpoint is only detectable 
 with an independently kept copy of a later checkpoint (count and head), e.g. one sent to
 the sites or to the auditor.
 
-Design note -- RFC 6962 Merkle tree (not implemented). The leaf hashes can later be
-``SHA-256(0x00 || line bytes)`` over the same lines, with interior nodes
-``SHA-256(0x01 || left || right)`` as in RFC 6962 section 2.1. A ``log_checkpoint`` would
-then additionally sign the Merkle tree head for ``count`` leaves; an auditor could check
-an inclusion proof (audit path) for one record without the whole log, and a consistency
-proof that the tree of size ``m`` is a prefix of the tree of size ``n``, which detects
-truncation or rewriting between two signed checkpoints held by different parties. The
-line bytes, the ``count`` field and the signing scheme stay as they are; only a
-``tree_head`` field in the checkpoint body (schema version ``v: 2``) would be added.
+Merkle tree (RFC 6962, see :mod:`.merkle`). Every ``log_checkpoint`` also carries and signs
+``merkle_root``, the Merkle tree hash over the ``count`` lines before it (leaf =
+``SHA-256(0x00 || line bytes)``). An auditor can then check an inclusion proof for one
+record, or a consistency proof that a later signed log extends an earlier signed
+checkpoint, without the whole log (``fedbone-audit prove`` / ``check-proof``). The field is
+optional in the schema, so checkpoints written before it existed still verify; their
+signature payload is unchanged.
 """
 
 from __future__ import annotations
@@ -45,15 +43,19 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from .canonical import canonical_json, sha256_hex
 from .errors import AuditError
 from .keys import key_id as compute_key_id
+from .merkle import MerkleAccumulator
 from .records import KINDS, LOG_CHECKPOINT, Clock, Record, iso_utc, utc_now, validate
 
 VERSION = 1
 ZERO_HASH = "0" * 64
 
 
-def checkpoint_payload(count: int, head: str, key_id: str, run_id: str) -> bytes:
-    """The exact bytes a ``log_checkpoint`` signature covers."""
-    return canonical_json({"count": count, "head": head, "key_id": key_id, "run_id": run_id})
+def checkpoint_payload(count: int, head: str, key_id: str, run_id: str, merkle_root: str | None = None) -> bytes:
+    """The exact bytes a ``log_checkpoint`` signature covers (``merkle_root`` only when the checkpoint has one)."""
+    fields = {"count": count, "head": head, "key_id": key_id, "run_id": run_id}
+    if merkle_root is not None:
+        fields["merkle_root"] = merkle_root
+    return canonical_json(fields)
 
 
 def recovery_hint(path: Path, complete_lines: int) -> str:
@@ -61,6 +63,51 @@ def recovery_hint(path: Path, complete_lines: int) -> str:
             f"(`head -n {complete_lines} {path} > {path}.recovered`), check it with "
             f"`fedbone-audit verify {path}.recovered --public-key PEM --allow-unsigned-tail`, "
             "then move the recovered file into place and record the incident")
+
+
+def last_round(path: str | Path, run_id: str, kinds: tuple[str, ...], site_id: str | None = None) -> int | None:
+    """The highest ``round`` among records of ``kinds`` for ``run_id`` (and ``site_id``) in ``path``, or None.
+
+    Reads complete lines only and does not verify signatures (use :func:`~.verify.verify_log`
+    for that); meant for a writer reconciling its own log with its checkpoint.
+    """
+    p = Path(path)
+    if not p.exists():
+        return None
+    best: int | None = None
+    for raw in p.read_bytes().split(b"\n")[:-1]:
+        try:
+            env = json.loads(raw)
+        except ValueError:
+            raise AuditError(f"audit log {p}: a line is not JSON; run `fedbone-audit verify` on it",
+                             check="canonical-json") from None
+        body = env.get("body") if isinstance(env, dict) else None
+        if not isinstance(body, dict) or env.get("kind") not in kinds or body.get("run_id") != run_id:
+            continue
+        if site_id is not None and body.get("site_id") != site_id:
+            continue
+        r = body.get("round")
+        if isinstance(r, int) and (best is None or r > best):
+            best = r
+    return best
+
+
+def rounds_to_backfill(last: int | None, next_round: int, path: Path) -> list[int]:
+    """Rounds in ``(last, next_round)`` to back-fill; AuditError when the log is ahead of the checkpoint."""
+    if isinstance(next_round, bool) or not isinstance(next_round, int) or next_round < 0:
+        raise AuditError("reconcile: next_round must be a non-negative integer")
+    if last is not None and last >= next_round:
+        raise AuditError(f"audit log {path} already records round {last} but the checkpoint has completed only "
+                         f"rounds < {next_round}: the checkpoint is older than the log (restored from a backup?). "
+                         "Resuming would record rounds twice; resume from the latest checkpoint or start a new run",
+                         check="reconcile")
+    return list(range(0 if last is None else last + 1, next_round))
+
+
+def backfill_reason(r: int, next_round: int) -> str:
+    if r == next_round - 1:
+        return "recovered from checkpoint: the process stopped after writing the checkpoint, before the round record"
+    return "recovered: round completed but its record and checkpoint are lost (a later checkpoint replaced it)"
 
 
 class AuditLog:
@@ -79,6 +126,8 @@ class AuditLog:
         self._seq = 0
         self._head = ZERO_HASH
         self._run_id: str | None = None
+        self._last_kind: str | None = None
+        self._tree = MerkleAccumulator()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         created = not self.path.exists()
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
@@ -123,6 +172,9 @@ class AuditLog:
         self._seq = last["seq"] + 1
         self._head = sha256_hex(lines[-1])
         self._run_id = last["body"].get("run_id")
+        self._last_kind = last.get("kind")
+        for line in lines:
+            self._tree.add_line(line)
 
     def _parse(self, line: bytes, number: int) -> dict[str, Any]:
         env: Any = None
@@ -155,6 +207,11 @@ class AuditLog:
         """SHA-256 of the last line written (64 zeros for an empty log)."""
         return self._head
 
+    @property
+    def signed(self) -> bool:
+        """True when every record written so far is covered by a signed checkpoint (or there are none)."""
+        return self._seq == 0 or self._last_kind == LOG_CHECKPOINT
+
     def append(self, record: Record) -> str:
         """Append one validated record; return the SHA-256 of the written line."""
         if record.kind == LOG_CHECKPOINT:
@@ -178,7 +235,9 @@ class AuditLog:
             os.fsync(self._fd)
             self._seq += 1
             self._head = sha256_hex(line)
+            self._tree.add_line(line)
             self._run_id = body.get("run_id", self._run_id)
+            self._last_kind = kind
             return self._head
 
     def checkpoint(self, run_id: str | None = None) -> str:
@@ -190,9 +249,9 @@ class AuditLog:
         if self._seq == 0 or run is None:
             raise AuditError("nothing to checkpoint: the audit log has no records yet")
         with self._lock:  # re-entrant: no record can slip in between signing and writing
-            count, head = self._seq, self._head
-            signature = self._key.sign(checkpoint_payload(count, head, self.key_id, run))
-            body = {"count": count, "head": head, "key_id": self.key_id, "run_id": run,
+            count, head, root = self._seq, self._head, self._tree.root().hex()
+            signature = self._key.sign(checkpoint_payload(count, head, self.key_id, run, root))
+            body = {"count": count, "head": head, "key_id": self.key_id, "run_id": run, "merkle_root": root,
                     "signature": base64.b64encode(signature).decode("ascii")}
             return self._write(LOG_CHECKPOINT, body)
 

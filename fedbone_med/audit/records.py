@@ -11,6 +11,11 @@ starts with ``~``, a drive letter or ``.``, or ends in a common data/image file 
 A determined caller can still put identifying text in a short string such as a site id;
 choosing pseudonymous identifiers remains the operator's duty.
 
+Server-log kinds: run_start, join, leave, dropout, round (per site: steps, samples, ε/δ and
+the frame-ledger summary), round_backfill, step_skipped, config_change, key_rotation,
+revocation, checkpoint_write. Site-log kinds: site_run_start, site_round, site_round_backfill
+(and leave). Both: log_checkpoint (signed; carries the RFC 6962 merkle_root).
+
 The same field table generates ``audit/schema.json`` (JSON Schema draft 2020-12), so the
 schema and the code cannot drift apart (a test checks the committed file).
 """
@@ -50,19 +55,30 @@ def iso_utc(moment: datetime) -> str:
     return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-# Field types: "str", "str?", "int", "float", "float?", "bool", "hash", "hash?", "time", "sig",
-# ("list", T), ("map", T) (str keys), and dict = object with exactly these fields.
+# Field types: "str", "str?", "int", "int?", "float", "float?", "bool", "hash", "hash?", "time", "sig",
+# ("list", T), ("map", T) (str keys), ("opt", T) (a field that may be absent: added after v1 records
+# were first written, so older lines without it still verify; writers omit it when its value is None),
+# and dict = object with exactly these fields.
 Spec = Any
+
+# What one end of a site<->server connection exchanged in one direction during one round
+# (see fedbone_med/audit/ledger.py for how ``digest`` is computed).
+LEDGER_DIRECTION: dict[str, Spec] = {
+    "frames": "int", "bytes": "int", "digest": "hash", "types": ("map", "int"),
+}
+LEDGER: dict[str, Spec] = {"up": LEDGER_DIRECTION, "down": LEDGER_DIRECTION}
 
 SITE_ROUND: dict[str, Spec] = {
     "site_id": "str", "cert_fingerprint": "str?", "steps": "int", "samples": "int",
-    "epsilon": "float?", "delta": "float?",
+    "epsilon": "float?", "delta": "float?", "ledger": ("opt", LEDGER),
 }
 AGGREGATION: dict[str, Spec] = {
     "method": "str", "steps": "int", "conflicting_pairs_total": "int", "min_cosine": "float?",
     "mean_cosine": "float?", "mean_site_norms": ("map", "float"),
 }
 LOG_CHECKPOINT = "log_checkpoint"
+SERVER_ROUND_KINDS = ("round", "round_backfill")  # one per round of a run, contiguous (checked by verify)
+SITE_ROUND_KINDS = ("site_round", "site_round_backfill")
 KINDS: dict[str, dict[str, Spec]] = {
     "run_start": {"run_id": "str", "config_hash": "hash", "software_version": "str", "backbone_hash": "hash",
                   "aggregation_method": "str", "sites": ("list", "str"), "seed": "int?"},
@@ -79,7 +95,20 @@ KINDS: dict[str, dict[str, Spec]] = {
     "key_rotation": {"run_id": "str", "old_key_id": "str", "new_key_id": "str"},
     "revocation": {"run_id": "str", "site_id": "str", "cert_fingerprint": "str?", "reason": "str"},
     "checkpoint_write": {"run_id": "str", "round": "int", "role": "str", "checkpoint_hash": "hash"},
-    LOG_CHECKPOINT: {"count": "int", "head": "hash", "key_id": "str", "run_id": "str", "signature": "sig"},
+    # Written by ServerAuditTrail.reconcile() when the server checkpoint holds a round the log lacks
+    # (crash between the checkpoint write and the round record). Flagged as recovered: no per-site data.
+    "round_backfill": {"run_id": "str", "round": "int", "checkpoint_hash": "hash?", "backbone_hash": "hash?",
+                       "step": "int?", "log_last_round": "int?", "reason": "str"},
+    # ---- site-side log (SiteAuditTrail) ----
+    "site_run_start": {"run_id": "str", "site_id": "str", "round": "int", "software_version": "str",
+                       "config_hash": "hash?", "cert_fingerprint": "str?", "server_fingerprint": "str?"},
+    "site_round": {"run_id": "str", "site_id": "str", "round": "int", "steps": "int", "samples": "int",
+                   "epsilon": "float?", "delta": "float?", "ledger": LEDGER, "checkpoint_hash": "hash?"},
+    "site_round_backfill": {"run_id": "str", "site_id": "str", "round": "int", "checkpoint_hash": "hash?",
+                            "log_last_round": "int?", "reason": "str"},
+    # merkle_root: RFC 6962 tree hash of the `count` lines before the checkpoint (see merkle.py); signed too.
+    LOG_CHECKPOINT: {"count": "int", "head": "hash", "key_id": "str", "run_id": "str", "signature": "sig",
+                     "merkle_root": ("opt", "hash")},
 }
 
 
@@ -101,6 +130,7 @@ class SiteRound:
     epsilon: float | None = None
     delta: float | None = None
     cert_fingerprint: str | None = None
+    ledger: Mapping[str, Any] | None = None  # FrameLedger summary {"up": {...}, "down": {...}} or None
 
 
 @dataclass(frozen=True)
@@ -155,35 +185,98 @@ def _scalar(spec: str, value: Any, path: str) -> Any:
     return check_string(value, path) if base == "str" else value
 
 
+_PLAIN = (dict, list, str, int, float, bool, type(None))
+
+
+def _optional(spec: Spec) -> bool:
+    return isinstance(spec, tuple) and spec[0] == "opt"
+
+
+Validator = Callable[[Any, str], Any]
+_COMPILED: dict[int, tuple[Spec, Validator]] = {}
+
+
 def validate(spec: Spec, value: Any, path: str) -> Any:
-    """Return a normalised copy of ``value`` checked against ``spec`` or raise AuditError."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        value = dataclasses.asdict(value)
+    """Return a normalised copy of ``value`` checked against ``spec`` or raise AuditError.
+
+    Each spec is compiled once into nested closures (verification checks every line of
+    logs with 10^4-10^5 records); the cache holds the spec itself, so its id stays unique.
+    """
+    entry = _COMPILED.get(id(spec))
+    if entry is None or entry[0] is not spec:
+        entry = _COMPILED[id(spec)] = (spec, _compile(spec))
+    return entry[1](value, path)
+
+
+def _plain(value: Any) -> Any:
+    if not isinstance(value, _PLAIN) and dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    return value
+
+
+def _compile(spec: Spec) -> Validator:
     if isinstance(spec, dict):
-        if not isinstance(value, Mapping):
-            raise AuditError(f"record field {path}: expected an object")
-        unknown = sorted(set(value) - set(spec))
-        if unknown:
-            raise AuditError(f"record field {path}: unknown field(s) {', '.join(map(str, unknown))}")
-        missing = sorted(set(spec) - set(value))
-        if missing:
-            raise AuditError(f"record field {path}: missing field(s) {', '.join(missing)}")
-        return {k: validate(s, value[k], f"{path}.{k}") for k, s in spec.items()}
+        return _compile_object(spec)
     if isinstance(spec, tuple):
         container, inner = spec
+        check = _compile(inner)
         if container == "list":
-            if not isinstance(value, (list, tuple)):
-                raise AuditError(f"record field {path}: expected a list")
-            return [validate(inner, v, f"{path}[{i}]") for i, v in enumerate(value)]
+            def check_list(value: Any, path: str) -> Any:
+                value = _plain(value)
+                if not isinstance(value, (list, tuple)):
+                    raise AuditError(f"record field {path}: expected a list")
+                return [check(v, f"{path}[{i}]") for i, v in enumerate(value)]
+            return check_list
+
+        def check_map(value: Any, path: str) -> Any:
+            value = _plain(value)
+            if not isinstance(value, Mapping):
+                raise AuditError(f"record field {path}: expected an object")
+            out: dict[str, Any] = {}
+            for k, v in sorted(value.items(), key=lambda kv: str(kv[0])):
+                if not isinstance(k, str):
+                    raise AuditError(f"record field {path}: object keys must be strings")
+                out[check_string(k, f"{path} key")] = check(v, f"{path}.{k}")
+            return out
+        return check_map
+    base = spec.rstrip("?")
+    if base == "int":
+        def check_int(value: Any, path: str) -> Any:
+            return value if type(value) is int and value >= 0 else _scalar(spec, value, path)
+        return check_int
+    if base == "float":
+        def check_float(value: Any, path: str) -> Any:
+            return value if type(value) is float and math.isfinite(value) else _scalar(spec, value, path)
+        return check_float
+    if base == "hash":
+        def check_hash(value: Any, path: str) -> Any:
+            return value if type(value) is str and HASH_RE.match(value) else _scalar(spec, value, path)
+        return check_hash
+    return lambda value, path: _scalar(spec, value, path)
+
+
+def _compile_object(spec: dict[str, Spec]) -> Validator:
+    keys = spec.keys()
+    fields = [(k, _compile(s[1] if _optional(s) else s), _optional(s)) for k, s in spec.items()]
+
+    def check_object(value: Any, path: str) -> Any:
+        value = _plain(value)
         if not isinstance(value, Mapping):
             raise AuditError(f"record field {path}: expected an object")
+        if value.keys() - keys:
+            unknown = sorted(map(str, value.keys() - keys))
+            raise AuditError(f"record field {path}: unknown field(s) {', '.join(unknown)}")
         out: dict[str, Any] = {}
-        for k, v in sorted(value.items(), key=lambda kv: str(kv[0])):
-            if not isinstance(k, str):
-                raise AuditError(f"record field {path}: object keys must be strings")
-            out[check_string(k, f"{path} key")] = validate(inner, v, f"{path}.{k}")
+        for k, check, optional in fields:
+            if optional:
+                if value.get(k) is None:  # absent and None are the same: omitted
+                    continue
+            elif k not in value:
+                missing = sorted(k for k, s in spec.items() if k not in value and not _optional(s))
+                raise AuditError(f"record field {path}: missing field(s) {', '.join(missing)}")
+            out[k] = check(value[k], f"{path}.{k}")
         return out
-    return _scalar(spec, value, path)
+    return check_object
 
 
 def make(kind: str, **fields: Any) -> Record:
@@ -247,12 +340,39 @@ def checkpoint_write(*, run_id: str, round: int, role: str, checkpoint_hash: str
     return make("checkpoint_write", run_id=run_id, round=round, role=role, checkpoint_hash=checkpoint_hash)
 
 
+def round_backfill(*, run_id: str, round: int, reason: str, checkpoint_hash: str | None = None,
+                   backbone_hash: str | None = None, step: int | None = None,
+                   log_last_round: int | None = None) -> Record:
+    return make("round_backfill", run_id=run_id, round=round, checkpoint_hash=checkpoint_hash,
+                backbone_hash=backbone_hash, step=step, log_last_round=log_last_round, reason=reason)
+
+
+def site_run_start(*, run_id: str, site_id: str, round: int, software_version: str, config_hash: str | None = None,
+                   cert_fingerprint: str | None = None, server_fingerprint: str | None = None) -> Record:
+    return make("site_run_start", run_id=run_id, site_id=site_id, round=round, software_version=software_version,
+                config_hash=config_hash, cert_fingerprint=cert_fingerprint, server_fingerprint=server_fingerprint)
+
+
+def site_round(*, run_id: str, site_id: str, round: int, steps: int, samples: int, ledger: Mapping[str, Any],
+               epsilon: float | None = None, delta: float | None = None,
+               checkpoint_hash: str | None = None) -> Record:
+    return make("site_round", run_id=run_id, site_id=site_id, round=round, steps=steps, samples=samples,
+                epsilon=epsilon, delta=delta, ledger=ledger, checkpoint_hash=checkpoint_hash)
+
+
+def site_round_backfill(*, run_id: str, site_id: str, round: int, reason: str, checkpoint_hash: str | None = None,
+                        log_last_round: int | None = None) -> Record:
+    return make("site_round_backfill", run_id=run_id, site_id=site_id, round=round,
+                checkpoint_hash=checkpoint_hash, log_last_round=log_last_round, reason=reason)
+
+
 # ---- JSON Schema generation (audit/schema.json) ----
 
 def _schema(spec: Spec) -> dict[str, Any]:
     if isinstance(spec, dict):
-        return {"type": "object", "additionalProperties": False, "required": sorted(spec),
-                "properties": {k: _schema(s) for k, s in sorted(spec.items())}}
+        return {"type": "object", "additionalProperties": False,
+                "required": sorted(k for k, s in spec.items() if not _optional(s)),
+                "properties": {k: _schema(s[1] if _optional(s) else s) for k, s in sorted(spec.items())}}
     if isinstance(spec, tuple):
         key = "items" if spec[0] == "list" else "additionalProperties"
         return {"type": "array" if spec[0] == "list" else "object", key: _schema(spec[1])}

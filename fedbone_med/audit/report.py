@@ -51,6 +51,34 @@ def _run_section(run: str, recs: list[dict[str, Any]]) -> list[str]:
                     f"- Config hash `{b['config_hash']}`; initial backbone `{b['backbone_hash']}`",
                     f"- Planned sites: {', '.join(b['sites'])}", ""]
     rounds = [e["body"] for e in recs if e["kind"] == "round"]
+    if rounds:
+        out += _server_rounds(rounds)
+    site_rounds = [e["body"] for e in recs if e["kind"] == "site_round"]
+    if site_rounds:
+        out += ["### Site rounds (this site's own record of each round)", ""]
+        out += _table(["site", "round", "steps", "samples", "ε", "δ", "up frames", "up bytes", "down frames",
+                       "down bytes", "checkpoint"],
+                      [[b["site_id"], str(b["round"]), str(b["steps"]), str(b["samples"]), _num(b["epsilon"]),
+                        _num(b["delta"]), str(b["ledger"]["up"]["frames"]), str(b["ledger"]["up"]["bytes"]),
+                        str(b["ledger"]["down"]["frames"]), str(b["ledger"]["down"]["bytes"]),
+                        f"`{b['checkpoint_hash'][:16]}…`" if b["checkpoint_hash"] else "—"] for b in site_rounds])
+    events = [e for e in recs if e["kind"] not in ("round", "run_start", "log_checkpoint", "site_round")]
+    if events:
+        out += ["### Other events", ""]
+        out += _table(["line", "time", "kind", "details"],
+                      [[str(e["seq"] + 1), e["time"], e["kind"], _details(e["body"])] for e in events])
+    return out
+
+
+def _details(body: dict[str, Any]) -> str:
+    def text(v: Any) -> str:
+        return ",".join(map(str, v)) if isinstance(v, list) else "null" if v is None else str(v)
+
+    return "; ".join(f"{k}={text(v)}" for k, v in sorted(body.items()) if k != "run_id")
+
+
+def _server_rounds(rounds: list[dict[str, Any]]) -> list[str]:
+    out: list[str] = []
     out += ["### Rounds", ""]
     out += _table(["round", "started", "ended", "sites", "samples", "method", "conflicting pairs", "min cos",
                    "mean cos", "backbone after", "checkpoint"],
@@ -75,16 +103,4 @@ def _run_section(run: str, recs: list[dict[str, Any]]) -> list[str]:
                   [[site, str(d["rounds"]), str(d["steps"]), str(d["samples"]),
                     _num(sum(d["norms"]) / len(d["norms"]) if d["norms"] else None), ", ".join(d["eps"])]
                    for site, d in sorted(per_site.items())])
-    events = [e for e in recs if e["kind"] not in ("round", "run_start", "log_checkpoint")]
-    if events:
-        out += ["### Other events", ""]
-        out += _table(["line", "time", "kind", "details"],
-                      [[str(e["seq"] + 1), e["time"], e["kind"], _details(e["body"])] for e in events])
     return out
-
-
-def _details(body: dict[str, Any]) -> str:
-    def text(v: Any) -> str:
-        return ",".join(map(str, v)) if isinstance(v, list) else "null" if v is None else str(v)
-
-    return "; ".join(f"{k}={text(v)}" for k, v in sorted(body.items()) if k != "run_id")

@@ -12,8 +12,16 @@ Protects the auditor against accepting an altered record. Every check that fails
 * ``hash-chain`` -- ``prev`` is not the SHA-256 of the line before (a line was edited);
 * ``checkpoint`` -- a checkpoint's count/head do not match the records before it;
 * ``signature`` -- a checkpoint is signed by an unknown key or the signature is invalid;
+* ``merkle`` -- a checkpoint's signed ``merkle_root`` is not the RFC 6962 tree hash of the
+  lines before it;
+* ``rounds`` -- within one run, a server ``round``/``round_backfill`` record does not follow
+  the previous one's round + 1 (a round is missing -- e.g. a crash between the checkpoint
+  and the round record that was never reconciled -- or recorded twice);
 * ``unsigned-tail`` -- records follow the last signed checkpoint (truncation, an
   interrupted run, or a still-running one); raised only with ``require_complete=True``.
+
+``signatures=False`` skips only the Ed25519 check (for ``cross-check`` without keys); every
+other check, including each checkpoint's count and head, still runs.
 """
 
 from __future__ import annotations
@@ -32,7 +40,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from .canonical import canonical_json, sha256_hex
 from .errors import AuditError
 from .log import VERSION, ZERO_HASH, checkpoint_payload
-from .records import KINDS, LOG_CHECKPOINT, validate
+from .merkle import MerkleAccumulator
+from .records import KINDS, LOG_CHECKPOINT, SERVER_ROUND_KINDS, validate
 
 ENVELOPE_KEYS = {"v", "seq", "prev", "kind", "time", "body"}
 
@@ -51,6 +60,9 @@ class VerifyReport:
     rounds: dict[str, list[int]] = field(default_factory=dict)
     sites: list[str] = field(default_factory=list)
     epsilon: dict[str, list[tuple[str, int, float | None]]] = field(default_factory=dict)
+    backfilled: dict[str, list[int]] = field(default_factory=dict)
+    site_rounds: dict[str, list[int]] = field(default_factory=dict)  # site logs: run -> rounds with a site_round
+    signatures_checked: bool = True
 
     @property
     def count(self) -> int:
@@ -59,8 +71,14 @@ class VerifyReport:
     def summary(self) -> str:
         tail = f", unsigned tail: {self.unsigned_tail} records" if self.unsigned_tail else ""
         n_rounds = sum(len(r) for r in self.rounds.values())
-        return (f"{self.count} records, {self.signed_checkpoints} signed checkpoints, {len(self.runs)} run(s), "
-                f"{n_rounds} round(s), {len(self.sites)} site(s){tail}; head {self.head}")
+        n_back = sum(len(r) for r in self.backfilled.values())
+        back = f" ({n_back} back-filled after a crash)" if n_back else ""
+        n_site = sum(len(r) for r in self.site_rounds.values())
+        site = f", {n_site} site round(s)" if n_site else ""
+        unsigned = "" if self.signatures_checked else " [signatures NOT checked: no public key given]"
+        rounds = f", {n_rounds} round(s){back}" if n_rounds or not n_site else ""
+        return (f"{self.count} records, {self.signed_checkpoints} signed checkpoints, {len(self.runs)} run(s)"
+                f"{rounds}{site}, {len(self.sites)} site(s){tail}; head {self.head}{unsigned}")
 
 
 def _fail(path: Path, line: int, check: str, detail: str) -> AuditError:
@@ -74,7 +92,7 @@ def _no_constants(token: str) -> Any:
 def _parse(path: Path, raw: bytes, n: int) -> dict[str, Any]:
     try:
         env = json.loads(raw.decode("utf-8"), parse_constant=_no_constants)
-        canonical = canonical_json(env)
+        canonical = canonical_json(env, parsed=True)
     except (ValueError, AuditError):
         raise _fail(path, n, "canonical-json", "line is not valid canonical JSON (edited or corrupted)") from None
     if canonical != raw:
@@ -92,20 +110,29 @@ def _parse(path: Path, raw: bytes, n: int) -> dict[str, Any]:
     return env
 
 
-def _check_signature(path: Path, n: int, body: dict[str, Any], keys: Mapping[str, Ed25519PublicKey]) -> None:
+def check_checkpoint_signature(body: Mapping[str, Any], keys: Mapping[str, Ed25519PublicKey]) -> None:
+    """Check one validated ``log_checkpoint`` body's signature; raise AuditError (check ``signature``)."""
     key = keys.get(body["key_id"])
     if key is None:
-        raise _fail(path, n, "signature", f"checkpoint signed by unknown key_id {body['key_id']}; "
-                    f"public keys given: {', '.join(sorted(keys)) or 'none'}")
+        raise AuditError(f"checkpoint signed by unknown key_id {body['key_id']}; "
+                         f"public keys given: {', '.join(sorted(keys)) or 'none'}", check="signature")
     try:
         sig = base64.b64decode(body["signature"], validate=True)
-        key.verify(sig, checkpoint_payload(body["count"], body["head"], body["key_id"], body["run_id"]))
+        key.verify(sig, checkpoint_payload(body["count"], body["head"], body["key_id"], body["run_id"],
+                                           body.get("merkle_root")))
     except (InvalidSignature, binascii.Error, ValueError):
-        raise _fail(path, n, "signature", f"invalid checkpoint signature for key_id {body['key_id']}") from None
+        raise AuditError(f"invalid checkpoint signature for key_id {body['key_id']}", check="signature") from None
+
+
+def _check_signature(path: Path, n: int, body: dict[str, Any], keys: Mapping[str, Ed25519PublicKey]) -> None:
+    try:
+        check_checkpoint_signature(body, keys)
+    except AuditError as exc:
+        raise _fail(path, n, "signature", str(exc)) from None
 
 
 def verify_log(path: str | Path, public_keys: Mapping[str, Ed25519PublicKey], *,
-               require_complete: bool = True) -> VerifyReport:
+               require_complete: bool = True, signatures: bool = True) -> VerifyReport:
     """Check every line of the log at ``path``; raise AuditError on the first failure."""
     p = Path(path)
     try:
@@ -121,6 +148,8 @@ def verify_log(path: str | Path, public_keys: Mapping[str, Ed25519PublicKey], *,
     records: list[dict[str, Any]] = []
     prev, last_signed, key_ids = ZERO_HASH, 0, set()
     n_checkpoints = 0
+    last_round: dict[str, int] = {}
+    tree = MerkleAccumulator()
     for n, raw in enumerate(lines, start=1):
         env = _parse(p, raw, n)
         if env["seq"] != n - 1:
@@ -134,19 +163,33 @@ def verify_log(path: str | Path, public_keys: Mapping[str, Ed25519PublicKey], *,
             if body["count"] != env["seq"] or body["head"] != prev:
                 raise _fail(p, n, "checkpoint", f"checkpoint covers count {body['count']} / head {body['head'][:16]}… "
                             f"but {env['seq']} records precede it with head {prev[:16]}…")
-            _check_signature(p, n, body, public_keys)
+            if signatures:
+                _check_signature(p, n, body, public_keys)
+            if "merkle_root" in body and body["merkle_root"] != tree.root().hex():
+                raise _fail(p, n, "merkle", f"signed merkle_root {body['merkle_root'][:16]}… is not the tree hash "
+                            f"of the {body['count']} lines before the checkpoint")
             key_ids.add(body["key_id"])
             n_checkpoints += 1
             last_signed = n
+        if env["kind"] in SERVER_ROUND_KINDS:
+            run, rnd = env["body"]["run_id"], env["body"]["round"]
+            before = last_round.get(run)
+            if before is not None and rnd != before + 1:
+                what = (f"round {rnd} is recorded again" if rnd <= before else
+                        f"round(s) {before + 1}..{rnd - 1} have no record (never reconciled after a crash, or deleted "
+                        "and re-chained)")
+                raise _fail(p, n, "rounds", f"run {run}: round {rnd} follows round {before}: {what}")
+            last_round[run] = rnd
         records.append(env)
         prev = sha256_hex(raw)
+        tree.add_line(raw)
     tail = len(lines) - last_signed
     if tail and require_complete:
         raise _fail(p, last_signed + 1, "unsigned-tail",
                     f"unsigned tail: {tail} records after the last signed checkpoint "
                     f"({'line ' + str(last_signed) if last_signed else 'none'}); the log was truncated or the run was "
                     "interrupted (use --allow-unsigned-tail to inspect it)")
-    report = VerifyReport(str(p), records, n_checkpoints, tail, prev, sorted(key_ids))
+    report = VerifyReport(str(p), records, n_checkpoints, tail, prev, sorted(key_ids), signatures_checked=signatures)
     _summarise(report)
     return report
 
@@ -160,9 +203,15 @@ def _summarise(report: VerifyReport) -> None:
             report.runs.append(run)
         if "site_id" in body:
             sites.add(body["site_id"])
-        if env["kind"] == "round":
+        if env["kind"] in SERVER_ROUND_KINDS:
             report.rounds.setdefault(run, []).append(body["round"])
+        if env["kind"] == "round_backfill":
+            report.backfilled.setdefault(run, []).append(body["round"])
+        if env["kind"] == "round":
             for s in body["sites"]:
                 sites.add(s["site_id"])
                 report.epsilon.setdefault(s["site_id"], []).append((run, body["round"], s["epsilon"]))
+        if env["kind"] == "site_round":
+            report.site_rounds.setdefault(run, []).append(body["round"])
+            report.epsilon.setdefault(body["site_id"], []).append((run, body["round"], body["epsilon"]))
     report.sites = sorted(sites)

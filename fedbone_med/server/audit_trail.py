@@ -1,27 +1,54 @@
-"""The server's audit trail: one signed, hash-chained record per training round.
+"""The server's audit trail: one signed, hash-chained record per training round, plus events.
 
 Wraps :class:`fedbone_med.audit.AuditLog` with what the coordinator knows: which sites
 took part, how many steps and samples each contributed, the aggregation statistics, the
-backbone's hash before and after the round, and the hash of the checkpoint written. It
-records identifiers, counts, hashes and statistics only (see ``audit/GUIDE.md``).
+backbone's hash before and after the round, the hash of the checkpoint written and, per
+site, the frame-ledger summary of what was exchanged (for ``fedbone-audit cross-check``).
+It records identifiers, counts, hashes and statistics only (see ``audit/GUIDE.md``).
 
 The signing key is the server's Ed25519 key (private key file mode 0600); auditors verify
 with the public key beside it: ``fedbone-audit verify LOG --public-key PUB``.
+
+API and where to call it (all methods append fsync'd records; ``round_finished``,
+``start``, ``reconcile``, ``rotate_key`` and ``sign`` also append a signed checkpoint):
+
+* ``start(backbone, aggregation, sites, seed, round)`` -- fresh run only;
+* ``reconcile(next_round, checkpoint_hash, backbone_hash=None, step=None)`` -- on resume, right
+  after loading the server checkpoint and *before* the first new round: back-fills
+  ``round_backfill`` records for rounds the checkpoint holds but the log lacks;
+* ``site_joined(site, round, cert_fingerprint=None)`` -- a site's Join accepted (its
+  fingerprint then fills ``cert_fingerprint`` in that site's round entries);
+* ``site_left(site, round, reason)`` -- orderly Leave; ``site_dropped(site, round, reason)``
+  -- a site timed out, failed validation or was disconnected;
+* ``step_skipped(round, step, reason, sites)`` -- a step aggregated nothing (deadline without
+  ``min_sites``, non-finite gradient, ...); ``sites`` = the sites whose slots were missing/refused;
+* ``config_changed(round, before, after, changed_keys)``, ``site_revoked(site, reason,
+  cert_fingerprint=None)``, ``rotate_key(new_key_path)``;
+* ``checkpoint_written(round, role, hash)`` -- checkpoints *other than* the per-round server
+  checkpoint, which ``round_finished`` records itself;
+* ``round_started(backbone)`` / ``round_finished(round, backbone, usage, steps, method,
+  checkpoint_hash, privacy=None, *, ledgers=None)`` -- ``ledgers`` is
+  ``LedgerBook.take_round(round)``: ``{site: FrameLedger summary}``;
+* ``sign()`` -- a signed checkpoint now (e.g. at shutdown after events); ``close()``.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import nn
 
 from .. import __version__
 from ..audit import AggregationSummary, AuditLog, SiteRound, iso_utc, records
-from ..audit.keys import generate_key, load_private_key, save_private_key, save_public_key
-from ..audit.records import utc_now
+from ..audit.keys import generate_key, key_id, load_private_key, save_private_key, save_public_key
+from ..audit.log import backfill_reason, last_round, rounds_to_backfill
+from ..audit.records import SERVER_ROUND_KINDS, Clock, utc_now
 
 
 def module_hash(module: nn.Module) -> str:
@@ -46,18 +73,37 @@ def ensure_server_key(key_dir: str | Path) -> Path:
     return private
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _locked(fn: F) -> F:
+    """Serialise trail methods: the coordinator calls them from transport threads and the round loop."""
+
+    @functools.wraps(fn)
+    def wrapper(self: ServerAuditTrail, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return fn(self, *args, **kwargs)
+
+    return cast(F, wrapper)
+
+
 def _finite(x: float | None) -> float | None:
     return None if x is None or x != x or x in (float("inf"), float("-inf")) else float(x)
 
 
 class ServerAuditTrail:
-    """Round records for one run, written by the process that owns the backbone."""
+    """Round records and events for one run, written by the process that owns the backbone (thread-safe)."""
 
-    def __init__(self, log_path: str | Path, key_path: str | Path, *, run_id: str, config_hash: str) -> None:
-        self.log = AuditLog(log_path, load_private_key(key_path), clock=utc_now)
+    def __init__(self, log_path: str | Path, key_path: str | Path, *, run_id: str, config_hash: str,
+                 clock: Clock = utc_now) -> None:
+        self._clock = clock
+        self._lock = threading.RLock()
+        self.log = AuditLog(log_path, load_private_key(key_path), clock=clock)
         self.run_id, self.config_hash = run_id, config_hash
         self._round_start: tuple[str, str] | None = None
+        self._fingerprints: dict[str, str | None] = {}
 
+    @_locked
     def start(self, backbone: nn.Module, aggregation: str, sites: list[str], seed: int, round: int) -> None:
         self.log.append(records.run_start(
             run_id=self.run_id, config_hash=self.config_hash, software_version=__version__,
@@ -67,14 +113,104 @@ class ServerAuditTrail:
             self.log.append(records.join(run_id=self.run_id, round=round, site_id=site))
         self.log.checkpoint(run_id=self.run_id)
 
-    def round_started(self, backbone: nn.Module) -> None:
-        self._round_start = (iso_utc(utc_now()), module_hash(backbone))
+    # -- events ----------------------------------------------------------------------
+    @_locked
+    def site_joined(self, site: str, round: int, cert_fingerprint: str | None = None) -> None:
+        self._fingerprints[site] = cert_fingerprint
+        self.log.append(records.join(run_id=self.run_id, round=round, site_id=site,
+                                     cert_fingerprint=cert_fingerprint))
 
+    @_locked
+    def site_left(self, site: str, round: int, reason: str) -> None:
+        self.log.append(records.leave(run_id=self.run_id, round=round, site_id=site, reason=reason))
+
+    @_locked
+    def site_dropped(self, site: str, round: int, reason: str) -> None:
+        self.log.append(records.dropout(run_id=self.run_id, round=round, site_id=site, reason=reason))
+
+    @_locked
+    def step_skipped(self, round: int, step: int, reason: str, sites: Sequence[str]) -> None:
+        self.log.append(records.step_skipped(run_id=self.run_id, round=round, step=step, reason=reason,
+                                             sites=sorted(sites)))
+
+    @_locked
+    def checkpoint_written(self, round: int, role: str, hash: str) -> None:
+        self.log.append(records.checkpoint_write(run_id=self.run_id, round=round, role=role, checkpoint_hash=hash))
+
+    @_locked
+    def config_changed(self, round: int, before: str, after: str, changed_keys: Sequence[str]) -> None:
+        self.log.append(records.config_change(run_id=self.run_id, round=round, config_hash_before=before,
+                                              config_hash_after=after, changed_keys=sorted(changed_keys)))
+        self.config_hash = after
+
+    @_locked
+    def site_revoked(self, site: str, reason: str, cert_fingerprint: str | None = None) -> None:
+        self.log.append(records.revocation(run_id=self.run_id, site_id=site, reason=reason,
+                                           cert_fingerprint=cert_fingerprint))
+
+    @_locked
+    def rotate_key(self, new_key_path: str | Path) -> str:
+        """Switch to a new signing key: the rotation is recorded and signed by the *old* key; returns the new key id.
+
+        Auditors then need both public keys (``--public-key old.pem --public-key new.pem``).
+        """
+        new_key = load_private_key(new_key_path)
+        new_id = key_id(new_key.public_key())
+        path = self.log.path
+        self.log.append(records.key_rotation(run_id=self.run_id, old_key_id=self.log.key_id, new_key_id=new_id))
+        self.log.checkpoint(run_id=self.run_id)
+        self.log.close()
+        self.log = AuditLog(path, new_key, clock=self._clock)
+        return new_id
+
+    @_locked
+    def sign(self) -> None:
+        """Append a signed checkpoint if any record is not yet covered by one."""
+        if not self.log.signed:
+            self.log.checkpoint(run_id=self.run_id)
+
+    @_locked
+    def reconcile(self, next_round: int, checkpoint_hash: str, *, backbone_hash: str | None = None,
+                  step: int | None = None) -> list[int]:
+        """Close the crash window between the server checkpoint and the round record; return rounds back-filled.
+
+        Call on resume after loading the checkpoint: ``next_round`` = the checkpoint's ``round``
+        (rounds completed), ``checkpoint_hash`` = SHA-256 of the checkpoint file, optionally
+        ``backbone_hash`` = ``module_hash(backbone)`` after loading and ``step`` = its global
+        step. Every round < ``next_round`` without a ``round``/``round_backfill`` record for
+        this run gets a ``round_backfill`` record (flagged recovered; per-site data is lost);
+        the checkpoint and backbone hashes go on the last one. Existing lines are never
+        rewritten; records left unsigned by the crash are covered by a new signed checkpoint.
+        Raises AuditError (check ``reconcile``) if the log is ahead of the checkpoint.
+        """
+        last = last_round(self.log.path, self.run_id, SERVER_ROUND_KINDS)
+        missing = rounds_to_backfill(last, next_round, self.log.path)
+        for r in missing:
+            latest = r == next_round - 1
+            self.log.append(records.round_backfill(
+                run_id=self.run_id, round=r, reason=backfill_reason(r, next_round), log_last_round=last,
+                checkpoint_hash=checkpoint_hash if latest else None,
+                backbone_hash=backbone_hash if latest else None, step=step if latest else None))
+        self.sign()
+        return missing
+
+    # -- rounds ----------------------------------------------------------------------
+    @_locked
+    def round_started(self, backbone: nn.Module) -> None:
+        self._round_start = (iso_utc(self._clock()), module_hash(backbone))
+
+    @_locked
     def round_finished(self, round: int, backbone: nn.Module, usage: dict[str, tuple[int, int]],
                        steps: list[dict[str, Any]], method: str, checkpoint_hash: str,
-                       privacy: dict[str, tuple[float | None, float | None]] | None = None) -> None:
-        """``privacy``: site -> (epsilon, delta) spent so far, as the site reported it."""
-        started, before = self._round_start or (iso_utc(utc_now()), module_hash(backbone))
+                       privacy: dict[str, tuple[float | None, float | None]] | None = None, *,
+                       ledgers: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+        """``privacy``: site -> (epsilon, delta) spent so far, as the site reported it.
+
+        ``ledgers``: site -> frame-ledger summary of the round (``LedgerBook.take_round``).
+        A site with a ledger but no usage (it exchanged frames but completed no step) is
+        listed with 0 steps and 0 samples, so every exchange is accounted for.
+        """
+        started, before = self._round_start or (iso_utc(self._clock()), module_hash(backbone))
         cosines_min = [s["min_cosine"] for s in steps if s.get("min_cosine") is not None]
         cosines_mean = [s["mean_cosine"] for s in steps if s.get("mean_cosine") is not None]
         norms: dict[str, list[float]] = {}
@@ -90,19 +226,24 @@ class ServerAuditTrail:
             mean_site_norms={k: sum(v) / len(v) for k, v in sorted(norms.items())},
         )
         privacy = privacy or {}
+        ledgers = ledgers or {}
+        counts = {**{name: (0, 0) for name in ledgers}, **usage}
         sites = [SiteRound(site_id=name, steps=n_steps, samples=n_samples,
                            epsilon=_finite(privacy.get(name, (None, None))[0]),
-                           delta=_finite(privacy.get(name, (None, None))[1]))
-                 for name, (n_steps, n_samples) in sorted(usage.items())]
+                           delta=_finite(privacy.get(name, (None, None))[1]),
+                           cert_fingerprint=self._fingerprints.get(name),
+                           ledger=ledgers.get(name))
+                 for name, (n_steps, n_samples) in sorted(counts.items())]
         self.log.append(records.checkpoint_write(
             run_id=self.run_id, round=round, role="server", checkpoint_hash=checkpoint_hash))
         self.log.append(records.round_record(
-            run_id=self.run_id, round=round, started_at=started, ended_at=iso_utc(utc_now()), sites=sites,
+            run_id=self.run_id, round=round, started_at=started, ended_at=iso_utc(self._clock()), sites=sites,
             aggregation=summary, backbone_hash_before=before, backbone_hash_after=module_hash(backbone),
             checkpoint_hash=checkpoint_hash, config_hash=self.config_hash, software_version=__version__,
         ))
         self.log.checkpoint(run_id=self.run_id)
         self._round_start = None
 
+    @_locked
     def close(self) -> None:
         self.log.close()

@@ -1,0 +1,186 @@
+"""Cross-check a site's audit log against the server's: did both sides see the same exchange?
+
+Protects against either party's log standing alone: the server's signed log says what the
+server *says* happened, the site's signed log what the site says. Each records, per round,
+the :mod:`~.ledger` summary of the frames exchanged between them (count, bytes, per-type
+counts and a SHA-256 digest chain per direction), the steps and samples, and the ε/δ the
+site reported. If both logs verify and agree round by round, neither party can later claim
+a different exchange without the other's log contradicting it. If a frame was dropped,
+altered, reordered or injected on the way, or either side miscounted, the first round and
+field where they differ is named.
+
+Compared per round (server ``round`` record's entry for the site vs the site's
+``site_round``), in this order: ``cert_fingerprint`` (when both the server's entry and the
+site's latest ``site_run_start`` name one), ``steps``, ``samples``, ``epsilon``, ``delta``, then for
+``up`` and ``down``: ``frames``, ``bytes``, ``types.<msg_type>``, ``digest``. Rounds in one
+log but not the other are differences too (field ``round`` / ``sites`` / ``site_round``); a
+``round_backfill`` or ``site_round_backfill`` on either side cannot be compared (field
+``backfilled``) and counts as a difference unless ``allow_backfilled=True``.
+
+What agreement does *not* prove: that the frames' contents were correct (only that both
+ends saw the same bytes), nor anything about rounds that only one log covers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from .errors import AuditError
+from .ledger import DIRECTIONS
+from .verify import VerifyReport, verify_log
+
+SCALARS = ("steps", "samples", "epsilon", "delta")
+
+
+@dataclass(frozen=True)
+class Difference:
+    run_id: str
+    round: int
+    field: str
+    server: Any
+    site: Any
+
+    def describe(self) -> str:
+        return f"run {self.run_id} round {self.round}: {self.field} differs: server {self.server!r}, site {self.site!r}"
+
+
+@dataclass
+class RoundCheck:
+    run_id: str
+    round: int
+    status: str  # "agree" | "differ" | "backfilled"
+    differences: list[Difference] = field(default_factory=list)
+    up: dict[str, Any] | None = None
+    down: dict[str, Any] | None = None
+
+    def line(self) -> str:
+        head = f"run {self.run_id} round {self.round}: "
+        if self.status == "agree":
+            assert self.up is not None and self.down is not None
+            return (head + f"agree (up {self.up['frames']} frames / {self.up['bytes']} B, "
+                    f"down {self.down['frames']} frames / {self.down['bytes']} B)")
+        return head + ("; ".join(f"{d.field}: server {d.server!r}, site {d.site!r}" for d in self.differences)
+                       if self.differences else self.status)
+
+
+@dataclass
+class CrossCheckReport:
+    site_id: str
+    server: VerifyReport
+    site: VerifyReport
+    rounds: list[RoundCheck]
+
+    @property
+    def differences(self) -> list[Difference]:
+        return [d for r in self.rounds for d in r.differences]
+
+    @property
+    def first_difference(self) -> Difference | None:
+        diffs = self.differences
+        return diffs[0] if diffs else None
+
+    @property
+    def agree(self) -> bool:
+        return self.first_difference is None
+
+
+def _compare(run: str, rnd: int, server: Mapping[str, Any], site: Mapping[str, Any],
+             site_fingerprint: str | None = None) -> list[Difference]:
+    out = []
+    server_fp = server.get("cert_fingerprint")
+    if server_fp is not None and site_fingerprint is not None and server_fp != site_fingerprint:
+        out.append(Difference(run, rnd, "cert_fingerprint", server_fp, site_fingerprint))
+    out += [Difference(run, rnd, f, server.get(f), site.get(f)) for f in SCALARS if server.get(f) != site.get(f)]
+    s_led, t_led = server.get("ledger"), site["ledger"]
+    if s_led is None:
+        return out + [Difference(run, rnd, "ledger", None, "present")]
+    for d in DIRECTIONS:
+        a, b = s_led[d], t_led[d]
+        for f in ("frames", "bytes"):
+            if a[f] != b[f]:
+                out.append(Difference(run, rnd, f"ledger.{d}.{f}", a[f], b[f]))
+        for t in sorted(set(a["types"]) | set(b["types"])):
+            if a["types"].get(t, 0) != b["types"].get(t, 0):
+                out.append(Difference(run, rnd, f"ledger.{d}.types.{t}", a["types"].get(t, 0), b["types"].get(t, 0)))
+        if a["digest"] != b["digest"]:
+            out.append(Difference(run, rnd, f"ledger.{d}.digest", a["digest"], b["digest"]))
+    return out
+
+
+def cross_check(server_log: str | Path, site_log: str | Path, *,
+                server_keys: Mapping[str, Ed25519PublicKey] | None = None,
+                site_keys: Mapping[str, Ed25519PublicKey] | None = None,
+                require_complete: bool = True, allow_backfilled: bool = False) -> CrossCheckReport:
+    """Verify both logs (signatures only when keys are given), then compare them round by round.
+
+    Returns the report (``report.agree`` tells the outcome); raises AuditError when either
+    log fails verification or the site log is not a single site's log.
+    """
+    server = verify_log(server_log, server_keys or {}, require_complete=require_complete,
+                        signatures=server_keys is not None)
+    site = verify_log(site_log, site_keys or {}, require_complete=require_complete, signatures=site_keys is not None)
+    site_ids = {e["body"]["site_id"] for e in site.records if e["kind"].startswith("site_")}
+    if len(site_ids) != 1:
+        raise AuditError(f"{site_log}: expected the log of one site (site_run_start/site_round records), "
+                         f"found site ids {sorted(site_ids) or 'none'}", check="cross-check")
+    (site_id,) = site_ids
+
+    srv: dict[tuple[str, int], dict[str, Any] | None] = {}  # None: round back-filled on the server
+    for e in server.records:
+        b = e["body"]
+        if e["kind"] == "round":
+            srv[(b["run_id"], b["round"])] = next((s for s in b["sites"] if s["site_id"] == site_id), {})
+        elif e["kind"] == "round_backfill":
+            srv[(b["run_id"], b["round"])] = None
+    loc: dict[tuple[str, int], dict[str, Any] | None] = {}
+    starts: dict[str, list[tuple[int, str | None]]] = {}  # run -> (first round, site's certificate fingerprint)
+    for e in site.records:
+        b = e["body"]
+        if e["kind"] == "site_run_start":
+            starts.setdefault(b["run_id"], []).append((b["round"], b["cert_fingerprint"]))
+        if e["kind"] == "site_round":
+            loc[(b["run_id"], b["round"])] = b
+        elif e["kind"] == "site_round_backfill":
+            loc[(b["run_id"], b["round"])] = None
+    runs = {run for run, _ in loc}
+    if not runs:
+        runs = {e["body"]["run_id"] for e in site.records if e["kind"] == "site_run_start"}
+    missing_runs = sorted(runs - set(server.runs))
+    checks: list[RoundCheck] = []
+    for run in missing_runs:
+        first = min((r for (rr, r) in loc if rr == run), default=0)
+        checks.append(RoundCheck(run, first, "differ", [Difference(run, first, "run_id", None, run)]))
+    keys = sorted(k for k in set(srv) | set(loc) if k[0] in runs and k[0] not in missing_runs
+                  and (k in loc or srv[k] != {}))  # server rounds without this site: nothing to compare
+    for run, rnd in keys:
+        a, b = srv.get((run, rnd), "absent"), loc.get((run, rnd), "absent")
+        if a is None or b is None:
+            diffs = [] if allow_backfilled else [Difference(run, rnd, "backfilled",
+                                                            "back-filled" if a is None else "recorded",
+                                                            "back-filled" if b is None else "recorded")]
+            checks.append(RoundCheck(run, rnd, "backfilled", diffs))
+        elif a == "absent":
+            checks.append(RoundCheck(run, rnd, "differ",
+                                     [Difference(run, rnd, "round", "no round record", "recorded")]))
+        elif b == "absent":
+            checks.append(RoundCheck(run, rnd, "differ",
+                                     [Difference(run, rnd, "site_round", "site took part", "no site_round record")]))
+        elif a == {}:
+            checks.append(RoundCheck(run, rnd, "differ",
+                                     [Difference(run, rnd, "sites", "site not listed", "site took part")]))
+        else:
+            assert isinstance(a, dict) and isinstance(b, dict)
+            fp = next((f for r0, f in reversed(starts.get(run, [])) if r0 <= rnd), None)
+            diffs = _compare(run, rnd, a, b, fp)
+            checks.append(RoundCheck(run, rnd, "differ" if diffs else "agree", diffs,
+                                     up=b["ledger"]["up"], down=b["ledger"]["down"]))
+    if not checks:
+        raise AuditError(f"{site_log}: no round of site {site_id} to compare with {server_log} "
+                         "(no site_round records, or none for a run in the server log)", check="cross-check")
+    checks.sort(key=lambda c: (server.runs.index(c.run_id) if c.run_id in server.runs else -1, c.round))
+    return CrossCheckReport(site_id, server, site, checks)

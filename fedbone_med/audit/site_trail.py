@@ -1,0 +1,127 @@
+"""The site's own audit trail: a signed, hash-chained log of what the site exchanged per round.
+
+Protects a hospital against having to take the server's word for what happened: the site
+keeps its own log (same format and verifier as the server's, :class:`~.log.AuditLog`),
+signed with the *site's* Ed25519 key, recording per round its steps, samples, ε/δ spent and
+the :mod:`~.ledger` summary of every frame it sent and received. ``fedbone-audit
+cross-check SERVER_LOG SITE_LOG`` then shows both sides agree, round by round.
+
+Records (see ``audit/schema.json``): ``site_run_start`` once per launch, ``site_round`` once
+per round followed by a signed ``log_checkpoint``, ``leave`` when the site stops early, and
+``site_round_backfill`` written by :meth:`SiteAuditTrail.reconcile` after a crash between
+the site checkpoint and the round record. Never patient data: identifiers, counts, hashes.
+
+Wiring (site runtime)::
+
+    trail = SiteAuditTrail(out / "audit" / f"site-{name}.jsonl", key_path, run_id=run_id, site_id=name)
+    trail.reconcile(next_round=ckpt["round"], checkpoint_hash=file_sha256(ckpt_path))  # on resume only
+    trail.start(round=first_round, config_hash=..., cert_fingerprint=..., server_fingerprint=...)
+    ... every frame: ledger.record("up"|"down", msg_type, round, step, frame_bytes)
+    trail.round_finished(round, steps=..., samples=..., ledger=ledger.take(round),
+                         epsilon=..., delta=..., checkpoint_hash=...)
+    trail.left(round, reason); trail.close()
+
+``ensure_site_key(key_dir, site_id)`` creates the site's key pair (private 0600) if absent; the
+site gives ``site-<id>-audit-key.pub.pem`` to its auditor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from .. import __version__
+from . import records
+from .keys import generate_key, load_private_key, save_private_key, save_public_key
+from .log import AuditLog, backfill_reason, last_round, rounds_to_backfill
+from .records import SITE_ROUND_KINDS, Clock, utc_now
+
+
+def _finite(x: float | None) -> float | None:
+    return None if x is None or x != x or x in (float("inf"), float("-inf")) else float(x)
+
+
+def ensure_site_key(key_dir: str | Path, site_id: str) -> Path:
+    """The site's audit signing key in ``key_dir`` (created with its public key if absent)."""
+    records.check_string(site_id, "site_id")
+    key_dir = Path(key_dir)
+    private = key_dir / f"site-{site_id}-audit-key.pem"
+    if not private.exists():
+        key_dir.mkdir(parents=True, exist_ok=True)
+        key = generate_key()
+        save_private_key(key, private)
+        save_public_key(key.public_key(), key_dir / f"site-{site_id}-audit-key.pub.pem")
+    return private
+
+
+class SiteAuditTrail:
+    """Site-side round records for one run, signed by the site's key.
+
+    ``key`` is a private key file path (mode 0600) or an already loaded key (tests, samples).
+    """
+
+    def __init__(self, log_path: str | Path, key: str | Path | Ed25519PrivateKey, *, run_id: str, site_id: str,
+                 clock: Clock = utc_now) -> None:
+        records.check_string(site_id, "site_id")
+        signing = key if isinstance(key, Ed25519PrivateKey) else load_private_key(key)
+        self.log = AuditLog(log_path, signing, clock=clock)
+        self.run_id, self.site_id = run_id, site_id
+
+    def start(self, *, round: int, config_hash: str | None = None, cert_fingerprint: str | None = None,
+              server_fingerprint: str | None = None) -> None:
+        """Call once per launch (fresh or resumed), before the first round it will run."""
+        self.log.append(records.site_run_start(
+            run_id=self.run_id, site_id=self.site_id, round=round, software_version=__version__,
+            config_hash=config_hash, cert_fingerprint=cert_fingerprint, server_fingerprint=server_fingerprint))
+        self.log.checkpoint(run_id=self.run_id)
+
+    def round_finished(self, round: int, *, steps: int, samples: int, ledger: Mapping[str, Any],
+                       epsilon: float | None = None, delta: float | None = None,
+                       checkpoint_hash: str | None = None) -> None:
+        """Write the round's record and a signed checkpoint.
+
+        ``ledger`` is ``FrameLedger.take(round)``; ``epsilon``/``delta`` the privacy spent so far
+        (as the site reports it to the server); ``checkpoint_hash`` the site checkpoint's SHA-256.
+        """
+        self.log.append(records.site_round(
+            run_id=self.run_id, site_id=self.site_id, round=round, steps=steps, samples=samples,
+            epsilon=_finite(epsilon), delta=_finite(delta), ledger=ledger, checkpoint_hash=checkpoint_hash))
+        self.log.checkpoint(run_id=self.run_id)
+
+    def left(self, round: int, reason: str) -> None:
+        """The site stops taking part (e.g. privacy budget spent); signed at once."""
+        self.log.append(records.leave(run_id=self.run_id, round=round, site_id=self.site_id, reason=reason))
+        self.log.checkpoint(run_id=self.run_id)
+
+    def reconcile(self, next_round: int, checkpoint_hash: str | None = None) -> list[int]:
+        """Back-fill rounds the site checkpoint holds but the log lacks (crash window); return them.
+
+        ``next_round`` is the first round the checkpoint has *not* completed (the checkpoint's
+        ``round`` field). Each missing round gets a ``site_round_backfill`` record (flagged
+        recovered: the ledger and counts of that round are lost); the checkpoint hash goes on
+        the last one. Existing lines are never rewritten. An unsigned tail is signed. Raises
+        AuditError (check ``reconcile``) when the log is *ahead* of the checkpoint.
+        """
+        last = last_round(self.log.path, self.run_id, SITE_ROUND_KINDS, site_id=self.site_id)
+        missing = rounds_to_backfill(last, next_round, self.log.path)
+        for r in missing:
+            self.log.append(records.site_round_backfill(
+                run_id=self.run_id, site_id=self.site_id, round=r, log_last_round=last,
+                checkpoint_hash=checkpoint_hash if r == next_round - 1 else None,
+                reason=backfill_reason(r, next_round)))
+        if not self.log.signed:
+            self.log.checkpoint(run_id=self.run_id)
+        return missing
+
+    def close(self) -> None:
+        self.log.close()
+
+    def __enter__(self) -> SiteAuditTrail:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
