@@ -104,12 +104,14 @@ class ServerAuditTrail:
         self._fingerprints: dict[str, str | None] = {}
 
     @_locked
-    def start(self, backbone: nn.Module, aggregation: str, sites: list[str], seed: int, round: int) -> None:
+    def start(self, backbone: nn.Module, aggregation: str, sites: list[str], seed: int, round: int, *,
+              joins: bool = True) -> None:
+        """``sites``: the sites expected; ``joins=False`` when their joins are recorded as they happen."""
         self.log.append(records.run_start(
             run_id=self.run_id, config_hash=self.config_hash, software_version=__version__,
             backbone_hash=module_hash(backbone), aggregation_method=aggregation, sites=sites, seed=seed,
         ))
-        for site in sites:
+        for site in sites if joins else ():
             self.log.append(records.join(run_id=self.run_id, round=round, site_id=site))
         self.log.checkpoint(run_id=self.run_id)
 

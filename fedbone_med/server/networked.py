@@ -25,14 +25,15 @@ from types import FrameType
 from typing import Any
 
 from .. import __version__
-from ..checkpoint import load_checkpoint, save_checkpoint, write_json_atomic
+from ..audit.ledger import LedgerBook
+from ..checkpoint import file_sha256, load_checkpoint, save_checkpoint, write_json_atomic
 from ..config import ServeConfig
 from ..configtools import config_hash, to_plain
 from ..crypto.kits import ServerKit
 from ..errors import CheckpointError, ConfigError, ProtocolError
 from ..transport.grpc_service import bound_port, serve
 from ..transport.messages import RoundReport
-from .audit_trail import ServerAuditTrail, ensure_server_key
+from .audit_trail import ServerAuditTrail, ensure_server_key, module_hash
 from .coordinator import Coordinator
 
 
@@ -73,6 +74,8 @@ class NetworkedServer:
         }
         self.audit_enabled = audit
         self.audit: ServerAuditTrail | None = None
+        self.ledger = LedgerBook()  # every sealed frame per site: the audit log's per-round exchange digests
+        self.fingerprints: dict[str, str] = {}  # site -> its certificate's SHA-256, filled by the service
         self._round_t0 = time.perf_counter()
         self._done = threading.Event()
         if resume:
@@ -107,6 +110,7 @@ class NetworkedServer:
         usage = {k: (v[0], v[1]) for k, v in c.usage.items()}
         c.usage = {}
         events, c.events = c.events, []
+        self._audit_events(events)
         record = {
             "round": rnd,
             "seconds": time.perf_counter() - self._round_t0,
@@ -122,7 +126,7 @@ class NetworkedServer:
         if self.audit is not None:
             privacy = {n: (r.extra.get("epsilon"), r.extra.get("delta")) for n, r in reports.items()}
             self.audit.round_finished(rnd, c.backbone, usage, steps, self.cfg.server.aggregation.method, digest,
-                                      privacy)
+                                      privacy, ledgers=self.ledger.take_round(rnd))
             if rnd + 1 < self.cfg.rounds:
                 self.audit.round_started(c.backbone)
         losses = ", ".join(f"{n} {r.train_loss:.3f}" for n, r in sorted(reports.items()))
@@ -132,6 +136,21 @@ class NetworkedServer:
         self._round_t0 = time.perf_counter()
         if rnd + 1 >= self.cfg.rounds:
             self._done.set()
+
+    def _audit_events(self, events: list[dict[str, Any]]) -> None:
+        """Membership events from the coordinator into the audit log."""
+        if self.audit is None:
+            return
+        for e in events:
+            kind, site = e["event"], e.get("site", "")
+            if kind == "join":
+                self.audit.site_joined(site, e["round"], self.fingerprints.get(site))
+            elif kind == "leave":
+                self.audit.site_left(site, e["round"], e.get("reason", "left"))
+            elif kind == "dropout":
+                self.audit.site_dropped(site, e["round"], e["reason"])
+            elif kind == "step_skipped":
+                self.audit.step_skipped(e["round"], e["step"], e["reason"], e["sites"])
 
     # -- main -------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -145,13 +164,18 @@ class NetworkedServer:
             self.audit = ServerAuditTrail(self.out / "audit" / "server.jsonl", key, run_id=c.run_id,
                                           config_hash=self.hash)
             if not self.resume:
-                self.audit.start(c.backbone, cfg.server.aggregation.method, list(self.expected), cfg.seed, c.round)
+                self.audit.start(c.backbone, cfg.server.aggregation.method, list(self.expected), cfg.seed, c.round,
+                                 joins=False)
+            else:  # a crash between the checkpoint and the round record leaves a gap: back-fill it
+                self.audit.reconcile(c.round, file_sha256(self.ckpt_path), backbone_hash=module_hash(c.backbone),
+                                     step=c.step)
             self.audit.round_started(c.backbone)
         c.on_round_finished = self._round_finished
         server = serve(
             c, address=self.address, server_key_pem=self.kit.key_pem, server_cert_pem=self.kit.cert_pem,
             ca_pem=self.kit.ca_pem, registry_dir=self.kit.root, identity_key=self.kit.identity_key,
             site_keys=self.kit.site_keys, max_message_bytes=cfg.network.max_message_mb << 20,
+            ledger=self.ledger, peer_fingerprints=self.fingerprints,
         )
         port = bound_port(server)
         host = self.address.rpartition(":")[0]
@@ -179,6 +203,11 @@ class NetworkedServer:
             if threading.current_thread() is threading.main_thread():
                 signal.signal(signal.SIGTERM, previous)
             if self.audit is not None:
+                with c._cv:
+                    events, c.events = c.events, []
+                self._audit_events(events)
+                self.results["events"].extend(events)
+                self.audit.sign()
                 self.audit.close()
                 self.audit = None
             write_json_atomic(self.results, self.out / "server-results.json")

@@ -36,8 +36,12 @@ from typing import Any
 
 from tqdm import tqdm
 
-from ..checkpoint import load_checkpoint, save_checkpoint, write_json_atomic
+from ..audit.ledger import FrameLedger, empty_summary
+from ..audit.site_trail import SiteAuditTrail, ensure_site_key
+from ..checkpoint import file_sha256, load_checkpoint, save_checkpoint, write_json_atomic
 from ..config import SiteConfig
+from ..configtools import config_hash
+from ..crypto.identity import fingerprint
 from ..crypto.kits import SiteKit
 from ..data.sources import load_site_data
 from ..errors import ProtocolError
@@ -86,6 +90,9 @@ class NetworkedSite:
         self.stopped: dict[str, Any] | None = None
         self._round_start_state: dict[str, Any] | None = None  # runtime state at the start of the current round
         self._synced_round = -1  # the last round whose sync this site applied
+        self.ledger = FrameLedger()  # every sealed frame this site sent and received, per round
+        self._ledgers: dict[int, dict[str, Any]] = {}  # round -> ledger summary, taken after the round's report
+        self.audit: SiteAuditTrail | None = None
 
     # -- connection -------------------------------------------------------------------------------
     def _say(self, msg: str) -> None:
@@ -102,7 +109,7 @@ class NetworkedSite:
                     self.cfg.name, self.address, ca_pem=self.kit.ca_pem, cert_pem=self.kit.cert_pem,
                     key_pem=self.kit.key_pem, identity_key=self.kit.identity_key,
                     server_public_key=self.kit.server_identity, run_id=run_id, server_name=self.server_name,
-                    max_message_bytes=self.max_message_bytes, timeout=self.call_timeout,
+                    max_message_bytes=self.max_message_bytes, timeout=self.call_timeout, ledger=self.ledger,
                 )
             except RemoteError as exc:
                 if exc.code not in RETRY_CODES or time.monotonic() + delay > deadline:
@@ -180,6 +187,7 @@ class NetworkedSite:
                                    if r["round"] <= self._synced_round]
             self._say(f"resumed from the checkpoint of round {self._synced_round}")
         self._round_start_state = copy.deepcopy(rt.state_dict())
+        self._open_audit(rnd, resume)
         total = sched.rounds * sched.steps_per_round
         bar = tqdm(total=total, initial=rnd * sched.steps_per_round, disable=not self.progress, unit="step",
                    desc=self.cfg.name, file=sys.stderr, leave=False)
@@ -201,9 +209,23 @@ class NetworkedSite:
             raise
         finally:
             bar.close()
+            if self.audit is not None and (self.stopped is not None or rnd < sched.rounds):
+                self.audit.left(rnd, self.stopped["reason"] if self.stopped else "interrupted")
         self._leave_quietly()
         self._write_results()
+        if self.audit is not None:
+            self.audit.close()
         return self._results()
+
+    def _open_audit(self, rnd: int, resume: bool) -> None:
+        """The site's own signed log: what it sent and received each round, and its privacy spent."""
+        rt = self.runtime
+        assert rt is not None
+        key = ensure_site_key(self.out / "keys", self.cfg.name)
+        self.audit = SiteAuditTrail(self.out / "audit" / "site.jsonl", key, run_id=rt.run_id, site_id=self.cfg.name)
+        if resume and self.ckpt_path.exists():
+            self.audit.reconcile(self._synced_round + 1, file_sha256(self.ckpt_path))
+        self.audit.start(round=rnd, config_hash=config_hash(self.cfg), cert_fingerprint=fingerprint(self.kit.cert_pem))
 
     def _leave_quietly(self) -> None:
         if self.runtime is None or self.transport is None:
@@ -235,6 +257,7 @@ class NetworkedSite:
                     post["eps"] = f"{rt.privacy.report().get('epsilon', float('nan')):.2f}"
                 bar.set_postfix(post)
             report = rt.end_round(rnd, {}, share_embedding)
+            self._ledgers[rnd] = self.ledger.take(rnd)
             rt.sync_round(rnd)
             self._synced_round = rnd
             self._checkpoint(rnd, evaluated=False)
@@ -246,6 +269,13 @@ class NetworkedSite:
         self._checkpoint(rnd, evaluated=True)
         self._round_start_state = copy.deepcopy(rt.state_dict())
         self._write_results()
+        if self.audit is not None:
+            ledger = self._ledgers.pop(rnd, None)
+            steps_done = steps if ledger is not None else 0
+            self.audit.round_finished(
+                rnd, steps=steps_done, samples=steps_done * min(self.cfg.train.batch_size, len(self.data.train)),
+                ledger=ledger or empty_summary(), epsilon=record.get("epsilon"),
+                delta=record.get("delta"), checkpoint_hash=file_sha256(self.ckpt_path))
         eps = f", eps {record['epsilon']:.2f}" if "epsilon" in record else ""
         self._say(f"round {rnd}: {primary_metric(self.cfg.task)} {metrics['primary']:.3f}, "
                   f"train loss {record['train_loss']:.3f}{eps} ({record['seconds']:.1f} s)")
@@ -257,6 +287,12 @@ class NetworkedSite:
         self.log.reconnects += 1
         self._say(f"lost the round ({exc.code}: {exc.details}); reconnecting")
         admitted = self._join()
+        # A fresh ledger after a failure: a restarted server books from scratch too, and a round this site
+        # trains again must not be booked twice. The round around the failure may differ between the two
+        # logs in `fedbone-audit cross-check`, which is what an auditor should see.
+        self.ledger = FrameLedger()
+        assert self.transport is not None
+        self.transport.ledger = self.ledger
         self.log.rejoins.append({"during_round": rnd, "admitted_round": admitted, "reason": exc.code})
         if admitted == rnd:
             # The server resumed from the end of the previous round: train this round again from its start.

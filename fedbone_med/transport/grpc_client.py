@@ -20,6 +20,7 @@ import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from torch import Tensor
 
+from ..audit.ledger import FrameLedger
 from ..crypto.envelope import Session
 from ..crypto.handshake import ClientHandshake
 from ..errors import ProtocolError
@@ -46,7 +47,7 @@ class GrpcTransport(Transport):
                  key_pem: bytes | None, identity_key: Ed25519PrivateKey, server_public_key: Ed25519PublicKey,
                  run_id: str | None = None, server_name: str = "localhost",
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, timeout: float = DEFAULT_TIMEOUT,
-                 insecure_dev: bool = False) -> None:
+                 insecure_dev: bool = False, ledger: FrameLedger | None = None) -> None:
         self.site, self.address = site, address
         self._ca, self._cert, self._key = ca_pem, cert_pem, key_pem
         self._identity, self._server_key = identity_key, server_public_key
@@ -55,6 +56,7 @@ class GrpcTransport(Transport):
         self.max_message_bytes = max_message_bytes
         self.timeout = timeout
         self.insecure_dev = insecure_dev
+        self.ledger = ledger  # books every sealed frame exchanged, for the site's audit log
         self._channel: grpc.Channel | None = None
         self._session: Session | None = None
         self.connect()
@@ -111,7 +113,8 @@ class GrpcTransport(Transport):
         self._session = hs.finish(reply.server_hello)
 
     def _exchange(self, rpc: str, type_: str, body: Any, tensors: list[Tensor], reply_type: str, *,
-                  round: int = 0, step: int = 0, check_step: bool = False) -> tuple[Any, list[Tensor]]:
+                  round: int = 0, step: int = 0, check_step: bool = False, mode: str = "train",
+                  ) -> tuple[Any, list[Tensor]]:
         session = self._session
         if session is None:
             raise ProtocolError(f"site {self.site!r}: no session; call reconnect()")
@@ -119,9 +122,14 @@ class GrpcTransport(Transport):
         if len(blob) > self.max_message_bytes:
             raise ProtocolError(f"site {self.site!r}: a {type_} frame of {len(blob)} bytes exceeds the message limit "
                                 f"of {self.max_message_bytes} bytes; use a smaller batch")
+        tags = wire.ledger_tags(type_, round, mode) if self.ledger is not None else None
+        if tags is not None and self.ledger is not None:
+            self.ledger.record("up", wire.ledger_type(type_), tags[0], step, blob)
         reply = self._call(rpc, pb.Sealed(site=self.site, sealed=blob))
         _, out_body, out = wire.open_message(session, reply.sealed, reply_type, round=round if check_step else None,
                                              step=step if check_step else None)
+        if tags is not None and self.ledger is not None:
+            self.ledger.record("down", wire.ledger_type(reply_type), tags[1], step, reply.sealed)
         return out_body, out
 
     # -- Transport -------------------------------------------------------------------------------
@@ -138,7 +146,7 @@ class GrpcTransport(Transport):
 
     def forward(self, header: StepHeader, z: Tensor) -> list[Tensor]:
         _, feats = self._exchange("Forward", "forward", wire.step_to_json(header), [z], "features",
-                                  round=header.round, step=header.step, check_step=True)
+                                  round=header.round, step=header.step, check_step=True, mode=header.mode)
         return feats
 
     def backward(self, header: StepHeader, grads: list[Tensor]) -> Tensor:

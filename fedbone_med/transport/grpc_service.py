@@ -33,11 +33,12 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from ..audit.ledger import LedgerBook
 from ..crypto.chunks import DEFAULT_MAX_BLOB_BYTES
 from ..crypto.envelope import Session
 from ..crypto.errors import HandshakeError, InvalidMessage
 from ..crypto.handshake import ServerHandshake
-from ..crypto.identity import IdentityError, load_certificate, load_crl, load_registry, verify_peer
+from ..crypto.identity import IdentityError, fingerprint, load_certificate, load_crl, load_registry, verify_peer
 from ..errors import ConfigError, FedboneError, ProtocolError
 from ..server.coordinator import SiteDropped
 from . import wire
@@ -81,8 +82,11 @@ class FederationService(pb_grpc.FederationServicer):
 
     def __init__(self, coordinator: Coordinator, *, ca_pem: bytes, registry_dir: str | Path,
                  identity_key: Ed25519PrivateKey, site_keys: Mapping[str, Ed25519PublicKey],
-                 max_message_bytes: int, insecure_dev: bool = False) -> None:
+                 max_message_bytes: int, insecure_dev: bool = False, ledger: LedgerBook | None = None,
+                 peer_fingerprints: dict[str, str] | None = None) -> None:
         self.coordinator = coordinator
+        self.ledger = ledger  # books every sealed frame per site, for the server's audit log
+        self.peer_fingerprints = peer_fingerprints if peer_fingerprints is not None else {}
         self.ca = load_certificate(ca_pem)
         self.crl = load_crl(registry_dir)
         self.registry = load_registry(registry_dir)
@@ -104,6 +108,7 @@ class FederationService(pb_grpc.FederationServicer):
         if not pems:
             raise _Refused(grpc.StatusCode.UNAUTHENTICATED, "no client certificate")
         name = verify_peer(pems[0], self.ca, self.crl, self.registry)
+        self.peer_fingerprints[name] = fingerprint(pems[0])
         if name != claimed:
             raise _Refused(grpc.StatusCode.PERMISSION_DENIED,
                            f"the certificate of site {name!r} cannot speak for site {claimed!r}")
@@ -167,6 +172,23 @@ class FederationService(pb_grpc.FederationServicer):
 
         return self._run(context, run)
 
+    def _book(self, site: str, direction: str, msg_type: str, tag: int | None, step: int, frame: bytes) -> None:
+        if self.ledger is not None and tag is not None:
+            self.ledger.record(site, direction, wire.ledger_type(msg_type), tag, step, frame)
+
+    def _book_request(self, site: str, request: bytes, req_type: str, round: int, step: int = 0,
+                      mode: str = "train") -> None:
+        """Book an opened request (after the envelope's replay check fixed its place in the order)."""
+        tags = wire.ledger_tags(req_type, round, mode)
+        self._book(site, "up", req_type, tags[0] if tags else None, step, request)
+
+    def _book_reply(self, site: str, req_type: str, reply: bytes, reply_type: str, round: int, step: int = 0,
+                    mode: str = "train") -> bytes:
+        """Book a sealed reply; returns it."""
+        tags = wire.ledger_tags(req_type, round, mode)
+        self._book(site, "down", reply_type, tags[1] if tags else None, step, reply)
+        return reply
+
     def Join(self, request: pb.Sealed, context: grpc.ServicerContext) -> pb.Sealed:  # noqa: N802
         def handle(site: str, s: Session) -> bytes:
             _, body, tensors = wire.open_message(s, request.sealed, "join")
@@ -190,8 +212,10 @@ class FederationService(pb_grpc.FederationServicer):
             step = self._step(site, header, body)
             if len(tensors) != 1:
                 raise ProtocolError(f"site {site!r}: forward carries {len(tensors)} tensors, expected 1")
+            self._book_request(site, request.sealed, "forward", step.round, step.step, step.mode)
             feats = self.coordinator.forward(step, tensors[0])
-            return wire.seal_message(s, "features", None, list(feats), round=step.round, step=step.step)
+            reply = wire.seal_message(s, "features", None, list(feats), round=step.round, step=step.step)
+            return self._book_reply(site, "forward", reply, "features", step.round, step.step, step.mode)
 
         return self._sealed(request, context, handle)
 
@@ -199,8 +223,11 @@ class FederationService(pb_grpc.FederationServicer):
         def handle(site: str, s: Session) -> bytes:
             header, body, tensors = wire.open_message(s, request.sealed, "backward")
             step = self._step(site, header, body)
+            self._book_request(site, request.sealed, "backward", step.round, step.step, step.mode)
             dz = self.coordinator.backward(step, tensors)
-            return wire.seal_message(s, "input-grad", None, [dz], round=step.round, step=step.step)
+            reply = wire.seal_message(s, "input-grad", None, [dz], round=step.round, step=step.step)
+            return self._book_reply(site, "backward", reply, "input-grad", step.round, step.step,
+                                step.mode)
 
         return self._sealed(request, context, handle)
 
@@ -210,8 +237,10 @@ class FederationService(pb_grpc.FederationServicer):
             report = wire.round_report_from_wire(body, tensors)
             if report.site != site or report.round != header.round:
                 raise ProtocolError(f"site {site!r}: round report does not match the sealed frame")
+            self._book_request(site, request.sealed, "round-end", report.round)
             self.coordinator.round_end(report)
-            return wire.seal_message(s, "ok", None, [], round=report.round)
+            reply = wire.seal_message(s, "ok", None, [], round=report.round)
+            return self._book_reply(site, "round-end", reply, "ok", report.round)
 
         return self._sealed(request, context, handle)
 
@@ -219,9 +248,11 @@ class FederationService(pb_grpc.FederationServicer):
         def handle(site: str, s: Session) -> bytes:
             header, body, tensors = wire.open_message(s, request.sealed, "round-sync")
             _require_no_payload(site, "round-sync", body, tensors)
+            self._book_request(site, request.sealed, "round-sync", header.round)
             result = self.coordinator.round_sync(site, header.round)
             meta, out = wire.round_sync_to_wire(result)
-            return wire.seal_message(s, "round-sync-reply", meta, out, round=header.round)
+            reply = wire.seal_message(s, "round-sync-reply", meta, out, round=header.round)
+            return self._book_reply(site, "round-sync", reply, "round-sync-reply", header.round)
 
         return self._sealed(request, context, handle)
 
@@ -242,7 +273,8 @@ class FederationService(pb_grpc.FederationServicer):
 def serve(coordinator: Coordinator, *, address: str, server_key_pem: bytes, server_cert_pem: bytes, ca_pem: bytes,
           registry_dir: str | Path, identity_key: Ed25519PrivateKey, site_keys: Mapping[str, Ed25519PublicKey],
           max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, insecure_dev: bool = False,
-          max_workers: int = 32) -> grpc.Server:
+          max_workers: int = 32, ledger: LedgerBook | None = None,
+          peer_fingerprints: dict[str, str] | None = None) -> grpc.Server:
     """Start serving ``coordinator`` on ``address`` (``host:port``; port 0 picks a free one, see :func:`bound_port`).
 
     The CA, CRL and registry are read once here: restart the server after a revocation.
@@ -253,7 +285,8 @@ def serve(coordinator: Coordinator, *, address: str, server_key_pem: bytes, serv
     if not 0 < max_message_bytes <= min(DEFAULT_MAX_BLOB_BYTES, 2**31 - 1 - GRPC_OVERHEAD):
         raise ConfigError("max_message_bytes must be positive and below 2 GiB")
     service = FederationService(coordinator, ca_pem=ca_pem, registry_dir=registry_dir, identity_key=identity_key,
-                                site_keys=site_keys, max_message_bytes=max_message_bytes, insecure_dev=insecure_dev)
+                                site_keys=site_keys, max_message_bytes=max_message_bytes, insecure_dev=insecure_dev,
+                                ledger=ledger, peer_fingerprints=peer_fingerprints)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="fedbone-grpc"),
                          options=grpc_options(max_message_bytes))
     pb_grpc.add_FederationServicer_to_server(service, server)

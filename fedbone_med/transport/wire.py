@@ -39,6 +39,28 @@ TYPES = ("join", "join-reply", "forward", "features", "backward", "input-grad", 
          "round-sync", "round-sync-reply", "leave")
 
 
+def ledger_tags(msg_type: str, round: int, mode: str = "train") -> tuple[int, int] | None:
+    """The audit-ledger rounds (request, reply) of one exchange, the same at both ends.
+
+    A round's ledger closes on the server when its last end-of-round report arrives, so everything
+    exchanged after that point for round r (the reply to that report, the round sync, validation
+    forwards) is booked under round r + 1 at both ends. Join and leave are not booked (they are
+    audit events of their own).
+    """
+    if msg_type in ("forward", "backward"):
+        tag = round if mode == "train" else round + 1
+        return tag, tag
+    if msg_type == "round-end":
+        return round, round + 1
+    if msg_type == "round-sync":
+        return round + 1, round + 1
+    return None
+
+
+def ledger_type(msg_type: str) -> str:
+    return msg_type.replace("-", "_")
+
+
 # -- canonical JSON ----------------------------------------------------------------------------
 def canonical_json(obj: Any) -> bytes:
     try:
