@@ -93,6 +93,27 @@ def test_resumed_run_ends_equal_to_an_uninterrupted_run(tmp_path):
     assert report.rounds[resumed.run_id] == [0, 1]
 
 
+def test_a_crash_between_checkpoint_and_audit_record_is_back_filled_on_resume(tmp_path, monkeypatch):
+    from fedbone_med.server.audit_trail import ServerAuditTrail
+
+    cfg = _experiment(rounds=2, steps=2, n_train=16)
+    original = ServerAuditTrail.round_finished
+
+    def crash(self, round, *args, **kwargs):
+        raise RuntimeError("power cut")  # round 0's checkpoint is on disk, its audit record is not
+
+    monkeypatch.setattr(ServerAuditTrail, "round_finished", crash)
+    first = Federation(cfg, tmp_path)
+    with pytest.raises(RuntimeError, match="power cut"):
+        first.run(progress=False)
+    monkeypatch.setattr(ServerAuditTrail, "round_finished", original)
+    resumed = Federation(cfg, tmp_path)
+    resumed.run(resume=True, progress=False)
+    report = _verify(tmp_path)
+    kinds = [(r["kind"], r["body"].get("round")) for r in report.records if r["kind"] in ("round", "round_backfill")]
+    assert kinds == [("round_backfill", 0), ("round", 1)]
+
+
 def _verify(out):
     from fedbone_med.audit import load_public_keys, verify_log
 

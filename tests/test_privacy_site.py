@@ -90,6 +90,13 @@ def test_a_site_stops_before_it_would_exceed_its_budget(tmp_path):
     assert len(results["aggregation"]) == 30
     sent = sum(1 for a in results["aggregation"] if "private" in a["site_names"])
     assert sent == steps_charged
+    # the audit log records that the site left, and why
+    from fedbone_med.audit import load_public_keys, verify_log
+
+    report = verify_log(tmp_path / "audit" / "server.jsonl",
+                        load_public_keys([tmp_path / "keys" / "server-audit-key.pub.pem"]))
+    leaves = [r["body"] for r in report.records if r["kind"] == "leave"]
+    assert [(b["site_id"], "budget" in b["reason"].lower()) for b in leaves] == [("private", True)]
 
 
 def test_resume_restores_the_accountant_and_the_noise(tmp_path):

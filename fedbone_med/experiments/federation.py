@@ -24,14 +24,14 @@ import torch
 from tqdm import tqdm
 
 from .. import __version__
-from ..checkpoint import load_checkpoint, save_checkpoint, write_json_atomic
+from ..checkpoint import file_sha256, load_checkpoint, save_checkpoint, write_json_atomic
 from ..config import ExperimentConfig
 from ..configtools import config_hash, to_plain
 from ..data.sources import load_site_data
 from ..errors import CheckpointError
 from ..privacy.errors import BudgetExceeded
 from ..server import Coordinator
-from ..server.audit_trail import ServerAuditTrail, ensure_server_key
+from ..server.audit_trail import ServerAuditTrail, ensure_server_key, module_hash
 from ..site import SiteRuntime, derive_seed
 from ..site.metrics import primary_metric
 from ..transport import InProcessTransport
@@ -133,6 +133,11 @@ class Federation:
                 if not resume:
                     self.audit.start(self.coordinator.backbone, cfg.server.aggregation.method,
                                      [s.name for s in self.sites], cfg.seed, start)
+                else:  # a crash between the checkpoint and the round record leaves a gap: back-fill it
+                    c = self.coordinator
+                    self.audit.reconcile(start, file_sha256(self.ckpt_dir / "server.pt"),
+                                         backbone_hash=module_hash(c.backbone), step=c.step)
+            self.coordinator.take_events()  # the initial joins: start() recorded them
             for rnd in range(start, cfg.rounds):
                 t0 = time.perf_counter()
                 if self.audit is not None:
@@ -151,6 +156,10 @@ class Federation:
                 usage = self.coordinator.take_usage()
                 if self.audit is not None:
                     privacy = {n: (m.get("epsilon"), m.get("delta")) for n, m in record["sites"].items()}
+                    for e in self.coordinator.take_events():
+                        if e["event"] == "leave":
+                            self.audit.site_left(e["site"], e["round"], self.stopped.get(e["site"], {}).get(
+                                "reason", "left"))
                     self.audit.round_finished(rnd, self.coordinator.backbone, usage, steps,
                                               cfg.server.aggregation.method, server_hash, privacy)
                 if on_round is not None:
