@@ -270,6 +270,9 @@ class NetworkConfig:
     round_deadline_s: float = 900.0
     join_timeout_s: float = 600.0
     max_message_mb: int = 256
+    # What activations and gradients travel as. float16 / bfloat16 halve the bytes (values are rounded;
+    # float16 refuses to send a value it cannot hold rather than send infinity).
+    wire_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
 
     def validate(self) -> list[str]:
         out = _positive("min_sites", self.min_sites) + _positive("max_message_mb", self.max_message_mb)

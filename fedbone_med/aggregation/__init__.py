@@ -16,7 +16,9 @@ from .base import (
 )
 from .fedavg import average_state_dicts
 from .projection import (
+    gram_entries,
     gram_matrix,
+    incremental_gram,
     mean_aggregate,
     project_conflicting,
     project_from_gram,
@@ -33,7 +35,9 @@ __all__ = [
     "available_aggregators",
     "average_state_dicts",
     "get_aggregator",
+    "gram_entries",
     "gram_matrix",
+    "incremental_gram",
     "mean_aggregate",
     "project_conflicting",
     "project_conflicting_reference",

@@ -8,6 +8,8 @@ gradient values.
 
 from __future__ import annotations
 
+import operator
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -16,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ..errors import CheckpointError, ConfigError, RegistryError
+from ..errors import AggregationError, CheckpointError, ConfigError, RegistryError
 
 REDUCTIONS = ("mean", "sum")
 
@@ -52,7 +54,11 @@ class AggregationStats:
 
 
 class Aggregator(ABC):
-    """Combines K site gradients (K, P) into one gradient (P,)."""
+    """Combines K site gradients (K, P) into one gradient (P,).
+
+    The coordinator calls :meth:`prepare` (optional work as each site's slot row lands) and
+    then ``__call__`` on the full slot matrix.
+    """
 
     name: ClassVar[str]
 
@@ -65,6 +71,14 @@ class Aggregator(ABC):
         weights: Sequence[float] | Tensor | None = None,
     ) -> tuple[Tensor, AggregationStats]:
         """Aggregate ``grads`` (K, P); ``weights`` are optional non-negative per-site weights."""
+
+    def prepare(self, matrix: Tensor, row: int) -> None:  # noqa: B027 - optional hook, no-op by default
+        """Hook: ``matrix[row]`` (a (K, P) slot matrix) has just been written; no-op by default.
+
+        The coordinator calls it once per arriving site slot, before the call that aggregates
+        ``matrix``; an aggregator may start work there that would otherwise wait for the last
+        slot. Calling it is optional: the result of ``__call__`` must not depend on it.
+        """
 
     def state_dict(self) -> dict[str, Any]:
         """State to checkpoint with the server (tensors, ints and strings only)."""
@@ -84,11 +98,42 @@ def _check_reduction(reduction: str) -> str:
     return reduction
 
 
+@dataclass
+class _GramCache:
+    """Gram entries computed by ``prepare`` for one slot matrix (see ProjectionAggregator)."""
+
+    matrix: weakref.ReferenceType[Tensor]
+    key: tuple[Any, ...]
+    gram: Tensor  # (K, K) float64; entries valid between rows flagged in ``prepared``
+    prepared: list[bool]
+    version: int | None  # matrix._version after the last prepare: any later write invalidates the cache
+
+
+def _version(matrix: Tensor) -> int | None:
+    """The tensor's in-place write counter (shared with its views); None if it has none."""
+    try:
+        return int(matrix._version)
+    except RuntimeError:  # inference tensors do not track versions: never trust a cache for them
+        return None
+
+
+def _matrix_key(matrix: Tensor) -> tuple[Any, ...]:
+    return (matrix.data_ptr(), tuple(matrix.shape), tuple(matrix.stride()), matrix.dtype, matrix.device)
+
+
 class ProjectionAggregator(Aggregator):
     """Conflicting-gradient projection (FedBone / PCGrad) with a seeded site order.
 
     Owns one ``torch.Generator`` seeded once; each call draws a fresh permutation of
     the K sites with ``torch.randperm``. A call that raises does not consume a draw.
+
+    The Gram matrix is built with :func:`~.projection.gram_entries`, one row at a time, so
+    :meth:`prepare` can compute a row's entries as its slot arrives and ``__call__`` only
+    adds the missing ones. Every entry is a fixed function of its two rows, so the result is
+    bit-identical whether, and in which order, rows were prepared. The cache belongs to one
+    matrix object (same storage, shape, strides); another matrix, a write to the matrix not
+    followed by ``prepare`` of that row, or a call to ``__call__`` drops it. Not thread-safe:
+    the coordinator calls ``prepare`` and ``__call__`` under its lock.
     """
 
     name = "projection"
@@ -101,6 +146,63 @@ class ProjectionAggregator(Aggregator):
         self.generator = torch.Generator(device="cpu")
         self.generator.manual_seed(seed)
         self.rounds = 0
+        self._cache: _GramCache | None = None
+        self._workspace: Tensor | None = None
+
+    def _cache_for(self, matrix: Tensor) -> _GramCache:
+        """The cache of ``matrix``, a fresh one if the cache belongs to another matrix."""
+        cache, key = self._cache, _matrix_key(matrix)
+        if cache is None or cache.matrix() is not matrix or cache.key != key:
+            k = matrix.shape[0]
+            cache = _GramCache(weakref.ref(matrix), key, torch.zeros(k, k, dtype=torch.float64), [False] * k, -1)
+            self._cache = cache
+        return cache
+
+    def _take_cache(self, matrix: Tensor) -> _GramCache | None:
+        """Remove the cache; return it if it is still valid for ``matrix``."""
+        cache, self._cache = self._cache, None
+        if cache is None or cache.matrix() is not matrix or cache.key != _matrix_key(matrix):
+            return None
+        version = _version(matrix)
+        if version is None or version != cache.version:  # written after the last prepare: may be stale
+            return None
+        return cache
+
+    def _workspace_for(self, matrix: Tensor) -> Tensor | None:
+        """A reusable product buffer for float64 slots (float32 slots need none)."""
+        from .projection import gram_lanes
+
+        if matrix.dtype != torch.float64:
+            return None
+        need = matrix.shape[0] * gram_lanes(matrix.shape[1])
+        ws = self._workspace
+        if ws is None or ws.numel() < need or ws.device != matrix.device or ws.dtype != matrix.dtype:
+            ws = self._workspace = torch.empty(need, dtype=matrix.dtype, device=matrix.device)
+        return ws
+
+    def prepare(self, matrix: Tensor, row: int) -> None:
+        """Compute the Gram entries between ``matrix[row]`` and every row already prepared.
+
+        Call right after writing ``matrix[row]``; a row written again must be prepared again
+        (a write followed by no ``prepare`` at all is detected at ``__call__`` through the
+        tensor's version counter, and the cache is then ignored). Draws no permutation.
+        """
+        from .projection import add_gram_row, check_grads_shape
+
+        k = check_grads_shape(matrix)
+        try:
+            row = operator.index(row)
+        except TypeError as exc:
+            raise AggregationError(f"prepare row must be an int, got {type(row).__name__}") from exc
+        if not 0 <= row < k:
+            raise AggregationError(f"prepare row {row} is out of range for {k} site gradients")
+        cache = self._cache_for(matrix)
+        try:
+            add_gram_row(matrix, cache.gram, cache.prepared, row, self._workspace_for(matrix))
+        except BaseException:
+            self._cache = None
+            raise
+        cache.version = _version(matrix)
 
     def __call__(
         self,
@@ -110,15 +212,30 @@ class ProjectionAggregator(Aggregator):
         weights: Sequence[float] | Tensor | None = None,
     ) -> tuple[Tensor, AggregationStats]:
         # Imported here: projection.py imports this module for AggregationStats.
-        from .projection import check_grads_shape, project_conflicting
+        from .projection import (
+            check_grads_shape,
+            check_gram_finite,
+            check_order,
+            check_site_names,
+            incremental_gram,
+            project_with_gram,
+            reduction_weights,
+        )
 
+        cache = self._take_cache(grads) if isinstance(grads, Tensor) else None
         num_sites = check_grads_shape(grads)
         saved = self.generator.get_state()
         try:
-            order = torch.randperm(num_sites, generator=self.generator)
-            out = project_conflicting(
-                grads, order=order, reduction=self.reduction, weights=weights, site_names=site_names
-            )
+            names = check_site_names(site_names, num_sites)
+            r = reduction_weights(num_sites, self.reduction, weights)
+            order = check_order(torch.randperm(num_sites, generator=self.generator), num_sites)
+            ws = self._workspace_for(grads)
+            if cache is None:
+                gram = incremental_gram(grads, workspace=ws)
+            else:
+                gram = incremental_gram(grads, cache.gram, cache.prepared, ws)
+            gram = check_gram_finite(grads, gram, names)
+            out = project_with_gram(grads, gram, order, r, names)
         except BaseException:
             self.generator.set_state(saved)
             raise

@@ -11,6 +11,13 @@ Every g_i' is a linear combination of the original gradients, g_i' = sum_k C[i, 
 the whole procedure runs on the K x K Gram matrix G = grads @ grads.T (float64) and the
 coefficients C; the P-dimensional data is touched twice: once for G, once for the final
 combination ``w @ grads`` with w = r @ C.
+
+Two Gram paths exist. :func:`gram_matrix` (used by :func:`project_conflicting` and the plain
+aggregators) is one float64 GEMM per column block: fast, but each entry's rounding depends on
+the BLAS kernel and on where the rows sit in the call. :func:`gram_entries` computes entries
+one new row at a time with a fixed element-wise recipe, so every entry is a function of its
+two rows alone; :class:`~.base.ProjectionAggregator` uses it to build the Gram matrix
+incrementally as site slots arrive, bit-identical whatever the arrival order.
 """
 
 from __future__ import annotations
@@ -26,6 +33,13 @@ from .base import REDUCTIONS, AggregationStats
 
 # Columns per Gram chunk are chosen so one float64 chunk of K rows is about this size.
 GRAM_CHUNK_BYTES = 4 << 20
+# Lanes of the order-independent Gram (:func:`gram_entries`): a power of two, fixed, so an
+# entry's summation order depends only on the number of columns P.
+GRAM_LANES = 1 << 16
+# Columns per block of the final combination (one axpy per site per block).
+COMBINE_COLUMNS = 1 << 22
+# Dtypes whose products are exact in float64 (at most 24 significand bits each).
+_EXACT_PRODUCT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def check_grads_shape(grads: Tensor) -> int:
@@ -47,7 +61,7 @@ def _site_label(k: int, site_names: tuple[str, ...] | None) -> str:
     return f"site {site_names[k]!r}" if site_names is not None else f"site index {k}"
 
 
-def _check_site_names(site_names: Sequence[str] | None, num_sites: int) -> tuple[str, ...] | None:
+def check_site_names(site_names: Sequence[str] | None, num_sites: int) -> tuple[str, ...] | None:
     if site_names is None:
         return None
     names = tuple(str(n) for n in site_names)
@@ -114,20 +128,123 @@ def gram_matrix(grads: Tensor, chunk_bytes: int = GRAM_CHUNK_BYTES) -> Tensor:
 
 def _checked_gram(grads: Tensor, site_names: tuple[str, ...] | None) -> Tensor:
     """Gram matrix of ``grads``; raises naming every site whose gradient is not finite."""
-    gram = gram_matrix(grads)
+    return check_gram_finite(grads, gram_matrix(grads), site_names)
+
+
+def check_gram_finite(grads: Tensor, gram: Tensor, site_names: Sequence[str] | None) -> Tensor:
+    """Return ``gram`` if finite; otherwise raise naming every site whose gradient is not finite."""
     if bool(torch.isfinite(gram).all()):
         return gram
+    names = None if site_names is None else tuple(site_names)
     # Failure path only: a non-finite entry anywhere in a row makes its diagonal non-finite.
     bad = [k for k in range(grads.shape[0]) if not bool(torch.isfinite(grads[k]).all())]
     if bad:
-        labels = ", ".join(_site_label(k, site_names) for k in bad)
+        labels = ", ".join(_site_label(k, names) for k in bad)
         raise AggregationError(
             f"non-finite backbone gradient (NaN or Inf) from {labels}; drop or re-run those sites' "
             "contributions for this round (check their learning rate and loss scaling)"
         )
     huge = [k for k in range(grads.shape[0]) if not bool(torch.isfinite(gram[k, k]))]
-    labels = ", ".join(_site_label(k, site_names) for k in huge)
+    labels = ", ".join(_site_label(k, names) for k in huge)
     raise AggregationError(f"backbone gradient norm overflows float64 for {labels}")
+
+
+def gram_lanes(num_params: int) -> int:
+    """Lane count of :func:`gram_entries` for P columns: min(GRAM_LANES, next power of two >= P)."""
+    lanes = 1
+    while lanes < num_params and lanes < GRAM_LANES:
+        lanes *= 2
+    return lanes
+
+
+def gram_entries(grads: Tensor, lo: int, hi: int, row: int, workspace: Tensor | None = None) -> Tensor:
+    """Gram entries G[i, row] for i in lo..hi-1 (float64, shape (hi - lo,)).
+
+    Each entry is a fixed function of rows i and ``row`` alone, whatever other rows are in the
+    call, which of the two is ``row``, where they sit, or how many threads run: with L =
+    :func:`gram_lanes` (P), lane l accumulates in float64 the products x_i[t] * x_row[t] for
+    t = l, l + L, l + 2L, ... in increasing t, then the L lanes are summed by pairwise halving.
+    Every step is an element-wise IEEE operation with one rounding: for float32 (also float16,
+    bfloat16) inputs the float64 products are exact, so a fused multiply-add rounds the same;
+    float64 inputs are multiplied, then added, as two operations. One pass over the rows costs
+    about 4x one float32 read of them (the float64 widening and the lane traffic; eager PyTorch
+    has no fused mixed-precision dot). ``workspace``: optional product buffer for float64 inputs
+    (same dtype and device, at least (hi - lo) * L elements), reused across calls.
+    """
+    if not (0 <= lo < hi <= grads.shape[0] and 0 <= row < grads.shape[0]):
+        raise AggregationError(f"Gram entry rows {lo}..{hi - 1} or row {row} out of range for {grads.shape[0]} rows")
+    g = grads.detach()
+    n, p = hi - lo, g.shape[1]
+    lanes = gram_lanes(p)
+    acc = torch.zeros(n, lanes, dtype=torch.float64, device=g.device)  # (n, L)
+    block, vec = g[lo:hi], g[row]
+    if g.dtype in _EXACT_PRODUCT_DTYPES:
+        for start in range(0, p, lanes):
+            w = min(lanes, p - start)
+            # acc is float64, so the operands are widened (exactly) and the products are exact.
+            acc[:, :w].addcmul_(block[:, start : start + w], vec[start : start + w])
+    else:
+        if workspace is None or workspace.numel() < n * lanes or workspace.dtype != g.dtype:
+            workspace = torch.empty(n * lanes, dtype=g.dtype, device=g.device)
+        buf = workspace[: n * lanes].view(n, lanes)
+        for start in range(0, p, lanes):
+            w = min(lanes, p - start)
+            b = buf[:, :w]
+            torch.mul(block[:, start : start + w], vec[start : start + w], out=b)
+            acc[:, :w].add_(b)
+    width = lanes
+    while width > 1:  # fixed pairwise order over lanes
+        half = width // 2
+        acc[:, :half].add_(acc[:, half:width])
+        width = half
+    return acc[:, 0].cpu()
+
+
+def incremental_gram(
+    grads: Tensor,
+    gram: Tensor | None = None,
+    prepared: Sequence[bool] | None = None,
+    workspace: Tensor | None = None,
+) -> Tensor:
+    """Complete the order-independent Gram matrix (K, K) float64 of ``grads`` (in place of ``gram``).
+
+    ``gram``/``prepared`` hold entries already computed by :func:`gram_entries` between rows
+    flagged in ``prepared``; the missing rows are added in index order. Without them this
+    computes the whole matrix. The result is bit-identical however the entries were split.
+    """
+    k = grads.shape[0]
+    if gram is None or prepared is None:
+        gram = torch.zeros(k, k, dtype=torch.float64)
+        prepared = [False] * k
+    done = [bool(x) for x in prepared]
+    for row in range(k):
+        if not done[row]:
+            add_gram_row(grads, gram, done, row, workspace)
+    return gram
+
+
+def _row_runs(rows: list[int], max_gap: int = 2) -> list[tuple[int, int]]:
+    """Sorted ``rows`` as [lo, hi) runs; runs closer than ``max_gap`` rows are merged."""
+    runs: list[tuple[int, int]] = []
+    for i in rows:
+        if runs and i - runs[-1][1] <= max_gap:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
+
+
+def add_gram_row(grads: Tensor, gram: Tensor, done: list[bool], row: int, workspace: Tensor | None = None) -> None:
+    """Fill G[row, i] = G[i, row] for ``row`` and every i with done[i]; then set done[row]."""
+    done[row] = False
+    rows = sorted([i for i, ok in enumerate(done) if ok] + [row])
+    for lo, hi in _row_runs(rows):  # entries do not depend on how the rows are grouped
+        dots = gram_entries(grads, lo, hi, row, workspace)  # (hi - lo,)
+        idx = torch.tensor([i for i in rows if lo <= i < hi], dtype=torch.long)
+        vals = dots[idx - lo]
+        gram[idx, row] = vals
+        gram[row, idx] = vals
+    done[row] = True
 
 
 def _projection_coefficients(gram: Tensor, order: list[int]) -> tuple[Tensor, int]:
@@ -192,8 +309,23 @@ def _gram_stats(gram: Tensor) -> tuple[int, float | None, float | None, tuple[fl
 
 
 def _combine(grads: Tensor, w: Tensor) -> Tensor:
-    """w @ grads (P,) in grads' dtype, computed in that dtype."""
-    return w.to(device=grads.device, dtype=grads.dtype) @ grads.detach()
+    """w @ grads (P,) in grads' dtype, computed in that dtype.
+
+    Column blocks, last first (the Gram pass just read the last columns, so some are still
+    cached); per block one scaled copy and K - 1 in-place axpys, each parallel over columns.
+    """
+    g = grads.detach()
+    k, p = g.shape
+    coeffs = w.to(dtype=g.dtype).tolist()  # the weights rounded to grads' dtype, as Python floats
+    out = torch.empty(p, dtype=g.dtype, device=g.device)
+    starts = list(range(0, p, COMBINE_COLUMNS))
+    for start in reversed(starts):
+        end = min(p, start + COMBINE_COLUMNS)
+        o = out[start:end]
+        torch.mul(g[0, start:end], coeffs[0], out=o)
+        for j in range(1, k):
+            o.add_(g[j, start:end], alpha=coeffs[j])
+    return out
 
 
 def project_conflicting(
@@ -211,12 +343,24 @@ def project_conflicting(
     ``torch.randperm(K, generator=generator)`` (the global generator when None).
     """
     k = check_grads_shape(grads)
-    names = _check_site_names(site_names, k)
+    names = check_site_names(site_names, k)
     r = reduction_weights(k, reduction, weights)
     if order is not None and generator is not None:
         raise AggregationError("pass either a projection order or a generator, not both")
     perm = check_order(order if order is not None else torch.randperm(k, generator=generator), k)
     gram = _checked_gram(grads, names)
+    return project_with_gram(grads, gram, perm, r, names)
+
+
+def project_with_gram(
+    grads: Tensor,
+    gram: Tensor,
+    perm: list[int],
+    r: Tensor,
+    names: tuple[str, ...] | None,
+) -> tuple[Tensor, AggregationStats]:
+    """The projection given a checked finite Gram matrix of ``grads``, an order and weights r."""
+    k = grads.shape[0]
     coeffs, applied = _projection_coefficients(gram, perm)
     w = r @ coeffs  # (K,)
     pairs, min_cos, mean_cos, norms = _gram_stats(gram)
@@ -242,7 +386,7 @@ def _plain_aggregate(
     site_names: Sequence[str] | None,
 ) -> tuple[Tensor, AggregationStats]:
     k = check_grads_shape(grads)
-    names = _check_site_names(site_names, k)
+    names = check_site_names(site_names, k)
     r = reduction_weights(k, reduction, weights)
     gram = _checked_gram(grads, names)
     pairs, min_cos, mean_cos, norms = _gram_stats(gram)

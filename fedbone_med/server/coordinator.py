@@ -83,6 +83,7 @@ class Coordinator:
         step_deadline: float | None = None,
         round_deadline: float | None = None,
         rounds: int | None = None,
+        wire_dtype: str = "float32",
     ) -> None:
         self.cfg = cfg
         self.run_id = run_id
@@ -90,7 +91,7 @@ class Coordinator:
         self.embedding_fedavg = embedding_fedavg
         self.wait_timeout = wait_timeout
         self.steps_per_round = steps_per_round
-        self.schedule = (Schedule(rounds, steps_per_round, seed, embedding_fedavg)
+        self.schedule = (Schedule(rounds, steps_per_round, seed, embedding_fedavg, wire_dtype)
                          if rounds is not None and steps_per_round is not None else None)
         self.expected_sites = tuple(sorted(expected_sites)) if expected_sites is not None else None
         self.min_sites = min_sites

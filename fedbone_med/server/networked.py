@@ -33,6 +33,7 @@ from ..crypto.kits import ServerKit
 from ..errors import CheckpointError, ConfigError, ProtocolError
 from ..transport.grpc_service import bound_port, serve
 from ..transport.messages import RoundReport
+from ..transport.wire import WIRE_DTYPES
 from .audit_trail import ServerAuditTrail, ensure_server_key, module_hash
 from .coordinator import Coordinator
 
@@ -65,6 +66,7 @@ class NetworkedServer:
             wait_timeout=max(net.step_deadline_s, net.round_deadline_s, net.join_timeout_s) + 60.0,
             steps_per_round=cfg.steps_per_round, rounds=cfg.rounds, expected_sites=self.expected,
             min_sites=net.min_sites, step_deadline=net.step_deadline_s, round_deadline=net.round_deadline_s,
+            wire_dtype=net.wire_dtype,
         )
         self.results: dict[str, Any] = {
             "experiment": cfg.name, "run_id": run_id, "config_hash": self.hash, "seed": cfg.seed,
@@ -175,7 +177,7 @@ class NetworkedServer:
             c, address=self.address, server_key_pem=self.kit.key_pem, server_cert_pem=self.kit.cert_pem,
             ca_pem=self.kit.ca_pem, registry_dir=self.kit.root, identity_key=self.kit.identity_key,
             site_keys=self.kit.site_keys, max_message_bytes=cfg.network.max_message_mb << 20,
-            ledger=self.ledger, peer_fingerprints=self.fingerprints,
+            ledger=self.ledger, peer_fingerprints=self.fingerprints, wire_dtype=WIRE_DTYPES[cfg.network.wire_dtype],
         )
         port = bound_port(server)
         host = self.address.rpartition(":")[0]

@@ -48,6 +48,7 @@ from ..errors import ProtocolError
 from ..privacy.errors import BudgetExceeded
 from ..transport.grpc_client import GrpcTransport, RemoteError
 from ..transport.grpc_service import DEFAULT_MAX_MESSAGE_BYTES
+from ..transport.wire import WIRE_DTYPES
 from .metrics import primary_metric
 from .runtime import SiteRuntime
 
@@ -130,6 +131,7 @@ class NetworkedSite:
         reply = self.runtime.join()
         if reply.schedule is None:
             raise ProtocolError(f"site '{self.cfg.name}': the server did not send its training schedule")
+        self.transport.wire_dtype = WIRE_DTYPES[reply.schedule.wire_dtype]
         return reply.round
 
     # -- checkpoints ------------------------------------------------------------------------------

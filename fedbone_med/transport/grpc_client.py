@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
+import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from torch import Tensor
 
@@ -57,6 +58,7 @@ class GrpcTransport(Transport):
         self.timeout = timeout
         self.insecure_dev = insecure_dev
         self.ledger = ledger  # books every sealed frame exchanged, for the site's audit log
+        self.wire_dtype: torch.dtype | None = None  # activations and feature gradients travel as this
         self._channel: grpc.Channel | None = None
         self._session: Session | None = None
         self.connect()
@@ -114,11 +116,11 @@ class GrpcTransport(Transport):
 
     def _exchange(self, rpc: str, type_: str, body: Any, tensors: list[Tensor], reply_type: str, *,
                   round: int = 0, step: int = 0, check_step: bool = False, mode: str = "train",
-                  ) -> tuple[Any, list[Tensor]]:
+                  wire_dtype: torch.dtype | None = None) -> tuple[Any, list[Tensor]]:
         session = self._session
         if session is None:
             raise ProtocolError(f"site {self.site!r}: no session; call reconnect()")
-        blob = wire.seal_message(session, type_, body, tensors, round=round, step=step)
+        blob = wire.seal_message(session, type_, body, tensors, round=round, step=step, wire_dtype=wire_dtype)
         if len(blob) > self.max_message_bytes:
             raise ProtocolError(f"site {self.site!r}: a {type_} frame of {len(blob)} bytes exceeds the message limit "
                                 f"of {self.max_message_bytes} bytes; use a smaller batch")
@@ -146,12 +148,13 @@ class GrpcTransport(Transport):
 
     def forward(self, header: StepHeader, z: Tensor) -> list[Tensor]:
         _, feats = self._exchange("Forward", "forward", wire.step_to_json(header), [z], "features",
-                                  round=header.round, step=header.step, check_step=True, mode=header.mode)
+                                  round=header.round, step=header.step, check_step=True, mode=header.mode,
+                                  wire_dtype=self.wire_dtype)
         return feats
 
     def backward(self, header: StepHeader, grads: list[Tensor]) -> Tensor:
         _, out = self._exchange("Backward", "backward", wire.step_to_json(header), list(grads), "input-grad",
-                                round=header.round, step=header.step, check_step=True)
+                                round=header.round, step=header.step, check_step=True, wire_dtype=self.wire_dtype)
         if len(out) != 1:
             raise ProtocolError(f"input-grad reply carries {len(out)} tensors, expected 1")
         return out[0]

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import grpc
+import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from ..audit.ledger import LedgerBook
@@ -83,8 +84,9 @@ class FederationService(pb_grpc.FederationServicer):
     def __init__(self, coordinator: Coordinator, *, ca_pem: bytes, registry_dir: str | Path,
                  identity_key: Ed25519PrivateKey, site_keys: Mapping[str, Ed25519PublicKey],
                  max_message_bytes: int, insecure_dev: bool = False, ledger: LedgerBook | None = None,
-                 peer_fingerprints: dict[str, str] | None = None) -> None:
+                 peer_fingerprints: dict[str, str] | None = None, wire_dtype: torch.dtype | None = None) -> None:
         self.coordinator = coordinator
+        self.wire_dtype = wire_dtype  # features and input gradients travel as this (None: float32)
         self.ledger = ledger  # books every sealed frame per site, for the server's audit log
         self.peer_fingerprints = peer_fingerprints if peer_fingerprints is not None else {}
         self.ca = load_certificate(ca_pem)
@@ -214,7 +216,8 @@ class FederationService(pb_grpc.FederationServicer):
                 raise ProtocolError(f"site {site!r}: forward carries {len(tensors)} tensors, expected 1")
             self._book_request(site, request.sealed, "forward", step.round, step.step, step.mode)
             feats = self.coordinator.forward(step, tensors[0])
-            reply = wire.seal_message(s, "features", None, list(feats), round=step.round, step=step.step)
+            reply = wire.seal_message(s, "features", None, list(feats), round=step.round, step=step.step,
+                                      wire_dtype=self.wire_dtype)
             return self._book_reply(site, "forward", reply, "features", step.round, step.step, step.mode)
 
         return self._sealed(request, context, handle)
@@ -225,7 +228,8 @@ class FederationService(pb_grpc.FederationServicer):
             step = self._step(site, header, body)
             self._book_request(site, request.sealed, "backward", step.round, step.step, step.mode)
             dz = self.coordinator.backward(step, tensors)
-            reply = wire.seal_message(s, "input-grad", None, [dz], round=step.round, step=step.step)
+            reply = wire.seal_message(s, "input-grad", None, [dz], round=step.round, step=step.step,
+                                      wire_dtype=self.wire_dtype)
             return self._book_reply(site, "backward", reply, "input-grad", step.round, step.step,
                                 step.mode)
 
@@ -274,7 +278,7 @@ def serve(coordinator: Coordinator, *, address: str, server_key_pem: bytes, serv
           registry_dir: str | Path, identity_key: Ed25519PrivateKey, site_keys: Mapping[str, Ed25519PublicKey],
           max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, insecure_dev: bool = False,
           max_workers: int = 32, ledger: LedgerBook | None = None,
-          peer_fingerprints: dict[str, str] | None = None) -> grpc.Server:
+          peer_fingerprints: dict[str, str] | None = None, wire_dtype: torch.dtype | None = None) -> grpc.Server:
     """Start serving ``coordinator`` on ``address`` (``host:port``; port 0 picks a free one, see :func:`bound_port`).
 
     The CA, CRL and registry are read once here: restart the server after a revocation.
@@ -286,7 +290,7 @@ def serve(coordinator: Coordinator, *, address: str, server_key_pem: bytes, serv
         raise ConfigError("max_message_bytes must be positive and below 2 GiB")
     service = FederationService(coordinator, ca_pem=ca_pem, registry_dir=registry_dir, identity_key=identity_key,
                                 site_keys=site_keys, max_message_bytes=max_message_bytes, insecure_dev=insecure_dev,
-                                ledger=ledger, peer_fingerprints=peer_fingerprints)
+                                ledger=ledger, peer_fingerprints=peer_fingerprints, wire_dtype=wire_dtype)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="fedbone-grpc"),
                          options=grpc_options(max_message_bytes))
     pb_grpc.add_FederationServicer_to_server(service, server)

@@ -44,6 +44,7 @@ class Schedule:
     steps_per_round: int
     seed: int  # the federation seed; a site derives its own seeds from it and its name
     embedding_fedavg: bool
+    wire_dtype: str = "float32"  # what activations and gradients travel as: float32, float16 or bfloat16
 
 
 @dataclass(frozen=True)

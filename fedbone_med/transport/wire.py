@@ -202,7 +202,7 @@ def join_reply_to_json(r: JoinReply) -> dict[str, Any]:
     cut = r.cut
     sched = None if r.schedule is None else {
         "rounds": r.schedule.rounds, "steps_per_round": r.schedule.steps_per_round, "seed": r.schedule.seed,
-        "embedding_fedavg": r.schedule.embedding_fedavg,
+        "embedding_fedavg": r.schedule.embedding_fedavg, "wire_dtype": r.schedule.wire_dtype,
     }
     return {"run_id": r.run_id, "round": r.round, "step": r.step, "config_hash": r.config_hash, "schedule": sched,
             "cut": {"z_channels": cut.z_channels, "feature_channels": list(cut.feature_channels),
@@ -215,11 +215,13 @@ def _schedule_from_json(s: Any) -> Schedule | None:
     what = "schedule"
     if not isinstance(s, dict):
         raise ProtocolError(f"{what}: expected an object")
-    check_keys(s, {"rounds", "steps_per_round", "seed", "embedding_fedavg"}, what)
+    check_keys(s, {"rounds", "steps_per_round", "seed", "embedding_fedavg", "wire_dtype"}, what)
     if not isinstance(s["embedding_fedavg"], bool):
         raise ProtocolError(f"{what}: embedding_fedavg must be true or false")
+    if s["wire_dtype"] not in WIRE_DTYPES:
+        raise ProtocolError(f"{what}: wire_dtype must be one of {', '.join(WIRE_DTYPES)}")
     return Schedule(get_int(s, "rounds", what, 1), get_int(s, "steps_per_round", what, 1), get_int(s, "seed", what),
-                    s["embedding_fedavg"])
+                    s["embedding_fedavg"], s["wire_dtype"])
 
 
 def _int_list(v: Any, what: str) -> tuple[int, ...]:
@@ -314,11 +316,18 @@ KIND_OF: dict[str, Kind] = {
 }
 
 
+WIRE_DTYPES: dict[str, torch.dtype | None] = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
 def seal_message(session: Session, type_: str, body: Any, tensors: list[Tensor], *, round: int = 0,
-                 step: int = 0) -> bytes:
-    """Seal ``{"type", "body"}`` as the meta tensor followed by ``tensors``."""
+                 step: int = 0, wire_dtype: torch.dtype | None = None) -> bytes:
+    """Seal ``{"type", "body"}`` as the meta tensor followed by ``tensors``.
+
+    ``wire_dtype`` (float16 / bfloat16) halves the bytes of float32 tensors; the receiver gets them back
+    as float32. The meta tensor (byte values 0..255) is exact in both.
+    """
     header = FrameHeader(run_id=session.run_id, round=round, step=step, site=session.site, kind=KIND_OF[type_])
-    return session.seal(header, [meta_tensor({"type": type_, "body": body}), *tensors])
+    return session.seal(header, [meta_tensor({"type": type_, "body": body}), *tensors], wire_dtype=wire_dtype)
 
 
 def open_message(session: Session, blob: bytes, type_: str, *, round: int | None = None,
