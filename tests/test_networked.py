@@ -254,3 +254,29 @@ def test_a_restarted_server_resumes_and_ends_equal_to_an_uninterrupted_run(fed_f
     assert all(r >= 1 for r in reconnects)
     ref = _in_process(tmp_path / "exp.toml", tmp_path / "inproc")
     assert _max_diff(_backbone(fed.tmp / "server" / "checkpoints" / "server.pt"), ref) <= 1e-6
+
+
+def test_ctrl_c_at_a_site_leaves_cleanly_and_the_server_carries_on(fed_factory) -> None:
+    fed = fed_factory(rounds=3, steps=3, network="min_sites = 2\nstep_deadline_s = 60.0")
+    fed.start_server()
+    for name in SITES:
+        fed.start_site(name)
+    fed.wait_rounds(1)
+    ckpt = fed.tmp / "sites" / "fundus-dr" / "checkpoints" / "site.pt"
+    deadline = time.monotonic() + 120
+    while not ckpt.is_file():  # round 0 is complete at the site too
+        assert time.monotonic() < deadline, fed.logs()
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    fed.procs["fundus-dr"].send_signal(signal.SIGINT)
+    assert fed.wait("fundus-dr") == 130, fed.logs()
+    for name in ("server", "fundus-vessels", "oct-edema"):
+        assert fed.wait(name) == 0, fed.logs()
+    assert time.monotonic() - t0 < 60.0  # a clean leave: nobody waited for a deadline
+    server = json.loads((fed.tmp / "server" / "server-results.json").read_text())
+    leaves = [e for e in server["events"] if e["event"] == "leave" and e["site"] == "fundus-dr"]
+    assert leaves and not any(e["event"] == "dropout" for e in server["events"])
+    assert "fundus-dr" not in server["rounds"][-1]["sites"]
+    assert "interrupted" in (fed.tmp / "site-fundus-dr.log").read_text()
+    # Its own audit log says it left
+    assert '"kind":"leave"' in (fed.tmp / "sites" / "fundus-dr" / "audit" / "site.jsonl").read_text()
