@@ -269,13 +269,15 @@ class NetworkConfig:
     step_deadline_s: float = 300.0
     round_deadline_s: float = 900.0
     join_timeout_s: float = 600.0
-    max_message_mb: int = 256
+    max_message_mb: int = 256  # one gRPC message; larger sealed frames are streamed in chunks of this size
+    max_frame_mb: int = 1024  # one sealed frame (z, F, dF or dz of one step): refused above this
     # What activations and gradients travel as. float16 / bfloat16 halve the bytes (values are rounded;
     # float16 refuses to send a value it cannot hold rather than send infinity).
     wire_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
 
     def validate(self) -> list[str]:
         out = _positive("min_sites", self.min_sites) + _positive("max_message_mb", self.max_message_mb)
+        out += _positive("max_frame_mb", self.max_frame_mb)
         for key in ("step_deadline_s", "round_deadline_s", "join_timeout_s"):
             out += _positive(key, getattr(self, key))
         host, sep, port = self.address.rpartition(":")

@@ -428,3 +428,43 @@ def test_fp16_wire_halves_the_bytes_and_stays_close_to_float32(pki, servers, mon
     ref, half = grads[None], grads[torch.float16]
     assert float(torch.nn.functional.cosine_similarity(half, ref, dim=0)) > 0.99
     assert not torch.equal(half, ref)
+
+
+# -- 5. frames larger than one gRPC message are streamed in chunks -------------------------------
+def test_frames_above_the_message_limit_are_streamed_and_give_the_same_result(pki, servers, monkeypatch):
+    from fedbone_med.transport import grpc_client
+
+    cfg = site_cfg("a", "dr_grade", "fundus", CLS5)
+    data = _data(0)
+    x, y = data.train.images, data.train.targets
+    results = {}
+    real = grpc_client.GrpcTransport._call_stream
+    for limit in (None, 64 << 10):  # z here is ~300 KiB: with a 64 KiB limit every frame is chunked
+        kw = {} if limit is None else {"max_message_bytes": limit}
+        coord = _coordinator()
+        server, port = pki.serve(coord, **kw)
+        servers.append(server)
+        calls: list[str] = []
+        monkeypatch.setattr(grpc_client.GrpcTransport, "_call_stream",
+                            lambda self, name, blob, real=real: calls.append(name) or real(self, name, blob))
+        with pki.transport("a", port, **kw) as transport:
+            site = SiteRuntime(cfg, transport, data, seed=3)
+            site.join()
+            loss = site.forward_backward(x, y, round=0, step=0)
+        results[limit] = (loss, coord.slots["a"].clone(), calls)
+    (loss_u, slot_u, calls_u), (loss_s, slot_s, calls_s) = results[None], results[64 << 10]
+    assert calls_u == [] and calls_s == ["ForwardStream", "BackwardStream"]
+    assert loss_s == loss_u and torch.equal(slot_s, slot_u)
+
+
+def test_an_oversized_streamed_frame_is_refused_before_it_is_buffered(pki, served):
+    import struct
+
+    _, port = served
+    channel, stub = _raw_stub(pki, port, *pki.kit("a"))
+    with channel:
+        first = pb.Chunk(site="a", data=struct.pack(">Q", 1 << 40) + b"x" * 16)  # declares 1 TiB
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.ForwardStream(iter([first]), timeout=10))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "declared length exceeds the limit" in err.value.details()

@@ -178,6 +178,7 @@ class NetworkedServer:
             ca_pem=self.kit.ca_pem, registry_dir=self.kit.root, identity_key=self.kit.identity_key,
             site_keys=self.kit.site_keys, max_message_bytes=cfg.network.max_message_mb << 20,
             ledger=self.ledger, peer_fingerprints=self.fingerprints, wire_dtype=WIRE_DTYPES[cfg.network.wire_dtype],
+            max_frame_bytes=cfg.network.max_frame_mb << 20,
         )
         port = bound_port(server)
         host = self.address.rpartition(":")[0]

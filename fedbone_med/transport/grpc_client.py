@@ -8,8 +8,9 @@ method seals its request (meta JSON + tensors, see :mod:`.wire`), calls one unar
 (``timeout`` seconds), and opens the reply expecting its type, round and step.
 
 gRPC failures become :class:`RemoteError` (a :class:`~fedbone_med.errors.ProtocolError`) carrying the status
-code name and the server's message. Frames above ``max_message_bytes`` are refused before sending
-(streaming in chunks is not implemented yet).
+code name and the server's message. A frame whose request or expected reply is larger than one gRPC
+message (``max_message_bytes``) travels as a stream of chunks (``ForwardStream`` / ``BackwardStream``);
+frames above ``max_frame_bytes`` are refused before sending.
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from torch import Tensor
 
 from ..audit.ledger import FrameLedger
+from ..crypto.chunks import join_chunks, split_chunks
 from ..crypto.envelope import Session
 from ..crypto.handshake import ClientHandshake
 from ..errors import ProtocolError
+from ..models.split import CutSpec
 from . import wire
 from .base import Transport
-from .grpc_service import DEFAULT_MAX_MESSAGE_BYTES, grpc_options
+from .grpc_service import DEFAULT_MAX_FRAME_BYTES, DEFAULT_MAX_MESSAGE_BYTES, FRAME_SLACK, grpc_options
 from .messages import JoinReply, JoinRequest, RoundReport, RoundSync, StepHeader
 from .proto import fedbone_pb2 as pb
 from .proto import fedbone_pb2_grpc as pb_grpc
@@ -48,14 +51,18 @@ class GrpcTransport(Transport):
                  key_pem: bytes | None, identity_key: Ed25519PrivateKey, server_public_key: Ed25519PublicKey,
                  run_id: str | None = None, server_name: str = "localhost",
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, timeout: float = DEFAULT_TIMEOUT,
-                 insecure_dev: bool = False, ledger: FrameLedger | None = None) -> None:
+                 insecure_dev: bool = False, ledger: FrameLedger | None = None,
+                 max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
         self.site, self.address = site, address
         self._ca, self._cert, self._key = ca_pem, cert_pem, key_pem
         self._identity, self._server_key = identity_key, server_public_key
         self.run_id = run_id
         self.server_name = server_name
         self.max_message_bytes = max_message_bytes
+        self.max_frame_bytes = max(max_frame_bytes, max_message_bytes)
         self.timeout = timeout
+        self._cut: CutSpec | None = None
+        self._last_z_frame = 0  # bytes of the last forward request: what the backward's reply (dz) is like
         self.insecure_dev = insecure_dev
         self.ledger = ledger  # books every sealed frame exchanged, for the site's audit log
         self.wire_dtype: torch.dtype | None = None  # activations and feature gradients travel as this
@@ -110,7 +117,7 @@ class GrpcTransport(Transport):
         if self.run_id is None:
             self.run_id = self._call("Handshake", pb.HandshakeRequest(site=self.site)).run_id
         hs = ClientHandshake(self._identity, self._server_key, self.run_id, self.site,
-                             max_payload_bytes=self.max_message_bytes)
+                             max_payload_bytes=self.max_frame_bytes)
         reply = self._call("Handshake", pb.HandshakeRequest(site=self.site, client_hello=hs.hello()))
         self._session = hs.finish(reply.server_hello)
 
@@ -121,18 +128,50 @@ class GrpcTransport(Transport):
         if session is None:
             raise ProtocolError(f"site {self.site!r}: no session; call reconnect()")
         blob = wire.seal_message(session, type_, body, tensors, round=round, step=step, wire_dtype=wire_dtype)
-        if len(blob) > self.max_message_bytes:
-            raise ProtocolError(f"site {self.site!r}: a {type_} frame of {len(blob)} bytes exceeds the message limit "
-                                f"of {self.max_message_bytes} bytes; use a smaller batch")
+        if len(blob) > self.max_frame_bytes:
+            raise ProtocolError(f"site {self.site!r}: a {type_} frame of {len(blob)} bytes exceeds the frame limit "
+                                f"of {self.max_frame_bytes} bytes; use a smaller batch")
         tags = wire.ledger_tags(type_, round, mode) if self.ledger is not None else None
         if tags is not None and self.ledger is not None:
             self.ledger.record("up", wire.ledger_type(type_), tags[0], step, blob)
-        reply = self._call(rpc, pb.Sealed(site=self.site, sealed=blob))
+        if max(len(blob), self._expected_reply(type_, tensors, wire_dtype)) <= self.max_message_bytes:
+            reply = self._call(rpc, pb.Sealed(site=self.site, sealed=blob))
+        elif rpc in ("Forward", "Backward"):
+            reply = self._call_stream(f"{rpc}Stream", blob)
+        else:
+            raise ProtocolError(f"site {self.site!r}: a {type_} frame of {len(blob)} bytes exceeds the message limit "
+                                f"of {self.max_message_bytes} bytes")
+        if type_ == "forward":
+            self._last_z_frame = len(blob)
         _, out_body, out = wire.open_message(session, reply.sealed, reply_type, round=round if check_step else None,
                                              step=step if check_step else None)
         if tags is not None and self.ledger is not None:
             self.ledger.record("down", wire.ledger_type(reply_type), tags[1], step, reply.sealed)
         return out_body, out
+
+    def _expected_reply(self, type_: str, tensors: list[Tensor], wire_dtype: torch.dtype | None) -> int:
+        """An upper estimate of the reply's sealed size (to choose a stream before the reply is too big)."""
+        item = 4 if wire_dtype is None else 2
+        if type_ == "forward" and self._cut is not None and tensors:
+            b, _, h, w = tensors[0].shape
+            return sum(b * c * -(-h // s) * -(-w // s) * item + 4096
+                       for c, s in zip(self._cut.feature_channels, self._cut.feature_strides, strict=True))
+        if type_ == "backward":
+            return self._last_z_frame
+        return 0
+
+    def _call_stream(self, name: str, blob: bytes) -> pb.Sealed:
+        if self._channel is None:
+            raise ProtocolError(f"site {self.site!r}: not connected; call reconnect()")
+        pieces = (pb.Chunk(site=self.site, data=p) for p in split_chunks(blob, self.max_message_bytes))
+        try:
+            replies = getattr(self._stub, name)(pieces, timeout=self.timeout)
+            data = join_chunks((c.data for c in replies), max_bytes=self.max_frame_bytes + FRAME_SLACK)
+        except grpc.RpcError as exc:
+            code = exc.code() if hasattr(exc, "code") else None
+            details = exc.details() if hasattr(exc, "details") else ""
+            raise RemoteError(name, code.name if code is not None else "UNKNOWN", details or "") from None
+        return pb.Sealed(site=self.site, sealed=data)
 
     # -- Transport -------------------------------------------------------------------------------
     def join(self, request: JoinRequest) -> JoinReply:
@@ -142,6 +181,7 @@ class GrpcTransport(Transport):
         if tensors:
             raise ProtocolError("join reply carries tensors")
         reply = wire.join_reply_from_json(body)
+        self._cut = reply.cut
         if reply.run_id != self.run_id:
             raise ProtocolError(f"join reply names run {reply.run_id!r}, the session is for {self.run_id!r}")
         return reply

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent import futures
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
@@ -35,7 +35,7 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from ..audit.ledger import LedgerBook
-from ..crypto.chunks import DEFAULT_MAX_BLOB_BYTES
+from ..crypto.chunks import DEFAULT_MAX_BLOB_BYTES, join_chunks, split_chunks
 from ..crypto.envelope import Session
 from ..crypto.errors import HandshakeError, InvalidMessage
 from ..crypto.handshake import ServerHandshake
@@ -52,6 +52,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 << 20  # 256 MiB per gRPC message
+DEFAULT_MAX_FRAME_BYTES = 1 << 30  # 1 GiB per sealed frame (streamed in chunks above the message limit)
+FRAME_SLACK = 1 << 20  # the sealed header and the meta tensor around a frame's payload
 GRPC_OVERHEAD = 4096  # protobuf framing around the sealed blob
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 T = TypeVar("T")
@@ -84,8 +86,12 @@ class FederationService(pb_grpc.FederationServicer):
     def __init__(self, coordinator: Coordinator, *, ca_pem: bytes, registry_dir: str | Path,
                  identity_key: Ed25519PrivateKey, site_keys: Mapping[str, Ed25519PublicKey],
                  max_message_bytes: int, insecure_dev: bool = False, ledger: LedgerBook | None = None,
-                 peer_fingerprints: dict[str, str] | None = None, wire_dtype: torch.dtype | None = None) -> None:
+                 peer_fingerprints: dict[str, str] | None = None, wire_dtype: torch.dtype | None = None,
+                 max_frame_bytes: int | None = None) -> None:
         self.coordinator = coordinator
+        # A sealed frame may be larger than one gRPC message: then it is streamed in chunks (ForwardStream,
+        # BackwardStream). The session refuses any frame above max_frame_bytes.
+        self.max_frame_bytes = max(max_frame_bytes or DEFAULT_MAX_FRAME_BYTES, max_message_bytes)
         self.wire_dtype = wire_dtype  # features and input gradients travel as this (None: float32)
         self.ledger = ledger  # books every sealed frame per site, for the server's audit log
         self.peer_fingerprints = peer_fingerprints if peer_fingerprints is not None else {}
@@ -159,7 +165,7 @@ class FederationService(pb_grpc.FederationServicer):
             if key is None:
                 raise IdentityError("unregistered", f"site {site!r} has no registered handshake identity key")
             hello, session = ServerHandshake(self.identity_key, key, run_id, site,
-                                             max_payload_bytes=self.max_message_bytes).respond(request.client_hello)
+                                             max_payload_bytes=self.max_frame_bytes).respond(request.client_hello)
             with self._lock:
                 self._sessions[site] = session  # a new handshake re-keys; the old session is dropped
             return pb.HandshakeReply(run_id=run_id, server_hello=hello)
@@ -235,6 +241,32 @@ class FederationService(pb_grpc.FederationServicer):
 
         return self._sealed(request, context, handle)
 
+    def _stream(self, chunks: Iterator[pb.Chunk], context: grpc.ServicerContext,
+                unary: Callable[[pb.Sealed, grpc.ServicerContext], pb.Sealed]) -> Iterator[pb.Chunk]:
+        """A frame streamed in chunks: join (bounded before buffering), handle as the unary call, stream back."""
+        sites: list[str] = []
+
+        def pieces() -> Iterator[bytes]:
+            for chunk in chunks:
+                if not sites:
+                    sites.append(chunk.site)
+                elif chunk.site != sites[0]:
+                    raise InvalidMessage("chunking", "chunks of one frame name different sites")
+                yield chunk.data
+
+        blob = self._run(context, lambda: join_chunks(pieces(), max_bytes=self.max_frame_bytes + FRAME_SLACK))
+        reply = unary(pb.Sealed(site=sites[0] if sites else "", sealed=blob), context)
+        for piece in split_chunks(reply.sealed, self.max_message_bytes):
+            yield pb.Chunk(site=reply.site, data=piece)
+
+    def ForwardStream(self, request_iterator: Iterator[pb.Chunk],  # noqa: N802
+                      context: grpc.ServicerContext) -> Iterator[pb.Chunk]:
+        yield from self._stream(request_iterator, context, self.Forward)
+
+    def BackwardStream(self, request_iterator: Iterator[pb.Chunk],  # noqa: N802
+                       context: grpc.ServicerContext) -> Iterator[pb.Chunk]:
+        yield from self._stream(request_iterator, context, self.Backward)
+
     def RoundEnd(self, request: pb.Sealed, context: grpc.ServicerContext) -> pb.Sealed:  # noqa: N802
         def handle(site: str, s: Session) -> bytes:
             header, body, tensors = wire.open_message(s, request.sealed, "round-end")
@@ -278,7 +310,8 @@ def serve(coordinator: Coordinator, *, address: str, server_key_pem: bytes, serv
           registry_dir: str | Path, identity_key: Ed25519PrivateKey, site_keys: Mapping[str, Ed25519PublicKey],
           max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, insecure_dev: bool = False,
           max_workers: int = 32, ledger: LedgerBook | None = None,
-          peer_fingerprints: dict[str, str] | None = None, wire_dtype: torch.dtype | None = None) -> grpc.Server:
+          peer_fingerprints: dict[str, str] | None = None, wire_dtype: torch.dtype | None = None,
+          max_frame_bytes: int | None = None) -> grpc.Server:
     """Start serving ``coordinator`` on ``address`` (``host:port``; port 0 picks a free one, see :func:`bound_port`).
 
     The CA, CRL and registry are read once here: restart the server after a revocation.
@@ -290,7 +323,8 @@ def serve(coordinator: Coordinator, *, address: str, server_key_pem: bytes, serv
         raise ConfigError("max_message_bytes must be positive and below 2 GiB")
     service = FederationService(coordinator, ca_pem=ca_pem, registry_dir=registry_dir, identity_key=identity_key,
                                 site_keys=site_keys, max_message_bytes=max_message_bytes, insecure_dev=insecure_dev,
-                                ledger=ledger, peer_fingerprints=peer_fingerprints, wire_dtype=wire_dtype)
+                                ledger=ledger, peer_fingerprints=peer_fingerprints, wire_dtype=wire_dtype,
+                                max_frame_bytes=max_frame_bytes)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="fedbone-grpc"),
                          options=grpc_options(max_message_bytes))
     pb_grpc.add_FederationServicer_to_server(service, server)

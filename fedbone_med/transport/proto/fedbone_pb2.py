@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rfedbone.proto\x12\nfedbone.v1\"6\n\x10HandshakeRequest\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\x14\n\x0c\x63lient_hello\x18\x02 \x01(\x0c\"6\n\x0eHandshakeReply\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x14\n\x0cserver_hello\x18\x02 \x01(\x0c\"&\n\x06Sealed\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\x0e\n\x06sealed\x18\x02 \x01(\x0c\x32\x84\x03\n\nFederation\x12\x45\n\tHandshake\x12\x1c.fedbone.v1.HandshakeRequest\x1a\x1a.fedbone.v1.HandshakeReply\x12.\n\x04Join\x12\x12.fedbone.v1.Sealed\x1a\x12.fedbone.v1.Sealed\x12\x31\n\x07\x46orward\x12\x12.fedbone.v1.Sealed\x1a\x12.fedbone.v1.Sealed\x12\x32\n\x08\x42\x61\x63kward\x12\x12.fedbone.v1.Sealed\x1a\x12.fedbone.v1.Sealed\x12\x32\n\x08RoundEnd\x12\x12.fedbone.v1.Sealed\x1a\x12.fedbone.v1.Sealed\x12\x33\n\tRoundSync\x12\x12.fedbone.v1.Sealed\x1a\x12.fedbone.v1.Sealed\x12/\n\x05Leave\x12\x12.fedbone.v1.Sealed\x1a\x12.fedbone.v1.Sealedb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rfedbone.proto\x12\nfedbone.v1\"6\n\x10HandshakeRequest\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\x14\n\x0c\x63lient_hello\x18\x02 \x01(\x0c\"6\n\x0eHandshakeReply\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x14\n\x0cserver_hello\x18\x02 \x01(\x0c\"&\n\x06Sealed\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\x0e\n\x06sealed\x18\x02 \x01(\x0c\"#\n\x05\x43hunk\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x32\xfb\x03\n\nFederation\x12\x45\n\tHandshake\x12\x1c.fedbone.v1.HandshakeRequest\x1a\x1a.fedbone.v1.HandshakeReply\x12.\n\x04Join\x12\x12.fedbone.v1.Sealed\x1a\x12.fedbone.v1.Sealed\x12\x31\n\x07\x46orward\x12\x12.fedbone.v1.Sealed\x1a\x12.fedbone.v1.Sealed\x12\x32\n\x08\x42\x61\x63kward\x12\x12.fedbone.v1.Sealed\x1a\x12.fedbone.v1.Sealed\x12\x32\n\x08RoundEnd\x12\x12.fedbone.v1.Sealed\x1a\x12.fedbone.v1.Sealed\x12\x33\n\tRoundSync\x12\x12.fedbone.v1.Sealed\x1a\x12.fedbone.v1.Sealed\x12/\n\x05Leave\x12\x12.fedbone.v1.Sealed\x1a\x12.fedbone.v1.Sealed\x12\x39\n\rForwardStream\x12\x11.fedbone.v1.Chunk\x1a\x11.fedbone.v1.Chunk(\x01\x30\x01\x12:\n\x0e\x42\x61\x63kwardStream\x12\x11.fedbone.v1.Chunk\x1a\x11.fedbone.v1.Chunk(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,6 +39,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HANDSHAKEREPLY']._serialized_end=139
   _globals['_SEALED']._serialized_start=141
   _globals['_SEALED']._serialized_end=179
-  _globals['_FEDERATION']._serialized_start=182
-  _globals['_FEDERATION']._serialized_end=570
+  _globals['_CHUNK']._serialized_start=181
+  _globals['_CHUNK']._serialized_end=216
+  _globals['_FEDERATION']._serialized_start=219
+  _globals['_FEDERATION']._serialized_end=726
 # @@protoc_insertion_point(module_scope)

@@ -28,3 +28,11 @@ class Sealed(_message.Message):
     site: str
     sealed: bytes
     def __init__(self, site: _Optional[str] = ..., sealed: _Optional[bytes] = ...) -> None: ...
+
+class Chunk(_message.Message):
+    __slots__ = ("site", "data")
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    site: str
+    data: bytes
+    def __init__(self, site: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...

@@ -71,6 +71,16 @@ class FederationStub:
                 request_serializer=fedbone__pb2.Sealed.SerializeToString,
                 response_deserializer=fedbone__pb2.Sealed.FromString,
                 _registered_method=True)
+        self.ForwardStream = channel.stream_stream(
+                '/fedbone.v1.Federation/ForwardStream',
+                request_serializer=fedbone__pb2.Chunk.SerializeToString,
+                response_deserializer=fedbone__pb2.Chunk.FromString,
+                _registered_method=True)
+        self.BackwardStream = channel.stream_stream(
+                '/fedbone.v1.Federation/BackwardStream',
+                request_serializer=fedbone__pb2.Chunk.SerializeToString,
+                response_deserializer=fedbone__pb2.Chunk.FromString,
+                _registered_method=True)
 
 
 class FederationServicer:
@@ -118,6 +128,21 @@ class FederationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ForwardStream(self, request_iterator, context):
+        """The same calls for sealed frames larger than one gRPC message: the frame travels as a stream of
+        chunks (the first starts with the frame's total length, checked against the limit before buffering),
+        and so does the reply.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BackwardStream(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FederationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -155,6 +180,16 @@ def add_FederationServicer_to_server(servicer, server):
                     servicer.Leave,
                     request_deserializer=fedbone__pb2.Sealed.FromString,
                     response_serializer=fedbone__pb2.Sealed.SerializeToString,
+            ),
+            'ForwardStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ForwardStream,
+                    request_deserializer=fedbone__pb2.Chunk.FromString,
+                    response_serializer=fedbone__pb2.Chunk.SerializeToString,
+            ),
+            'BackwardStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.BackwardStream,
+                    request_deserializer=fedbone__pb2.Chunk.FromString,
+                    response_serializer=fedbone__pb2.Chunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -346,6 +381,60 @@ class Federation:
             '/fedbone.v1.Federation/Leave',
             fedbone__pb2.Sealed.SerializeToString,
             fedbone__pb2.Sealed.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForwardStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/fedbone.v1.Federation/ForwardStream',
+            fedbone__pb2.Chunk.SerializeToString,
+            fedbone__pb2.Chunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BackwardStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/fedbone.v1.Federation/BackwardStream',
+            fedbone__pb2.Chunk.SerializeToString,
+            fedbone__pb2.Chunk.FromString,
             options,
             channel_credentials,
             insecure,
