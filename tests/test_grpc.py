@@ -446,7 +446,7 @@ def test_frames_above_the_message_limit_are_streamed_and_give_the_same_result(pk
         servers.append(server)
         calls: list[str] = []
         monkeypatch.setattr(grpc_client.GrpcTransport, "_call_stream",
-                            lambda self, name, blob, real=real: calls.append(name) or real(self, name, blob))
+                            lambda self, name, blob, calls=calls: calls.append(name) or real(self, name, blob))
         with pki.transport("a", port, **kw) as transport:
             site = SiteRuntime(cfg, transport, data, seed=3)
             site.join()
