@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SITES = ("fundus-dr", "fundus-vessels", "oct-edema")
 
 
-def _experiment(tmp: Path, rounds: int = 2, steps: int = 2, network: str = "") -> Path:
+def _experiment(tmp: Path, rounds: int = 2, steps: int = 2, network: str = "", private: bool = False) -> Path:
+    third = "phantom-oct-edema-private.toml" if private else "phantom-oct-edema.toml"
     exp = tmp / "exp.toml"
     exp.write_text(f"""
 name = "net"
@@ -48,7 +49,7 @@ config = "{ROOT / 'sites' / 'phantom-dr.toml'}"
 [[sites]]
 config = "{ROOT / 'sites' / 'phantom-vessels.toml'}"
 [[sites]]
-config = "{ROOT / 'sites' / 'phantom-oct-edema.toml'}"
+config = "{ROOT / 'sites' / third}"
 [site_overrides.data]
 image_size = 32
 n_train = 12
@@ -79,10 +80,11 @@ def _in_process(exp: Path, out: Path) -> dict[str, torch.Tensor]:
 
 
 def test_three_site_processes_train_the_same_backbone_as_the_in_process_federation(tmp_path: Path) -> None:
-    exp = _experiment(tmp_path)
+    exp = _experiment(tmp_path, private=True)  # one site with activation and label DP on
     cfg = load_experiment(exp)
+    names = ("fundus-dr", "fundus-vessels", "oct-edema-private")
     results = run_networked(cfg, tmp_path / "net", quiet=True, timeout=600)
-    assert results["transport"] == "grpc" and set(results["final"]) == set(SITES)
+    assert results["transport"] == "grpc" and set(results["final"]) == set(names)
     assert [r["round"] for r in results["rounds"]] == [0, 1]
     assert len(results["aggregation"]) == 4 and all(a["num_sites"] == 3 for a in results["aggregation"])
     net = _backbone(tmp_path / "net" / "server" / "checkpoints" / "server.pt")
@@ -90,8 +92,13 @@ def test_three_site_processes_train_the_same_backbone_as_the_in_process_federati
     assert _max_diff(net, ref) <= 1e-6
     # The same site metrics too: every site trained exactly as in one process.
     inproc = json.loads((tmp_path / "inproc" / "results.json").read_text())
-    for name in SITES:
+    for name in names:
         assert results["final"][name]["primary"] == pytest.approx(inproc["final"][name]["primary"], abs=1e-6)
+    # The private site's epsilon reached the server each round (for its audit log), as in one process.
+    server = json.loads((tmp_path / "net" / "server" / "server-results.json").read_text())
+    eps = [r["sites"]["oct-edema-private"]["epsilon"] for r in server["rounds"]]
+    assert 0 < eps[0] < eps[1] and eps[1] == pytest.approx(inproc["final"]["oct-edema-private"]["epsilon"])
+    assert "epsilon" not in server["rounds"][0]["sites"]["fundus-dr"]
     # Every party left a signed trail, and each site's log agrees with the server's on every frame exchanged.
     from fedbone_med.cli import audit
 
@@ -99,7 +106,7 @@ def test_three_site_processes_train_the_same_backbone_as_the_in_process_federati
     server_log = net / "server" / "audit" / "server.jsonl"
     server_key = net / "server" / "keys" / "server-audit-key.pub.pem"
     assert audit.main(["verify", str(server_log), "--public-key", str(server_key)]) == 0
-    for name in SITES:
+    for name in names:
         site = net / "sites" / name
         assert audit.main(["cross-check", str(server_log), str(site / "audit" / "site.jsonl"),
                            "--server-key", str(server_key),
