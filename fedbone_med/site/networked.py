@@ -282,6 +282,19 @@ class NetworkedSite:
         self._say(f"round {rnd}: {primary_metric(self.cfg.task)} {metrics['primary']:.3f}, "
                   f"train loss {record['train_loss']:.3f}{eps} ({record['seconds']:.1f} s)")
 
+    def _roll_back(self) -> None:
+        """Back to the start of the current round, except the privacy accountant: what was sent was sent.
+
+        The partial round's releases stay charged (and its noise generators move on), so redoing the
+        round costs privacy budget twice rather than pretending the first attempt never left the site.
+        """
+        rt = self.runtime
+        assert rt is not None and self._round_start_state is not None
+        spent = copy.deepcopy(rt.privacy.state_dict()) if rt.privacy is not None else None
+        rt.load_state_dict(copy.deepcopy(self._round_start_state))
+        if rt.privacy is not None and spent is not None:
+            rt.privacy.load_state_dict(spent)
+
     def _recover(self, rnd: int, exc: RemoteError) -> int:
         """Reconnect and join again after ``exc`` during round ``rnd``; return the round to run next."""
         rt = self.runtime
@@ -299,7 +312,7 @@ class NetworkedSite:
         if admitted == rnd:
             # The server resumed from the end of the previous round: train this round again from its start.
             assert self._round_start_state is not None
-            rt.load_state_dict(copy.deepcopy(self._round_start_state))
+            self._roll_back()
             self._synced_round = rnd - 1
             self._say(f"server resumed at round {rnd}: training it again from its start")
             return rnd
@@ -320,7 +333,7 @@ class NetworkedSite:
                                 f"already completed round {rnd - 1}; restore matching checkpoints")
         if self._synced_round < rnd:  # dropped mid-round: the partial round's updates are discarded
             assert self._round_start_state is not None
-            rt.load_state_dict(copy.deepcopy(self._round_start_state))
+            self._roll_back()
             self._synced_round = rnd - 1
         self._say(f"admitted again from round {admitted}")
         return admitted
