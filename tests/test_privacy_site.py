@@ -99,6 +99,46 @@ def test_a_site_stops_before_it_would_exceed_its_budget(tmp_path):
     assert [(b["site_id"], "budget" in b["reason"].lower()) for b in leaves] == [("private", True)]
 
 
+def test_a_crash_mid_round_never_un_spends_budget(tmp_path, monkeypatch):
+    """Steps charged (and sent) in a round that never completed stay charged after the restart."""
+    from fedbone_med.site.runtime import SiteRuntime
+
+    privacy = PrivacyConfig(enabled=True, noise_multiplier=1.0, epsilon_budget=50.0)
+    cfg = _experiment(privacy, rounds=2, steps=3)
+    full = Federation(cfg, tmp_path / "full")
+    full.run(progress=False)
+    eps_full = full.sites[0].privacy.train.epsilon()
+    charged_full = sum(h[2] for h in full.sites[0].privacy.train.history)  # 6 steps x (activation + label DP)
+
+    real = SiteRuntime.train_step
+    calls = {"n": 0}
+
+    def crash_in_round_1(self, rnd, step, i):
+        if self.name == "private" and rnd == 1:
+            calls["n"] += 1
+            if calls["n"] == 3:  # two steps of round 1 were charged and sent; the process dies in the third
+                self.privacy.charge_step()
+                raise KeyboardInterrupt("power cut")
+        return real(self, rnd, step, i)
+
+    monkeypatch.setattr(SiteRuntime, "train_step", crash_in_round_1)
+    first = Federation(cfg, tmp_path / "part")
+    with pytest.raises(KeyboardInterrupt):
+        first.run(progress=False)
+    monkeypatch.setattr(SiteRuntime, "train_step", real)
+    resumed = Federation(cfg, tmp_path / "part")
+    resumed.run(resume=True, progress=False)
+    acc = resumed.sites[0].privacy.train
+    charged = sum(h[2] for h in acc.history)
+    assert charged == charged_full * (6 + 3) // 6  # the uninterrupted run's 6 steps plus the lost attempt's 3
+    assert acc.epsilon() > eps_full
+    # without the journal the restart would have forgotten them: the checkpoint alone holds round 0's 3 steps
+    from fedbone_med.checkpoint import load_checkpoint
+
+    state = load_checkpoint(tmp_path / "part" / "checkpoints" / "site-private.pt", "site")
+    assert state["privacy"]["journal_count"] == 2 * 3 + 3 + 2  # + one validation pass per round
+
+
 def test_resume_restores_the_accountant_and_the_noise(tmp_path):
     privacy = PrivacyConfig(enabled=True, target_epsilon=8.0)
     cfg = _experiment(privacy, rounds=2, steps=2)

@@ -123,6 +123,12 @@ class Federation:
     def run(self, resume: bool = False, progress: bool = True, on_round: Callable[[dict], None] | None = None) -> dict:
         cfg = self.cfg
         start = self.resume() if resume else 0
+        for site in self.sites:  # write-ahead privacy charges: a crash mid-round never un-spends budget
+            if site.privacy is not None:
+                replayed = site.privacy.attach_journal(self.ckpt_dir / f"privacy-{site.name}.journal", fresh=not resume)
+                if replayed:
+                    print(f"site '{site.name}': {replayed} privacy charge(s) of the interrupted round replayed "
+                          "from its journal", file=sys.stderr)
         total = (cfg.rounds - start) * cfg.steps_per_round
         bar = tqdm(total=total, disable=not progress, desc="training", unit="step", file=sys.stderr, leave=False)
         try:

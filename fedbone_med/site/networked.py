@@ -188,6 +188,11 @@ class NetworkedSite:
                 self.log.rounds = [r for r in json.loads(prior.read_text())["rounds"]
                                    if r["round"] <= self._synced_round]
             self._say(f"resumed from the checkpoint of round {self._synced_round}")
+        if rt.privacy is not None:  # write-ahead privacy charges: a crash mid-round never un-spends budget
+            replayed = rt.privacy.attach_journal(self.out / "checkpoints" / "privacy.journal",
+                                                 fresh=not (resume and self.ckpt_path.exists()))
+            if replayed:
+                self._say(f"{replayed} privacy charge(s) of the interrupted round replayed from the journal")
         self._round_start_state = copy.deepcopy(rt.state_dict())
         self._open_audit(rnd, resume)
         total = sched.rounds * sched.steps_per_round
