@@ -1,0 +1,141 @@
+"""The coordinator's membership and failure rules: step deadlines, min_sites, admission at round boundaries."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from conftest import tiny_server
+from fedbone_med.server.coordinator import Coordinator, SiteDropped
+from fedbone_med.transport import JoinRequest, RoundReport, StepHeader
+
+SPR = 2  # steps per round
+
+
+def _coord(**kw) -> Coordinator:
+    kw.setdefault("expected_sites", ("a", "b", "c"))
+    return Coordinator(tiny_server("mean"), run_id="r", seed=0, steps_per_round=SPR, rounds=3, wait_timeout=20, **kw)
+
+
+def _join(c: Coordinator, name: str):
+    return c.join(JoinRequest(name, "fundus", "classification", 8, "test"))
+
+
+class _Site:
+    def __init__(self, c: Coordinator, name: str) -> None:
+        self.c, self.name, self.seq = c, name, 0
+        self.z = torch.randn(2, c.cut.z_channels, 8, 8, generator=torch.Generator().manual_seed(len(name)))
+
+    def header(self, rnd: int, step: int) -> StepHeader:
+        self.seq += 1
+        return StepHeader("r", self.name, rnd, step, self.seq)
+
+    def step(self, rnd: int, step: int) -> None:
+        feats = self.c.forward(self.header(rnd, step), self.z)
+        self.c.backward(self.header(rnd, step), [torch.ones_like(f) * 1e-3 for f in feats])
+
+
+def _in_thread(fn) -> tuple[threading.Thread, list[BaseException]]:
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as exc:  # noqa: BLE001 - inspected by the test
+            errors.append(exc)
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t, errors
+
+
+def _backbone(c: Coordinator) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in c.params]
+
+
+def test_training_waits_until_every_expected_site_has_joined():
+    c = _coord()
+    a = _Site(c, "a")
+    _join(c, "a")
+    t, errors = _in_thread(lambda: a.step(0, 0))
+    time.sleep(0.3)
+    assert t.is_alive() and not c.started  # held at the gate
+    _join(c, "b")
+    _join(c, "c")
+    assert c.started
+    time.sleep(0.3)
+    assert not errors
+
+
+def test_a_late_site_is_dropped_at_the_deadline_and_the_step_aggregates_over_the_others():
+    c = _coord(min_sites=2, step_deadline=0.5)
+    sites = {n: _Site(c, n) for n in "abc"}
+    for n in "abc":
+        _join(c, n)
+    before = _backbone(c)
+    threads = [_in_thread(lambda s=sites[n]: s.step(0, 0)) for n in "ab"]
+    for t, errors in threads:
+        t.join(timeout=10)
+        assert not errors
+    # a and b delivered; c never does. Their next forward waits at the barrier and applies the deadline.
+    t, errors = _in_thread(lambda: sites["a"].step(0, 1))
+    t.join(timeout=10)
+    assert c.step >= 1 and c.step_log[0]["num_sites"] == 2 and c.step_log[0]["site_names"] == ["a", "b"]
+    assert any(not torch.equal(x, y) for x, y in zip(before, _backbone(c), strict=True))  # the optimizer stepped
+    assert [e for e in c.events if e["event"] == "dropout"][0]["site"] == "c"
+    with pytest.raises(SiteDropped, match="join again"):
+        sites["c"].step(0, 0)
+
+
+def test_too_few_sites_by_the_deadline_skips_the_step():
+    c = _coord(min_sites=3, step_deadline=0.5)
+    sites = {n: _Site(c, n) for n in "abc"}
+    for n in "abc":
+        _join(c, n)
+    before = _backbone(c)
+    sites["a"].step(0, 0)
+    sites["b"].step(0, 0)
+    t, errors = _in_thread(lambda: sites["a"].step(0, 1))  # waits; the deadline passes with 2 of min 3
+    t.join(timeout=10)
+    skipped = [e for e in c.events if e["event"] == "step_skipped"]
+    assert skipped and skipped[0]["step"] == 0 and skipped[0]["sites"] == ["a", "b"]
+    assert not c.step_log  # nothing aggregated
+    assert all(torch.equal(x, y) for x, y in zip(before, _backbone(c), strict=True))
+
+
+def test_a_site_joining_mid_round_is_admitted_at_the_next_round():
+    c = _coord(expected_sites=("a", "b"))
+    a, b = _Site(c, "a"), _Site(c, "b")
+    assert _join(c, "a").round == 0 and _join(c, "b").round == 0
+    a.step(0, 0)
+    b.step(0, 0)  # round 0 has started
+    reply = _join(c, "c")
+    assert (reply.round, reply.step) == (1, SPR) and "c" in c.pending and "c" not in c.sites
+    a.step(0, 1)
+    b.step(0, 1)
+    for s in (a, b):
+        c.round_end(RoundReport(s.name, 0, 8, 0.5, {}))
+    assert c.round == 1 and "c" in c.sites  # admitted with the round boundary
+    assert c.round_sync("a", 0).round == 0
+    with pytest.raises(SiteDropped, match="did not report round 0"):
+        c.round_sync("c", 0)
+
+
+def test_a_member_that_leaves_releases_the_round_barrier():
+    c = _coord(expected_sites=("a", "b"))
+    a, b = _Site(c, "a"), _Site(c, "b")
+    _join(c, "a")
+    _join(c, "b")
+    for step in range(SPR):
+        a.step(0, step)
+        b.step(0, step)
+    c.round_end(RoundReport("a", 0, 8, 0.5, {}))
+    t, errors = _in_thread(lambda: c.round_sync("a", 0))  # waits for b's report
+    time.sleep(0.2)
+    assert t.is_alive()
+    c.leave("b")  # b stops (e.g. its privacy budget is spent): a must not wait for it
+    t.join(timeout=5)
+    assert not t.is_alive() and not errors and c.round == 1
