@@ -28,6 +28,21 @@ def test_every_shipped_site_and_experiment_loads():
     exp = load_experiment(ROOT / "pipelines" / "demo.toml")
     assert len(exp.sites) >= 3
     assert len({s.data.task for s in exp.sites}) == len(exp.sites), "demo sites must have different tasks"
+    from fedbone_med.config import ServeConfig, load_serve_config
+
+    server = load_serve_config(ROOT / "pipelines" / "server.toml")
+    assert server.network.min_sites == 2 and server.sites == ()
+    # an experiment file serves too: only its site names are kept
+    assert load_serve_config(ROOT / "pipelines" / "demo.toml") == ServeConfig.of(exp)
+
+
+def test_network_settings_are_checked():
+    from fedbone_med.config import NetworkConfig
+
+    with pytest.raises(ConfigError) as info:
+        from_mapping(NetworkConfig, {"address": "nohost", "min_sites": 0, "wire_dtype": "float8"}, where="x")
+    msg = str(info.value)
+    assert "address" in msg and "min_sites" in msg and "wire_dtype" in msg
 
 
 def test_unknown_key_is_named_with_a_suggestion_and_the_allowed_keys():
