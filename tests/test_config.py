@@ -40,9 +40,11 @@ def test_network_settings_are_checked():
     from fedbone_med.config import NetworkConfig
 
     with pytest.raises(ConfigError) as info:
-        from_mapping(NetworkConfig, {"address": "nohost", "min_sites": 0, "wire_dtype": "float8"}, where="x")
+        from_mapping(NetworkConfig, {"address": "nohost", "min_sites": 0, "step_deadline_s": -1.0}, where="x")
     msg = str(info.value)
-    assert "address" in msg and "min_sites" in msg and "wire_dtype" in msg
+    assert "address" in msg and "min_sites" in msg and "step_deadline_s" in msg
+    with pytest.raises(ConfigError, match="'float8' is not one of"):
+        from_mapping(NetworkConfig, {"wire_dtype": "float8"}, where="x")
 
 
 def test_unknown_key_is_named_with_a_suggestion_and_the_allowed_keys():
