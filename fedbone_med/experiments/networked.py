@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+from tqdm import tqdm
+
 from .. import __version__
 from ..checkpoint import write_json_atomic
 from ..config import ExperimentConfig, ServeConfig
@@ -44,13 +46,27 @@ def _child_env(threads: int) -> dict[str, str]:
     return env
 
 
-def _relay(stream: IO[str], sink: IO[str], log: IO[str], quiet: bool) -> None:
-    for line in stream:
-        log.write(line)
-        log.flush()
-        if not quiet and (line.startswith("round ") or line.startswith("fedbone-server") or "error" in line.lower()):
-            sink.write(line)
-            sink.flush()
+def _relay(stream: IO[str], log: IO[str], quiet: bool) -> None:
+    """The server's output: into its log; round lines above a progress bar drawn from its progress lines."""
+    bar: tqdm | None = None
+    try:
+        for line in stream:
+            if line.startswith("progress "):
+                if quiet:
+                    continue
+                done, total = (int(x) for x in line.split()[1:3])
+                if bar is None:
+                    bar = tqdm(total=total, unit="step", desc="federation", file=sys.stderr, leave=False)
+                bar.update(done - bar.n)
+                continue
+            log.write(line)
+            log.flush()
+            if not quiet and (line.startswith(("round ", "fedbone-server", "all ", "join timeout"))
+                              or "error" in line.lower()):
+                tqdm.write(line.rstrip("\n"), file=sys.stderr)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def _tail(path: Path, n: int = 15) -> str:
@@ -97,7 +113,8 @@ def run_networked(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = 
     port_file.unlink(missing_ok=True)
     py = sys.executable
     server_cmd = [py, "-m", "fedbone_med.cli.server", "serve", "--config", str(server_toml), "--kit", str(kit_root),
-                  "--out", str(out / "server"), "--address", "127.0.0.1:0", "--port-file", str(port_file)]
+                  "--out", str(out / "server"), "--address", "127.0.0.1:0", "--port-file", str(port_file),
+                  "--progress", "lines"]
     if resume:
         server_cmd.append("--resume")
     procs: dict[str, subprocess.Popen[str]] = {}
@@ -111,7 +128,7 @@ def run_networked(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = 
                                   env=_child_env(server_threads or threads))
         procs["server"] = server
         assert server.stdout is not None
-        t = threading.Thread(target=_relay, args=(server.stdout, sys.stderr, server_log, quiet), daemon=True)
+        t = threading.Thread(target=_relay, args=(server.stdout, server_log, quiet), daemon=True)
         t.start()
         relays.append(t)
         port = wait_for_port(port_file, server)

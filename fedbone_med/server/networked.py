@@ -24,6 +24,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from tqdm import tqdm
+
 from .. import __version__
 from ..audit.ledger import LedgerBook
 from ..checkpoint import file_sha256, load_checkpoint, save_checkpoint, write_json_atomic
@@ -41,7 +43,9 @@ from .coordinator import Coordinator
 class NetworkedServer:
     def __init__(self, cfg: ServeConfig, kit_dir: str | Path, out_dir: str | Path, *, address: str | None = None,
                  resume: bool = False, port_file: str | Path | None = None, audit: bool = True,
-                 log: Any = None) -> None:
+                 log: Any = None, progress: str = "bar") -> None:
+        """``progress``: "bar" (a progress bar on stderr), "lines" (``progress STEP TOTAL`` lines on stderr,
+        for a launcher to draw its own bar) or "none"."""
         self.cfg = cfg
         self.kit = ServerKit.load(kit_dir)
         self.out = Path(out_dir)
@@ -49,7 +53,9 @@ class NetworkedServer:
         self.resume = resume
         self.port_file = Path(port_file) if port_file is not None else None
         self.hash = config_hash(cfg)
-        self._print = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.progress = progress
+        self._bar: tqdm | None = None
+        self._print = log or (lambda msg: (tqdm.write if self._bar is not None else print)(msg, file=sys.stderr))
         expected = cfg.sites or tuple(sorted(self.kit.site_keys))
         missing = [s for s in expected if s not in self.kit.site_keys]
         if missing:
@@ -194,8 +200,7 @@ class NetworkedServer:
             signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
             self._wait_for_sites()
-            while not self._done.wait(timeout=0.5):
-                pass
+            self._show_progress()
             self._wait_for_leaves()
         except KeyboardInterrupt:
             self._print(f"interrupted: the last completed round ({c.round - 1}) is checkpointed in {self.ckpt_path}; "
@@ -215,6 +220,30 @@ class NetworkedServer:
                 self.audit = None
             write_json_atomic(self.results, self.out / "server-results.json")
         return self.results
+
+    def _show_progress(self) -> None:
+        """Until the last round completes: the steps aggregated so far, with throughput."""
+        c, cfg = self.coordinator, self.cfg
+        total = cfg.rounds * cfg.steps_per_round
+        shown = c.step
+        if self.progress == "bar":
+            self._bar = tqdm(total=total, initial=shown, unit="step", desc="federation", file=sys.stderr,
+                             leave=False)
+        try:
+            while not self._done.wait(timeout=0.5):
+                step = min(c.step, total)
+                if step == shown:
+                    continue
+                if self._bar is not None:
+                    self._bar.update(step - shown)
+                    self._bar.set_postfix({"round": c.round, "sites": len(c.sites)})
+                elif self.progress == "lines":
+                    print(f"progress {step} {total}", file=sys.stderr, flush=True)
+                shown = step
+        finally:
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
 
     def _wait_for_sites(self) -> None:
         c = self.coordinator
