@@ -26,6 +26,7 @@ from fedbone_med.aggregation import (
     sum_aggregate,
 )
 from fedbone_med.aggregation import base as agg_base
+from fedbone_med.aggregation import projection as agg_projection
 from fedbone_med.errors import AggregationError, CheckpointError, RegistryError
 
 U32 = 2.0**-24  # unit roundoff of float32
@@ -400,3 +401,233 @@ def test_average_state_dicts_mismatch_errors():
         average_state_dicts([a, a], weights=[1.0])
     with pytest.raises(AggregationError, match="no state dicts"):
         average_state_dicts([])
+
+
+# ---------------------------------------------------------------------------- incremental Gram (prepare)
+
+
+_FIXTURE_OK = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture]  # gram_lanes is per test, not per example
+
+
+@pytest.fixture(params=[8, None], ids=["lanes8", "lanes-default"])
+def gram_lanes(request, monkeypatch):
+    """Run with the default lane count and with 8 lanes, so small P spans many lane blocks."""
+    if request.param is not None:
+        monkeypatch.setattr(agg_projection, "GRAM_LANES", request.param)
+    return request.param
+
+
+def _fresh(grads: torch.Tensor, seed: int = 7, calls: int = 1, **kwargs):
+    """Output and stats of call number ``calls`` of a new aggregator on a copy of ``grads``, no prepare."""
+    agg = ProjectionAggregator(seed=seed, **kwargs)
+    for _ in range(calls - 1):
+        agg(grads.clone())
+    return agg(grads.clone())
+
+
+def _same(a, b) -> None:
+    (out_a, stats_a), (out_b, stats_b) = a, b
+    assert out_a.dtype == out_b.dtype
+    assert torch.equal(out_a, out_b)
+    assert stats_a == stats_b
+
+
+@st.composite
+def arrival_cases(draw):
+    """(grads (K, P), dtype, arrival order, rewritten row or None, rows left unprepared)."""
+    grads, _, reduction, _ = draw(projection_cases())
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    k = grads.shape[0]
+    arrival = draw(st.permutations(list(range(k))))
+    rewrite = draw(st.none() | st.integers(0, k - 1))
+    skipped = draw(st.lists(st.integers(0, k - 1), max_size=2, unique=True))
+    return grads.to(dtype), arrival, rewrite, skipped, reduction
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=_FIXTURE_OK)
+@given(case=arrival_cases(), seed=st.integers(0, 2**31 - 1))
+def test_prepare_in_any_order_is_bit_identical_to_no_prepare(gram_lanes, case, seed):
+    grads, arrival, rewrite, skipped, reduction = case
+    k, p = grads.shape
+    gen = torch.Generator().manual_seed(seed)
+    matrix = torch.empty(k, p, dtype=grads.dtype).uniform_(-1, 1, generator=gen)  # stale data before arrival
+    agg = ProjectionAggregator(seed=7, reduction=reduction)
+    for row in arrival:
+        matrix[row] = grads[row]
+        if row not in skipped:
+            agg.prepare(matrix, row)
+    if rewrite is not None:  # a site's slot written again (new data) and prepared again
+        matrix[rewrite] = torch.randn(p, generator=gen, dtype=grads.dtype)
+        agg.prepare(matrix, rewrite)
+    expected = _fresh(matrix, reduction=reduction)
+    _same(agg(matrix), expected)
+    # and in the reverse arrival order, every row prepared
+    agg2 = ProjectionAggregator(seed=7, reduction=reduction)
+    for row in reversed(arrival):
+        agg2.prepare(matrix, row)
+    _same(agg2(matrix), expected)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=_FIXTURE_OK)
+@given(case=projection_cases(), order_seed=st.integers(0, 2**31 - 1))
+def test_prepared_aggregator_matches_reference(gram_lanes, case, order_seed):
+    grads64, _, reduction, weights = case
+    for grads in (grads64, grads64.float()):
+        k = grads.shape[0]
+        agg = ProjectionAggregator(seed=order_seed % 1000, reduction=reduction)
+        for row in torch.randperm(k, generator=torch.Generator().manual_seed(order_seed)).tolist():
+            agg.prepare(grads, row)
+        out, stats = agg(grads, weights=weights)
+        order = list(stats.projection_order)
+        ref = project_conflicting_reference(grads, order, reduction, weights, dtype=torch.float64)
+        w = torch.tensor(stats.coefficients, dtype=torch.float64)
+        if grads.dtype == torch.float64:  # the bounds of the two tests above
+            assert float((out - ref).norm()) <= 1e-6 * _magnitude(grads, reduction, weights) + 1e-300
+        else:
+            bound = 2 * (k + 1) * U32 * (w.abs() @ grads.double().abs())
+            bound += 1e-9 * _magnitude(grads, reduction, weights)
+            assert bool(((out.double() - ref).abs() <= bound).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_prepare_is_thread_count_invariant(gram_lanes, dtype):
+    gen = torch.Generator().manual_seed(4)
+    grads = torch.randn(7, 70_001, generator=gen).to(dtype)
+    grads[3] = -0.5 * grads[1] + 1e-3 * grads[3]  # a conflict
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _fresh(grads)
+        torch.set_num_threads(2)
+        agg = ProjectionAggregator(seed=7)
+        for row in (5, 0, 6, 2, 4, 1, 3):
+            agg.prepare(grads, row)
+        two = agg(grads)
+        two_fresh = _fresh(grads)
+    finally:
+        torch.set_num_threads(threads)
+    assert one[1] == two[1] == two_fresh[1]  # Gram statistics and coefficients
+    _same(two, two_fresh)
+    assert torch.equal(one[0], two[0])  # the combination is element-wise, so it is invariant too
+
+
+def test_prepare_cache_dropped_for_another_matrix(gram_lanes):
+    gen = torch.Generator().manual_seed(5)
+    a = torch.randn(5, 300, generator=gen)
+    b = torch.randn(5, 300, generator=gen)
+    agg = ProjectionAggregator(seed=7)
+    for row in range(5):
+        agg.prepare(a, row)
+    _same(agg(b), _fresh(b))  # same shape, other matrix: a's entries must not be used
+    for row in range(5):
+        agg.prepare(a, row)
+    agg.prepare(b, 2)  # preparing another matrix drops a's cache
+    _same(agg(a), _fresh(a, calls=2))
+
+
+def test_prepare_cache_dropped_when_matrix_relaid_with_other_k(gram_lanes):
+    gen = torch.Generator().manual_seed(6)
+    storage = torch.randn(6, 300, generator=gen)
+    first = storage[:4]  # same data pointer and row stride as ``second``, fewer rows
+    second = storage[:6]
+    agg = ProjectionAggregator(seed=7)
+    for row in range(4):
+        agg.prepare(first, row)
+    for row in (5, 4):
+        agg.prepare(second, row)
+    _same(agg(second), _fresh(second))
+
+
+def test_write_after_prepare_without_prepare_is_not_used(gram_lanes):
+    gen = torch.Generator().manual_seed(8)
+    grads = torch.randn(5, 300, generator=gen)
+    agg = ProjectionAggregator(seed=7)
+    for row in range(5):
+        agg.prepare(grads, row)
+    grads[2] = -grads[0]  # written, but the coordinator contract (prepare after write) broken
+    _same(agg(grads), _fresh(grads))
+
+
+def test_reprepared_row_is_recomputed_and_call_resets_cache(gram_lanes):
+    gen = torch.Generator().manual_seed(9)
+    grads = torch.randn(5, 300, generator=gen)
+    agg = ProjectionAggregator(seed=7)
+    for row in range(5):
+        agg.prepare(grads, row)
+    # ``.data`` writes do not bump the version counter, so only the cache logic itself can
+    # notice these changes.
+    grads.data[1] = -grads[4]
+    agg.prepare(grads, 1)  # re-prepared after being written again: must be recomputed
+    _same(agg(grads), _fresh(grads))
+    grads.data[3] = -grads[0]
+    _same(agg(grads), _fresh(grads, calls=2))  # the first call reset the cache
+
+
+def test_coordinator_like_steps_reuse_one_matrix(gram_lanes):
+    gen = torch.Generator().manual_seed(10)
+    k, p = 6, 500
+    matrix = torch.empty(k, p)
+    agg = ProjectionAggregator(seed=3)
+    plain = ProjectionAggregator(seed=3)
+    for _ in range(4):
+        for row in torch.randperm(k, generator=gen).tolist():
+            matrix[row].copy_(torch.randn(p, generator=gen))
+            if row % 2 == 0:
+                matrix[row, :7] = -matrix[(row + 1) % k, :7]
+            agg.prepare(matrix, row)
+        _same(agg(matrix), plain(matrix.clone()))
+
+
+def test_prepare_does_not_consume_permutations_or_change_state():
+    grads = torch.randn(6, 40, generator=torch.Generator().manual_seed(11))
+    agg = ProjectionAggregator(seed=5)
+    state = agg.state_dict()
+    for row in range(6):
+        agg.prepare(grads, row)
+    assert set(state) == set(agg.state_dict()) and torch.equal(state["generator_state"], agg.generator.get_state())
+    assert agg.rounds == 0
+    assert _orders(agg, grads, 3) == _orders(ProjectionAggregator(seed=5), grads, 3)
+
+
+def test_prepare_invalid_arguments_and_default_noop():
+    agg = ProjectionAggregator(seed=0)
+    grads = torch.randn(3, 10)
+    with pytest.raises(AggregationError, match="out of range"):
+        agg.prepare(grads, 3)
+    with pytest.raises(AggregationError, match="out of range"):
+        agg.prepare(grads, -1)
+    with pytest.raises(AggregationError, match="must be an int"):
+        agg.prepare(grads, 1.0)
+    with pytest.raises(AggregationError, match="2-D"):
+        agg.prepare(torch.randn(10), 0)
+    MeanAggregator().prepare(grads, 0)  # the base-class hook does nothing
+    out, _ = MeanAggregator()(grads)
+    torch.testing.assert_close(out, grads.mean(0))
+
+
+def test_prepared_non_finite_rows_named():
+    grads = torch.randn(4, 20, generator=torch.Generator().manual_seed(0))
+    grads[2, 5] = float("nan")
+    agg = ProjectionAggregator(seed=0)
+    for row in range(4):
+        agg.prepare(grads, row)
+    with pytest.raises(AggregationError, match="non-finite backbone gradient.*'c'"):
+        agg(grads, ["a", "b", "c", "d"])
+    assert agg.rounds == 0
+
+
+def test_incremental_gram_is_float64_accurate(gram_lanes):
+    g32 = torch.randn(5, 200_001, generator=torch.Generator().manual_seed(3))
+    exact = g32.double() @ g32.double().T
+    norms = exact.diagonal().sqrt()
+    gram = agg_projection.incremental_gram(g32)
+    assert torch.equal(gram, gram.T)
+    # float64 accumulation of exact products: far inside float32 rounding of the entries
+    assert bool(((gram - exact).abs() <= 1e-12 * norms[:, None] * norms[None, :]).all())
+    with pytest.raises(AggregationError, match="out of range"):
+        agg_projection.gram_entries(g32, 0, 2, 5)
+    # an entry does not depend on the other rows in the call, nor on which row is the vector
+    for lo, hi in ((0, 5), (1, 2), (1, 4), (3, 5)):
+        for row in range(5):
+            got = agg_projection.gram_entries(g32, lo, hi, row)
+            assert torch.equal(got, gram[lo:hi, row])

@@ -294,6 +294,9 @@ class Coordinator:
                 row[offset : offset + g.numel()].copy_(g.reshape(-1))
                 offset += g.numel()
             self.slots[header.site] = row
+            # Gram entries of this slot against those already in, while the other sites still compute:
+            # only the last arrival's entries and the combination remain after the step's last backward.
+            self.aggregator.prepare(self._slot_matrix, self._slot_names.index(header.site))
             if self._first_slot_at is None:
                 self._first_slot_at = time.monotonic()
             self._maybe_aggregate()
