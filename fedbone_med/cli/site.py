@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 from .. import __version__
 from .common import main_wrapper
@@ -53,6 +55,8 @@ def _train(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.data_root:
+        os.environ["FEDBONE_DATA_ROOT"] = str(Path(args.data_root).resolve())
     cfg = load_site(args.config)
     site = NetworkedSite(cfg, SiteKit.load(args.kit), args.out, address=args.server,
                          reconnect_timeout=args.reconnect_timeout, progress=not args.quiet,
@@ -84,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds to keep retrying an unreachable server (default 600)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    t.add_argument("--data-root", help="where relative dataset roots in manifests resolve "
+                                       "(default: $FEDBONE_DATA_ROOT, else ../shared/data)")
     t.set_defaults(func=_train)
     c = sub.add_parser("check-data", help="check every image and label before training")
     c.add_argument("--config", required=True, help="site file, e.g. sites/chase-db1-vessels.toml")
