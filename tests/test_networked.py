@@ -290,3 +290,19 @@ def test_ctrl_c_at_a_site_leaves_cleanly_and_the_server_carries_on(fed_factory) 
     assert "interrupted" in (fed.tmp / "site-fundus-dr.log").read_text()
     # Its own audit log says it left
     assert '"kind":"leave"' in (fed.tmp / "sites" / "fundus-dr" / "audit" / "site.jsonl").read_text()
+
+
+def test_a_site_that_fails_to_start_stops_the_run_at_once_with_its_error(tmp_path: Path, monkeypatch) -> None:
+    exp = _experiment(tmp_path)
+    cfg = load_experiment(exp)
+    monkeypatch.setenv("FEDBONE_DATA_ROOT", str(tmp_path / "nowhere"))
+    from dataclasses import replace
+
+    bad = replace(cfg.sites[1], data=replace(cfg.sites[1].data, source="manifest",
+                                             manifest=str(ROOT / "pipelines" / "datasets" / "chase_db1.toml")))
+    cfg = replace(cfg, sites=(cfg.sites[0], bad, cfg.sites[2]))
+    t0 = time.monotonic()
+    with pytest.raises(NetworkedRunError) as err:
+        run_networked(cfg, tmp_path / "net", quiet=True, timeout=300)
+    assert time.monotonic() - t0 < 120  # not the server's join timeout
+    assert "fundus-vessels exited with code 3" in str(err.value) and "folder not found" in str(err.value)

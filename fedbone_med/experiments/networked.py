@@ -143,14 +143,27 @@ def run_networked(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = 
             procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True,
                                            env=_child_env(threads))
         failed: dict[str, int] = {}
-        for name, proc in procs.items():
-            left = None if timeout is None else max(1.0, timeout - (time.monotonic() - started))
-            try:
-                code = proc.wait(timeout=left)
-            except subprocess.TimeoutExpired:
-                raise NetworkedRunError(f"the federation did not finish within {timeout:.0f} s") from None
-            if code != 0:
-                failed[name] = code
+        running = dict(procs)
+        while running:  # a process that fails stops the whole run at once (nobody waits for a deadline)
+            for name, proc in list(running.items()):
+                code = proc.poll()
+                if code is None:
+                    continue
+                del running[name]
+                if code != 0:
+                    failed[name] = code
+            if failed:
+                for proc in running.values():
+                    proc.send_signal(signal.SIGINT)  # the others leave / stop cleanly
+                for proc in running.values():
+                    try:
+                        proc.wait(timeout=30)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                break
+            if timeout is not None and time.monotonic() - started > timeout:
+                raise NetworkedRunError(f"the federation did not finish within {timeout:.0f} s")
+            time.sleep(0.2)
         for t in relays:
             t.join(timeout=5.0)
         if failed:
