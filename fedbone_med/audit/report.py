@@ -3,6 +3,8 @@
 Protects against reporting on an unverified log: :func:`render_report` takes the
 :class:`~.verify.VerifyReport` that only a successful :func:`~.verify.verify_log` returns.
 The report contains only what the log contains: identifiers, counts, hashes, statistics.
+The auditor's self-contained HTML page (``fedbone-audit report LOG --out report.html``) is
+rendered by :mod:`.html`; this Markdown form stays for scripts and compliance documents.
 """
 
 from __future__ import annotations

@@ -3,9 +3,10 @@
 ``keygen`` creates a signing key (0600) and the public key auditors get;
 ``verify`` checks the hash chain and checkpoint signatures (exit 0, or exit 8 with
 ``error: ...`` naming the line and the failed check); ``report`` verifies and then writes a
-Markdown summary; ``export`` verifies and writes one CSV row per record; ``cross-check``
-verifies a server log and a site log and compares, round by round, what each side says was
-exchanged (exit 0 when they agree, exit 8 naming the first round and field that differ);
+Markdown summary, or with ``--out FILE.html`` one self-contained HTML page (written for a
+failing log too, showing the failure; exit 8 then); ``export`` verifies and writes one CSV
+row per record; ``cross-check`` verifies a server log and a site log and compares, round by
+round, what each side says was exchanged (exit 0 when they agree, exit 8 naming the first round and field that differ);
 ``prove`` writes an RFC 6962 inclusion proof for one record or a consistency proof between
 two signed checkpoints, and ``check-proof`` checks one with nothing but the public key.
 """
@@ -53,17 +54,42 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    """Markdown (stdout, or ``--out`` not ending in .html/.htm) or one self-contained HTML page.
+
+    Markdown refuses a log that fails verification (nothing is written). HTML writes the page
+    anyway -- the failure first, then only the verified prefix -- and still exits 8.
+    """
+    if args.out and Path(args.out).suffix.lower() in (".html", ".htm"):
+        return _report_html(args)
     from ..audit.report import render_report
 
     text = render_report(_verify(args)) + "\n"
     if args.out:
-        try:
-            Path(args.out).write_text(text, encoding="utf-8")
-        except OSError as exc:
-            raise AuditError(f"cannot write report {args.out}: {exc.strerror}") from None
+        _write_text(args.out, text, "report")
         print(f"report written to {args.out}")
     else:
         sys.stdout.write(text)
+    return 0
+
+
+def _write_text(path: str, text: str, what: str) -> None:
+    try:
+        Path(path).write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise AuditError(f"cannot write {what} {path}: {exc.strerror}") from None
+
+
+def _report_html(args: argparse.Namespace) -> int:
+    from ..audit.html import html_report
+    from ..audit.keys import load_public_keys
+
+    page, error = html_report(args.log, load_public_keys(args.public_key),
+                              require_complete=not args.allow_unsigned_tail)
+    _write_text(args.out, page, "report")
+    if error is not None:
+        print(f"report written to {args.out} (it shows the verification FAILURE)")
+        raise AuditError(f"{error} (see the report {args.out})", check=error.check, line=error.line)
+    print(f"report written to {args.out} (verification OK)")
     return 0
 
 
@@ -167,9 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("verify", help="verify a log's hash chain and signatures")
     _log_args(c)
     c.set_defaults(func=cmd_verify)
-    c = sub.add_parser("report", help="verify a log, then summarise it in Markdown for a compliance report")
+    c = sub.add_parser("report", help="verify a log, then summarise it in Markdown or one HTML page for an auditor")
     _log_args(c)
-    c.add_argument("--out", metavar="FILE", help="write the report here instead of standard output")
+    c.add_argument("--out", metavar="FILE",
+                   help="write the report here instead of standard output; a name ending in .html or .htm gives one "
+                        "self-contained HTML page (written even when verification fails, showing the failure; "
+                        "exit 8 then), any other name Markdown")
     c.set_defaults(func=cmd_report)
     c = sub.add_parser("export", help="verify a log, then write one CSV row per record")
     _log_args(c)
