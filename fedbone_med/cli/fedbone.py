@@ -11,7 +11,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .. import __version__
-from .common import main_wrapper, not_yet
+from .common import main_wrapper
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -37,6 +37,10 @@ def _run(args: argparse.Namespace) -> int:
               f"processes (logs in {out / 'logs'})", file=sys.stderr)
         results = run_networked(cfg, out, resume=args.resume, threads=args.threads, quiet=args.quiet)
         print(format_table(results))
+        audit = results["audit"]
+        print(f"\naudit: server log verified ({audit['server']})")
+        for name, verdict in audit["sites"].items():
+            print(f"audit: site {name}'s own log {verdict}")
         print(f"\nresults: {out / 'results.json'}    server checkpoint: {out / 'server' / 'checkpoints'}    "
               f"audit log: {out / 'server' / 'audit' / 'server.jsonl'}")
         if args.json:
@@ -86,9 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--threads", type=int, default=1, help="torch threads per process with --transport grpc")
     run.set_defaults(func=_run)
 
-    rep = sub.add_parser("reproduce", help="reproduce a paper experiment with baselines")
-    rep.add_argument("experiment", nargs="?")
-    rep.set_defaults(func=not_yet("fedbone reproduce", "the ophthalmic reproduction issue"))
+    from .reproduce import add_parser as add_reproduce
+
+    add_reproduce(sub)
     return p
 
 
