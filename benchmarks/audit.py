@@ -4,8 +4,8 @@
 
 ``verify_seconds_10k_rounds`` (goal < 2 s): a synthetic signed server log of 10,000 rounds
 with 3 sites is written through the real API (:class:`ServerAuditTrail` with a tiny backbone:
-``start``, then per round ``round_started`` / ``round_finished`` with per-site usage, ε/δ,
-aggregation step statistics and :class:`LedgerBook` frame-ledger summaries of 6 frames per site,
+``start``, then per round ``round_started`` / ``round_finished`` with per-site usage, ε/δ, training
+losses, aggregation step statistics and :class:`LedgerBook` frame-ledger summaries of 6 frames per site,
 which appends ``checkpoint_write`` + ``round`` + a signed ``log_checkpoint``), then
 ``verify_log`` is timed (median of ``--repeats``; the file is in the page cache). The log is
 written to ``/dev/shm`` when it exists (tmpfs: fsync is free there, so the 30,000 fsync'd
@@ -76,8 +76,9 @@ def build_log(folder: Path, rounds: int, sites: tuple[str, ...] = ("site-01", "s
                  for s in range(2)]
         usage = {s: (2, 16 + 8 * i) for i, s in enumerate(sites)}
         privacy = {s: (0.01 * (r + 1), 1e-5) for s in sites}
+        losses = {s: 2.0 / (1 + 0.01 * r) + 0.1 * i for i, s in enumerate(sites)}
         trail.round_finished(r, backbone, usage, steps, "projection", hashlib.sha256(b"%d" % r).hexdigest(),
-                             privacy, ledgers=book.take_round(r))
+                             privacy, ledgers=book.take_round(r), losses=losses)
     trail.close()
     return log
 

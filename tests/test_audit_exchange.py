@@ -620,3 +620,26 @@ def test_server_trail_is_thread_safe_and_accounts_for_sites_without_steps(tmp_pa
     entry = {s["site_id"]: s for s in next(e["body"] for e in report.records if e["kind"] == "round")["sites"]}
     assert (entry["late-site"]["steps"], entry["late-site"]["samples"]) == (0, 0)
     assert "ledger" not in entry[SITE] and entry["late-site"]["ledger"]["down"]["frames"] == 1
+
+
+def test_round_finished_records_self_reported_losses(tmp_path: Path, server_key_path: Path) -> None:
+    backbone = nn.Linear(2, 2)
+    trail = _server(tmp_path, server_key_path)
+    trail.start(backbone, "mean", [SITE, "site-b"], seed=0, round=0)
+    usage = {SITE: (1, 8), "site-b": (1, 8)}
+    trail.round_started(backbone)
+    trail.round_finished(0, backbone, usage, [], "mean", H)  # the call without losses is unchanged
+    trail.round_started(backbone)
+    trail.round_finished(1, backbone, usage, [], "mean", H,
+                         losses={SITE: torch.tensor(0.5), "site-b": float("nan"), "not-in-round": 1.0})
+    trail.round_started(backbone)
+    trail.round_finished(2, backbone, usage, [], "mean", H, losses={SITE: 0.25, "site-b": 2})
+    trail.close()
+    report = verify_log(tmp_path / "server.jsonl", _keys(SERVER_KEY))
+    rounds = [{s["site_id"]: s for s in e["body"]["sites"]} for e in report.records if e["kind"] == "round"]
+    assert all("train_loss" not in s for s in rounds[0].values())
+    first = next(e["seq"] for e in report.records if e["kind"] == "round")
+    assert b"train_loss" not in (tmp_path / "server.jsonl").read_bytes().split(b"\n")[first]  # omitted, not null
+    assert rounds[1][SITE]["train_loss"] == 0.5 and "train_loss" not in rounds[1]["site-b"]  # NaN left out
+    assert set(rounds[1]) == {SITE, "site-b"}
+    assert rounds[2][SITE]["train_loss"] == 0.25 and rounds[2]["site-b"]["train_loss"] == 2.0

@@ -83,8 +83,8 @@ def test_good_sample_shows_verification_and_every_round() -> None:
             assert s["site_id"] in page
     # the dropout and the joins are in the participants table; ε plot and conflict plots are inline SVG
     assert "dropped out round 1: timeout" in page and page.count("joined round 0") == 3
-    assert page.count("<svg") == 3 and "ε per site" in page and "Conflicting pairs per round" in page
-    assert 'id="no-loss"' in page and "does not carry training losses" in page
+    assert page.count("<svg") == 4 and "ε per site" in page and "Conflicting pairs per round" in page
+    assert 'id="no-loss"' not in page and "Training loss per site (self-reported)" in page
     for e in report.records:
         if e["kind"] == "log_checkpoint":
             assert f"<code>{e['body']['merkle_root']}</code>" in page and f"<code>{e['body']['head']}</code>" in page
@@ -95,6 +95,62 @@ def test_every_round_has_one_row_block_in_the_round_table() -> None:
     table = page[page.index("<h3>Rounds (server record)</h3>"):page.index("<h3>Round hashes")]
     blocks = re.findall(r'<tbody class="round"><tr><td class="n"[^>]*>(\d+)', table)
     assert blocks == [str(r) for r in range(GOOD_ROUNDS)]
+
+
+def _loss_chart(page: str) -> str:
+    start = page.index('aria-label="Training loss per site')
+    return page[start:page.index("</figure>", start)]
+
+
+def test_loss_plot_has_one_line_per_site_from_train_loss() -> None:
+    page = _good_page()
+    report = verify_log(SAMPLES / "good.jsonl", KEYS)
+    rounds = [e["body"] for e in report.records if e["kind"] == "round"]
+    losses: dict[str, list[float]] = {}
+    for b in rounds:
+        for s in b["sites"]:
+            losses.setdefault(s["site_id"], []).append(s["train_loss"])
+    assert set(losses) == {"site-01", "site-02", "site-03"} and len(losses["site-03"]) == 2
+    chart = _loss_chart(page)
+    # site-03 dropped out of round 1: its line has a gap there, so it is drawn as two lone points
+    assert chart.count("<polyline") == 2 and chart.count("<circle") == sum(map(len, losses.values())) == 8
+    legend = chart[chart.index("<figcaption"):]
+    assert all(site in legend for site in losses)
+    assert "as the site reported it" in page
+    for b in rounds:  # the round table shows each site's loss
+        for s in b["sites"]:
+            assert f'<td class="n">{s["train_loss"]:.4g}</td></tr>' in page
+
+
+def test_log_without_losses_still_verifies_and_says_so(tmp_path: Path) -> None:
+    log, pem = _hostile_log(tmp_path)  # round records written without train_loss
+    page, error = html_report(log, load_public_keys([pem]))
+    assert error is None and 'id="no-loss"' in page and "Training loss per site (self-reported)" not in page
+    assert '"train_loss"' not in log.read_text()
+
+
+def test_loss_plot_skips_sites_without_a_loss(tmp_path: Path) -> None:
+    key = key_from_seed(bytes(range(32)))
+    pem = tmp_path / "k.pem"
+    save_public_key(key.public_key(), pem)
+    h = "ab" * 32
+    log = tmp_path / "l.jsonl"
+    with AuditLog(log, key, clock=fixed_clock()) as a:
+        for r in range(3):
+            a.append(R.round_record(
+                run_id="run-l", round=r, started_at="2026-01-05T09:00:00Z", ended_at="2026-01-05T09:01:00Z",
+                sites=[R.SiteRound(site_id="site-a", steps=2, samples=8, train_loss=1.0 / (r + 1)),
+                       R.SiteRound(site_id="site-b", steps=2, samples=8)],
+                aggregation=R.AggregationSummary(method="mean", steps=2, conflicting_pairs_total=0, min_cosine=None,
+                                                 mean_cosine=None, mean_site_norms={}),
+                backbone_hash_before=h, backbone_hash_after=h, checkpoint_hash=h, config_hash=h,
+                software_version="0.1.0"))
+            a.checkpoint()
+    page, error = html_report(log, load_public_keys([pem]))
+    assert error is None
+    chart = _loss_chart(page)
+    assert "site-a" in chart and "site-b" not in chart and chart.count("<circle") == 3
+    assert "No training loss reported by: site-b." in page
 
 
 def _hostile_log(tmp_path: Path) -> tuple[Path, Path]:
@@ -227,7 +283,7 @@ def test_headless_chromium_renders_the_report_without_page_errors(tmp_path: Path
     errors = [line for line in run.stderr.splitlines() if PAGE_ERROR.search(line)]
     assert not errors, errors
     assert 'data-verification="ok"' in run.stdout and "Verification: OK" in run.stdout
-    assert "15 records, 4 signed checkpoints" in run.stdout and run.stdout.count("<svg") == 3
+    assert "15 records, 4 signed checkpoints" in run.stdout and run.stdout.count("<svg") == 4
 
     shot = tmp_path / "good.png"
     run = _chromium(tmp_path, good.as_uri(), "--window-size=1400,2000", f"--screenshot={shot}")

@@ -37,16 +37,28 @@ def _check(value: Any, path: str) -> None:
     raise AuditError(f"canonical JSON: type {type(value).__name__} at {path} is not allowed")
 
 
+# check_circular=False: values are either parsed JSON or walked by _check first (a cycle fails there)
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False,
+                            check_circular=False)
+
+
+def canonical_text(value: Any, *, parsed: bool = True) -> str:
+    """The canonical JSON of ``value`` as text (``canonical_json`` is its UTF-8 encoding).
+
+    Defaults to ``parsed=True``: for a value that came straight from ``json.loads``.
+    """
+    if not parsed:
+        _check(value, "$")
+    return _ENCODER.encode(value)
+
+
 def canonical_json(value: Any, *, parsed: bool = False) -> bytes:
     """Return the canonical UTF-8 JSON encoding of ``value`` or raise AuditError.
 
     ``parsed=True`` skips the type walk for a value that came straight from ``json.loads``
     with NaN/Infinity refused (it can only hold JSON types); ``allow_nan=False`` still applies.
     """
-    if not parsed:
-        _check(value, "$")
-    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    return text.encode("utf-8")
+    return canonical_text(value, parsed=parsed).encode("utf-8")
 
 
 def sha256_hex(data: bytes) -> str:

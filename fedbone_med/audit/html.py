@@ -17,9 +17,11 @@ shows unverified content as if it were sound.
   line, re-verified on its own by :func:`~.verify.verify_log` -- inside a frame labelled
   "verified prefix only"; if there is none, no record content is shown at all.
 
-Everything taken from the log is HTML-escaped (site ids, reasons, key ids, ...). The log
-carries no training loss (round records have no loss field; see ``audit/schema.json``), so
-the page says so instead of plotting one.
+Everything taken from the log is HTML-escaped (site ids, reasons, key ids, ...). Training
+losses are plotted per site over rounds from the optional ``train_loss`` of each site entry of
+the server's round records (self-reported by the sites, see ``audit/GUIDE.md``); a log whose
+round records carry none (older logs, or a server that did not pass ``losses=``) gets a note
+saying so instead of a plot.
 """
 
 from __future__ import annotations
@@ -313,7 +315,7 @@ def _server_rounds(rounds: list[dict[str, Any]], ctx: _Ctx) -> list[str]:
            "<table><thead><tr><th>round</th><th>line</th><th>time window (UTC)</th><th>aggregation</th>"
            "<th>conflicting pairs</th><th>min cos</th><th>mean cos</th><th>backbone before → after</th>"
            "<th>checkpoint</th><th>site</th><th>cert fingerprint</th><th>steps</th><th>samples</th><th>ε</th>"
-           "<th>δ</th><th>mean norm</th><th>frames up/down</th></tr></thead>"]
+           "<th>δ</th><th>mean norm</th><th>frames up/down</th><th>train loss</th></tr></thead>"]
     for e in rounds:
         b = e["body"]
         line = f"{e['seq'] + 1}"
@@ -321,7 +323,7 @@ def _server_rounds(rounds: list[dict[str, Any]], ctx: _Ctx) -> list[str]:
             out.append(f'<tbody class="round"><tr><td class="n">{b["round"]}{ctx.flags(e)}</td><td class="n">{line}'
                        f'</td><td colspan="6">recovered after a crash: {esc(b["reason"])}; step {esc(b["step"])}; '
                        f"log's last round before {esc(b['log_last_round'])}; backbone {_short(b['backbone_hash'])}"
-                       f'</td><td>{_short(b["checkpoint_hash"])}</td><td colspan="8" class="muted">no per-site data '
+                       f'</td><td>{_short(b["checkpoint_hash"])}</td><td colspan="9" class="muted">no per-site data '
                        "(lost in the crash)</td></tr></tbody>")
             continue
         agg = b["aggregation"]
@@ -338,7 +340,7 @@ def _server_rounds(rounds: list[dict[str, Any]], ctx: _Ctx) -> list[str]:
         rows = []
         for s in sites:
             if s is None:
-                cells = '<td colspan="8" class="muted">no site took part</td>'
+                cells = '<td colspan="9" class="muted">no site took part</td>'
             else:
                 led = s.get("ledger")
                 frames = (f"{led['up']['frames']} / {led['down']['frames']}" if led else "—")
@@ -346,7 +348,7 @@ def _server_rounds(rounds: list[dict[str, Any]], ctx: _Ctx) -> list[str]:
                          f'<td class="n">{s["steps"]}</td><td class="n">{s["samples"]}</td>'
                          f'<td class="n">{_num(s["epsilon"])}</td><td class="n">{_num(s["delta"])}</td>'
                          f'<td class="n">{_num(agg["mean_site_norms"].get(s["site_id"]))}</td>'
-                         f'<td class="n">{frames}</td>')
+                         f'<td class="n">{frames}</td><td class="n">{_num(s.get("train_loss"))}</td>')
             rows.append(cells)
         out.append('<tbody class="round"><tr>' + head + rows[0] + "</tr>"
                    + "".join(f"<tr>{r}</tr>" for r in rows[1:]) + "</tbody>")
@@ -411,20 +413,29 @@ def _plots(run: str, rounds: list[dict[str, Any]], site_rounds: list[dict[str, A
             ("mean cosine", [(e["body"]["round"], e["body"]["aggregation"]["mean_cosine"]) for e in rounds])]
         out.append(svg_chart(cos, title=f"Gradient cosines per round, run {run}", x_label="round",
                              y_label="cosine", y_zero=False))
-    out.append("<h3>Training loss</h3>")
-    losses: dict[str, list[tuple[float, float | None]]] = {}
-    for e in rounds:  # only if a future schema adds a per-site "loss" field; the v1 schema has none
+    out.append("<h3>Training loss per site over rounds</h3>")
+    by_site: dict[str, dict[int, float | None]] = {}
+    for e in rounds:
         for s in e["body"]["sites"]:
-            if isinstance(s.get("loss"), (int, float)):
-                losses.setdefault(s["site_id"], []).append((e["body"]["round"], s["loss"]))
-    if losses:
-        out.append(svg_chart(sorted(losses.items()), title=f"Training loss per site, run {run}", x_label="round",
-                             y_label="loss", y_zero=False))
+            by_site.setdefault(s["site_id"], {})[e["body"]["round"]] = s.get("train_loss")
+    # a round without the site, or without its loss, is a gap in the site's line (never interpolated)
+    losses = {site: [(float(e["body"]["round"]), v.get(e["body"]["round"])) for e in rounds]
+              for site, v in by_site.items()}
+    reported = {k: v for k, v in losses.items() if any(y is not None for _, y in v)}
+    if reported:
+        out.append('<p class="muted">Each point is the mean training loss of one site over its steps of the round, '
+                   "<b>as the site reported it</b> (<code>train_loss</code>): the signatures prove the server "
+                   "recorded these values, not that the site computed them honestly.</p>")
+        out.append(svg_chart(sorted(reported.items()), title=f"Training loss per site (self-reported), run {run}",
+                             x_label="round", y_label="training loss", y_zero=False))
+        none = sorted(set(losses) - set(reported))
+        if none:
+            out.append(f'<p class="muted">No training loss reported by: {esc(", ".join(none))}.</p>')
     else:
-        out.append('<p id="no-loss">This log does not carry training losses: its round records hold steps, samples, '
-                   "ε/δ, aggregation statistics and hashes, but no per-site loss (see <code>audit/schema.json</code>), "
-                   "so no loss plot is shown. Losses in a run's other outputs are not covered by this log's "
-                   "signatures.</p>")
+        out.append('<p id="no-loss">This log does not carry training losses: no site entry of its round records has '
+                   "the optional <code>train_loss</code> field (logs written before it existed, or a server that "
+                   "did not record losses; see <code>audit/schema.json</code>), so no loss plot is shown. Losses in "
+                   "a run's other outputs are not covered by this log's signatures.</p>")
     return out
 
 

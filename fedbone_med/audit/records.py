@@ -11,10 +11,11 @@ starts with ``~``, a drive letter or ``.``, or ends in a common data/image file 
 A determined caller can still put identifying text in a short string such as a site id;
 choosing pseudonymous identifiers remains the operator's duty.
 
-Server-log kinds: run_start, join, leave, dropout, round (per site: steps, samples, ε/δ and
-the frame-ledger summary), round_backfill, step_skipped, config_change, key_rotation,
-revocation, checkpoint_write. Site-log kinds: site_run_start, site_round, site_round_backfill
-(and leave). Both: log_checkpoint (signed; carries the RFC 6962 merkle_root).
+Server-log kinds: run_start, join, leave, dropout, round (per site: steps, samples, ε/δ, the
+frame-ledger summary and, optionally, the site's self-reported training loss), round_backfill,
+step_skipped, config_change, key_rotation, revocation, checkpoint_write. Site-log kinds:
+site_run_start, site_round, site_round_backfill (and leave). Both: log_checkpoint (signed;
+carries the RFC 6962 merkle_root).
 
 The same field table generates ``audit/schema.json`` (JSON Schema draft 2020-12), so the
 schema and the code cannot drift apart (a test checks the committed file).
@@ -68,9 +69,11 @@ LEDGER_DIRECTION: dict[str, Spec] = {
 }
 LEDGER: dict[str, Spec] = {"up": LEDGER_DIRECTION, "down": LEDGER_DIRECTION}
 
+# train_loss: the site's mean training loss over its steps of the round, as the site reported it
+# (an aggregate, not patient data); optional, so round records written before it existed still verify.
 SITE_ROUND: dict[str, Spec] = {
     "site_id": "str", "cert_fingerprint": "str?", "steps": "int", "samples": "int",
-    "epsilon": "float?", "delta": "float?", "ledger": ("opt", LEDGER),
+    "epsilon": "float?", "delta": "float?", "ledger": ("opt", LEDGER), "train_loss": ("opt", "float?"),
 }
 AGGREGATION: dict[str, Spec] = {
     "method": "str", "steps": "int", "conflicting_pairs_total": "int", "min_cosine": "float?",
@@ -131,6 +134,7 @@ class SiteRound:
     delta: float | None = None
     cert_fingerprint: str | None = None
     ledger: Mapping[str, Any] | None = None  # FrameLedger summary {"up": {...}, "down": {...}} or None
+    train_loss: float | None = None  # the site's mean training loss in the round, self-reported; None: omitted
 
 
 @dataclass(frozen=True)
@@ -167,7 +171,11 @@ def _scalar(spec: str, value: Any, path: str) -> Any:
             raise AuditError(f"record field {path}: expected a non-negative integer")
         return int(value)
     if base == "float":
-        if not isinstance(value, (int, float)) or not math.isfinite(value):
+        try:
+            finite = isinstance(value, (int, float)) and math.isfinite(value)
+        except OverflowError:  # an integer too large for a float
+            finite = False
+        if not finite:
             raise AuditError(f"record field {path}: expected a finite number")
         return float(value)
     if base == "bool":
@@ -277,6 +285,113 @@ def _compile_object(spec: dict[str, Spec]) -> Validator:
             out[k] = check(value[k], f"{path}.{k}")
         return out
     return check_object
+
+
+# ---- fast conformance check (verification) ----
+#
+# ``validate`` builds a normalised copy and formats a field path for every value: what a record
+# builder needs, but most of the cost of verifying a long log. ``conforms`` answers only "would
+# ``validate`` accept this value as it is?" for values made of plain JSON types (what
+# ``json.loads`` returns), with no copies, paths or sorting. It is conservative: True only when
+# ``validate`` accepts the value; False means "call ``validate``", which then raises the precise
+# error (or accepts an unusual but valid value, e.g. an integer in a float field).
+#
+# Each spec is turned once into the source of one flat Python function (like ``dataclasses``
+# does for ``__init__``): one ``if`` per field, no call per value. The generated code uses only
+# the spec's field names (fixed identifiers from KINDS, written with ``repr``) and the checks
+# below; tests compare it with ``validate`` on valid and broken records.
+
+Check = Callable[[Any], bool]
+_FAST: dict[int, tuple[Spec, Check]] = {}
+_GOOD_STRINGS: set[str] = set()  # strings that passed check_string (ids, versions, methods repeat a lot)
+_GOOD_STRINGS_MAX = 4096
+
+
+def _str_ok(value: str) -> bool:
+    """check_string as a predicate, remembering accepted strings (a pure function of the string)."""
+    if len(value) > MAX_STR or _PATHLIKE.search(value):
+        return False
+    if len(_GOOD_STRINGS) < _GOOD_STRINGS_MAX:
+        _GOOD_STRINGS.add(value)
+    return True
+
+
+_SCALAR_TEST = {  # failure condition of each scalar type for a value named {v} (None handled by the caller)
+    "int": "type({v}) is not int or {v} < 0",
+    "float": "type({v}) is not float or {v} - {v} != 0.0",  # x - x is NaN for NaN and +-inf
+    "bool": "type({v}) is not bool",
+    "str": "type({v}) is not str or ({v} not in _good and not _str_ok({v}))",
+    "hash": "type({v}) is not str or _hash({v}) is None",
+    "time": "type({v}) is not str or _time({v}) is None",
+    "sig": "type({v}) is not str or _sig({v}) is None",
+}
+
+
+def conforms(spec: Spec, value: Any) -> bool:
+    """True when :func:`validate` would accept ``value`` (plain JSON types) unchanged; see the comment above."""
+    entry = _FAST.get(id(spec))
+    if entry is None or entry[0] is not spec:
+        entry = _FAST[id(spec)] = (spec, _compile_fast(spec))
+    return entry[1](value)
+
+
+def _compile_fast(spec: Spec) -> Check:
+    names: dict[str, Any] = {"_good": _GOOD_STRINGS, "_str_ok": _str_ok, "_hash": HASH_RE.match,
+                             "_time": TIME_RE.match, "_sig": SIG_RE.match}
+    lines = ["def conforms(v0):"]
+    counter = iter(range(1, 10**6))
+
+    def emit(spec: Spec, var: str, indent: str) -> None:
+        if isinstance(spec, str):
+            test = _SCALAR_TEST[spec.rstrip("?")].format(v=var)
+            if spec.endswith("?"):
+                lines.append(f"{indent}if {var} is not None and ({test}): return False")
+            else:
+                lines.append(f"{indent}if {test}: return False")
+        elif isinstance(spec, dict):
+            n = next(counter)
+            names[f"K{n}"] = frozenset(spec)
+            names[f"R{n}"] = frozenset(k for k, s in spec.items() if not _optional(s))
+            lines.append(f"{indent}if type({var}) is not dict: return False")
+            if any(_optional(s) for s in spec.values()):
+                lines.append(f"{indent}if not ({var}.keys() <= K{n} and R{n} <= {var}.keys()): return False")
+            else:
+                lines.append(f"{indent}if {var}.keys() != K{n}: return False")
+            for k, s in spec.items():
+                field = f"v{next(counter)}"
+                if _optional(s):  # absent and None are the same: omitted
+                    lines.append(f"{indent}{field} = {var}.get({k!r})")
+                    lines.append(f"{indent}if {field} is not None:")
+                    emit(s[1], field, indent + "    ")
+                else:
+                    lines.append(f"{indent}{field} = {var}[{k!r}]")
+                    emit(s, field, indent)
+        else:
+            container, inner = spec
+            item = f"v{next(counter)}"
+            if container == "list":
+                lines.append(f"{indent}if type({var}) is not list: return False")
+                lines.append(f"{indent}for {item} in {var}:")
+            else:
+                key = f"v{next(counter)}"
+                lines.append(f"{indent}if type({var}) is not dict: return False")
+                lines.append(f"{indent}for {key}, {item} in {var}.items():")
+                lines.append(f"{indent}    if {_SCALAR_TEST['str'].format(v=key)}: return False")
+            emit(inner, item, indent + "    ")
+
+    emit(spec, "v0", "    ")
+    lines.append("    return True")
+    exec(compile("\n".join(lines), f"<audit record check {_spec_name(spec)}>", "exec"), names)
+    check: Check = names["conforms"]
+    check.__doc__ = "\n".join(lines)  # the generated source, for reading and debugging
+    return check
+
+
+def _spec_name(spec: Spec) -> str:
+    for kind, s in KINDS.items():
+        if s is spec:
+            return kind
+    return spec if isinstance(spec, str) else type(spec).__name__
 
 
 def make(kind: str, **fields: Any) -> Record:

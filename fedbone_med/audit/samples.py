@@ -1,6 +1,7 @@
 """Deterministic sample logs for auditors to practise on (``audit/samples/``).
 
-``good.jsonl`` is a server log whose round records carry frame-ledger summaries;
+``good.jsonl`` is a server log whose round records carry frame-ledger summaries and per-site
+training losses;
 ``site-01.jsonl`` is site-01's own log of the same run (it cross-checks clean against
 ``good.jsonl``); ``site-01-dropped-frame.jsonl`` is a validly signed site log of a run in
 which one frame sent by the site in round 1 never reached the server (cross-check names
@@ -117,7 +118,8 @@ def write_good_log(path: Path, key: Ed25519PrivateKey, rounds: int = 3) -> None:
             if r == 1:
                 log.append(R.dropout(run_id=RUN, round=r, site_id=SITES[2], reason="timeout"))
             sites = [R.SiteRound(site_id=s, steps=STEPS, samples=32 + 8 * i,
-                                 epsilon=round(0.5 * (r + 1) + 0.1 * i, 6), delta=1e-5, ledger=_ledger(s, r))
+                                 epsilon=round(0.5 * (r + 1) + 0.1 * i, 6), delta=1e-5, ledger=_ledger(s, r),
+                                 train_loss=round(1.25 - 0.3 * r + 0.1 * i, 6))
                      for i, s in enumerate(active)]
             agg = R.AggregationSummary(method="projection", steps=4, conflicting_pairs_total=r + 1,
                                        min_cosine=-0.25 + 0.05 * r, mean_cosine=0.125,

@@ -27,8 +27,9 @@ API and where to call it (all methods append fsync'd records; ``round_finished``
 * ``checkpoint_written(round, role, hash)`` -- checkpoints *other than* the per-round server
   checkpoint, which ``round_finished`` records itself;
 * ``round_started(backbone)`` / ``round_finished(round, backbone, usage, steps, method,
-  checkpoint_hash, privacy=None, *, ledgers=None)`` -- ``ledgers`` is
-  ``LedgerBook.take_round(round)``: ``{site: FrameLedger summary}``;
+  checkpoint_hash, privacy=None, *, ledgers=None, losses=None)`` -- ``ledgers`` is
+  ``LedgerBook.take_round(round)``: ``{site: FrameLedger summary}``; ``losses`` is
+  ``{site: mean training loss of the round}`` as each site reported it (``train_loss``);
 * ``sign()`` -- a signed checkpoint now (e.g. at shutdown after events); ``close()``.
 """
 
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -88,7 +90,10 @@ def _locked(fn: F) -> F:
 
 
 def _finite(x: float | None) -> float | None:
-    return None if x is None or x != x or x in (float("inf"), float("-inf")) else float(x)
+    if x is None:
+        return None
+    x = float(x)  # also accepts a 0-d tensor or numpy scalar
+    return x if math.isfinite(x) else None
 
 
 class ServerAuditTrail:
@@ -205,12 +210,18 @@ class ServerAuditTrail:
     def round_finished(self, round: int, backbone: nn.Module, usage: dict[str, tuple[int, int]],
                        steps: list[dict[str, Any]], method: str, checkpoint_hash: str,
                        privacy: dict[str, tuple[float | None, float | None]] | None = None, *,
-                       ledgers: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+                       ledgers: Mapping[str, Mapping[str, Any]] | None = None,
+                       losses: Mapping[str, float] | None = None) -> None:
         """``privacy``: site -> (epsilon, delta) spent so far, as the site reported it.
 
         ``ledgers``: site -> frame-ledger summary of the round (``LedgerBook.take_round``).
         A site with a ledger but no usage (it exchanged frames but completed no step) is
         listed with 0 steps and 0 samples, so every exchange is accounted for.
+
+        ``losses``: site -> the site's mean training loss over its steps of this round, as the
+        site reported it; written as ``train_loss`` in that site's entry. Sites without one, and
+        non-finite values (NaN, inf: the schema allows finite numbers only), get no ``train_loss``;
+        a loss for a site that is not otherwise in the round is ignored.
         """
         started, before = self._round_start or (iso_utc(self._clock()), module_hash(backbone))
         cosines_min = [s["min_cosine"] for s in steps if s.get("min_cosine") is not None]
@@ -229,12 +240,13 @@ class ServerAuditTrail:
         )
         privacy = privacy or {}
         ledgers = ledgers or {}
+        losses = losses or {}
         counts = {**{name: (0, 0) for name in ledgers}, **usage}
         sites = [SiteRound(site_id=name, steps=n_steps, samples=n_samples,
                            epsilon=_finite(privacy.get(name, (None, None))[0]),
                            delta=_finite(privacy.get(name, (None, None))[1]),
                            cert_fingerprint=self._fingerprints.get(name),
-                           ledger=ledgers.get(name))
+                           ledger=ledgers.get(name), train_loss=_finite(losses.get(name)))
                  for name, (n_steps, n_samples) in sorted(counts.items())]
         self.log.append(records.checkpoint_write(
             run_id=self.run_id, round=round, role="server", checkpoint_hash=checkpoint_hash))
