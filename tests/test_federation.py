@@ -133,6 +133,7 @@ def test_every_round_is_in_a_signed_audit_log_without_patient_data(tmp_path):
             "vessels": (3, 24), "layers": (3, 24), "edema": (3, 24)
         }
         assert body["aggregation"]["method"] == "projection" and body["aggregation"]["steps"] == 3
+        assert all(isinstance(s["train_loss"], float) and s["train_loss"] > 0 for s in body["sites"])
         assert body["backbone_hash_before"] != body["backbone_hash_after"]
     assert rounds[0]["backbone_hash_after"] == rounds[1]["backbone_hash_before"]
     from fedbone_med.checkpoint import file_sha256

@@ -166,8 +166,9 @@ class Federation:
                         if e["event"] == "leave":
                             self.audit.site_left(e["site"], e["round"], self.stopped.get(e["site"], {}).get(
                                 "reason", "left"))
+                    losses = {n: m["train_loss"] for n, m in record["sites"].items() if "train_loss" in m}
                     self.audit.round_finished(rnd, self.coordinator.backbone, usage, steps,
-                                              cfg.server.aggregation.method, server_hash, privacy)
+                                              cfg.server.aggregation.method, server_hash, privacy, losses=losses)
                 if on_round is not None:
                     on_round(record)
         finally:  # on a crash too: release the audit log's lock; the checkpoints are complete

@@ -134,7 +134,8 @@ class NetworkedServer:
         if self.audit is not None:
             privacy = {n: (r.extra.get("epsilon"), r.extra.get("delta")) for n, r in reports.items()}
             self.audit.round_finished(rnd, c.backbone, usage, steps, self.cfg.server.aggregation.method, digest,
-                                      privacy, ledgers=self.ledger.take_round(rnd))
+                                      privacy, ledgers=self.ledger.take_round(rnd),
+                                      losses={n: r.train_loss for n, r in reports.items()})
             if rnd + 1 < self.cfg.rounds:
                 self.audit.round_started(c.backbone)
         losses = ", ".join(f"{n} {r.train_loss:.3f}" for n, r in sorted(reports.items()))
