@@ -116,7 +116,8 @@ def test_checkpoints_sign_the_tree_hash_of_the_lines_before_them(tmp_path: Path)
 
 def _resign(env: dict[str, Any]) -> bytes:
     b = env["body"]
-    payload = checkpoint_payload(b["count"], b["head"], b["key_id"], b["run_id"], b.get("merkle_root"))
+    payload = checkpoint_payload(b["count"], b["head"], b["key_id"], b["run_id"], b.get("merkle_root"),
+                                 b.get("signed_at"))
     b["signature"] = base64.b64encode(KEY.sign(payload)).decode()
     return canonical_json(env)
 
@@ -136,8 +137,9 @@ def test_wrong_signed_root_fails_merkle_check_and_old_checkpoints_still_verify(t
     with pytest.raises(AuditError) as info:
         verify_log(path, KEYS)
     assert info.value.check == "merkle" and info.value.line == len(lines)
-    # a checkpoint written before merkle roots existed (no field, old payload) verifies
+    # a checkpoint written before merkle roots and signed times existed (no fields, old payload) verifies
     del env["body"]["merkle_root"]
+    del env["body"]["signed_at"]
     path.write_bytes(b"".join(x + b"\n" for x in lines[:-1] + [_resign(env)]))
     assert verify_log(path, KEYS).signed_checkpoints == 1
 

@@ -50,11 +50,14 @@ VERSION = 1
 ZERO_HASH = "0" * 64
 
 
-def checkpoint_payload(count: int, head: str, key_id: str, run_id: str, merkle_root: str | None = None) -> bytes:
-    """The exact bytes a ``log_checkpoint`` signature covers (``merkle_root`` only when the checkpoint has one)."""
+def checkpoint_payload(count: int, head: str, key_id: str, run_id: str, merkle_root: str | None = None,
+                       signed_at: str | None = None) -> bytes:
+    """The exact bytes a ``log_checkpoint`` signature covers (``merkle_root`` and ``signed_at`` when present)."""
     fields = {"count": count, "head": head, "key_id": key_id, "run_id": run_id}
     if merkle_root is not None:
         fields["merkle_root"] = merkle_root
+    if signed_at is not None:
+        fields["signed_at"] = signed_at
     return canonical_json(fields)
 
 
@@ -218,7 +221,7 @@ class AuditLog:
             raise AuditError("log_checkpoint records are written by AuditLog.checkpoint(), not append()")
         return self._write(record.kind, record.body)
 
-    def _write(self, kind: str, body: dict[str, Any]) -> str:
+    def _write(self, kind: str, body: dict[str, Any], time: str | None = None) -> str:
         if kind not in KINDS:
             raise AuditError(f"unknown audit record kind {kind!r}")
         body = validate(KINDS[kind], body, kind)
@@ -226,7 +229,7 @@ class AuditLog:
             if self._fd < 0:
                 raise AuditError(f"audit log {self.path} is closed")
             env = {"v": VERSION, "seq": self._seq, "prev": self._head, "kind": kind,
-                   "time": iso_utc(self._clock()), "body": body}
+                   "time": time if time is not None else iso_utc(self._clock()), "body": body}
             line = canonical_json(env)
             written = os.write(self._fd, line + b"\n")
             if written != len(line) + 1:
@@ -250,10 +253,11 @@ class AuditLog:
             raise AuditError("nothing to checkpoint: the audit log has no records yet")
         with self._lock:  # re-entrant: no record can slip in between signing and writing
             count, head, root = self._seq, self._head, self._tree.root().hex()
-            signature = self._key.sign(checkpoint_payload(count, head, self.key_id, run, root))
+            now = iso_utc(self._clock())  # the record's time, signed: no later line chains over the last one
+            signature = self._key.sign(checkpoint_payload(count, head, self.key_id, run, root, now))
             body = {"count": count, "head": head, "key_id": self.key_id, "run_id": run, "merkle_root": root,
-                    "signature": base64.b64encode(signature).decode("ascii")}
-            return self._write(LOG_CHECKPOINT, body)
+                    "signed_at": now, "signature": base64.b64encode(signature).decode("ascii")}
+            return self._write(LOG_CHECKPOINT, body, time=now)
 
     def close(self) -> None:
         if self._fd >= 0:

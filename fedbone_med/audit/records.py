@@ -110,8 +110,9 @@ KINDS: dict[str, dict[str, Spec]] = {
     "site_round_backfill": {"run_id": "str", "site_id": "str", "round": "int", "checkpoint_hash": "hash?",
                             "log_last_round": "int?", "reason": "str"},
     # merkle_root: RFC 6962 tree hash of the `count` lines before the checkpoint (see merkle.py); signed too.
+    # signed_at: the checkpoint record's own time, signed too (so the last line's time cannot be edited).
     LOG_CHECKPOINT: {"count": "int", "head": "hash", "key_id": "str", "run_id": "str", "signature": "sig",
-                     "merkle_root": ("opt", "hash")},
+                     "merkle_root": ("opt", "hash"), "signed_at": ("opt", "str")},
 }
 
 

@@ -156,7 +156,7 @@ def check_checkpoint_signature(body: Mapping[str, Any], keys: Mapping[str, Ed255
     try:
         sig = base64.b64decode(body["signature"], validate=True)
         key.verify(sig, checkpoint_payload(body["count"], body["head"], body["key_id"], body["run_id"],
-                                           body.get("merkle_root")))
+                                           body.get("merkle_root"), body.get("signed_at")))
     except (InvalidSignature, binascii.Error, ValueError):
         raise AuditError(f"invalid checkpoint signature for key_id {body['key_id']}", check="signature") from None
 
@@ -231,6 +231,8 @@ def _verify_lines(p: Path, lines: list[bytes], public_keys: Mapping[str, Ed25519
             if body["count"] != env["seq"] or body["head"] != prev:
                 raise _fail(p, n, "checkpoint", f"checkpoint covers count {body['count']} / head {body['head'][:16]}… "
                             f"but {env['seq']} records precede it with head {prev[:16]}…")
+            if "signed_at" in body and body["signed_at"] != env["time"]:
+                raise _fail(p, n, "checkpoint", "the checkpoint's time differs from the time it signed (altered)")
             if signatures:
                 _check_signature(p, n, body, public_keys)
             if "merkle_root" in body and body["merkle_root"] != tree.root().hex():
