@@ -1,5 +1,6 @@
 # One command for each thing a newcomer does. Each target sets up .venv first if needed.
-#   make demo    set up, then run the demo federation (phantom sites, CPU, a few minutes)
+#   make demo    set up, then run the demo federation: a server and 4 phantom sites as separate
+#                processes over gRPC with mutual TLS on loopback (CPU, about 5 minutes)
 #   make test    set up, then run every check: ruff, mypy, then pytest (CI runs exactly this)
 #   make bench   set up, then run the benchmarks (JSON in runs/bench/)
 PYTHON ?= python3
@@ -21,7 +22,9 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: setup
-	$(BIN)/fedbone run pipelines/demo.toml --out runs/demo
+	@# an earlier demo's results, checkpoints and audit logs are kept, moved aside
+	@if [ -e runs/demo ]; then mv runs/demo runs/demo.$$(date +%Y%m%dT%H%M%S) && echo "earlier runs/demo moved aside"; fi
+	$(BIN)/fedbone run pipelines/demo.toml --transport grpc --out runs/demo
 
 lint: setup
 	$(BIN)/ruff check fedbone_med tests benchmarks
