@@ -36,6 +36,7 @@ test: lint
 bench: setup
 	$(BIN)/python benchmarks/projection.py --out runs/bench/projection.json
 	$(BIN)/python benchmarks/split_step.py --out runs/bench/split_step.json
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/audit.py --out runs/bench/audit.json
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache .hypothesis
