@@ -81,3 +81,19 @@ def test_unknown_config_key_exits_2_with_an_actionable_message(tmp_path, capsys)
 def test_missing_experiment_file_exits_2(tmp_path, capsys):
     assert fedbone.main(["run", str(tmp_path / "nope.toml"), "--out", str(tmp_path)]) == 2
     assert "configuration file not found" in capsys.readouterr().err
+
+
+def test_insecure_dev_mode_is_refused_off_loopback_at_both_ends(tmp_path, capsys):
+    from fedbone_med.cli import server
+    from fedbone_med.crypto.provision import provision
+
+    provision(tmp_path / "p", ["fundus-vessels"])
+    cfg = tmp_path / "server.toml"
+    cfg.write_text('name = "x"\nsites = ["fundus-vessels"]\n')
+    code = server.main(["serve", "--config", str(cfg), "--kit", str(tmp_path / "p"), "--out", str(tmp_path / "o"),
+                        "--address", "10.1.2.3:0", "--insecure-dev"])
+    assert code == 2 and "only on loopback" in capsys.readouterr().err
+    code = site.main(["train", "--config", str(ROOT / "sites" / "phantom-vessels.toml"),
+                      "--kit", str(tmp_path / "p" / "sites" / "fundus-vessels"), "--out", str(tmp_path / "s"),
+                      "--server", "10.1.2.3:50051", "--insecure-dev", "--quiet"])
+    assert code == 2 and "loopback only" in capsys.readouterr().err

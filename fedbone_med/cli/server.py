@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, help="torch CPU threads for the backbone (default: torch's choice)")
     s.add_argument("--progress", choices=["bar", "lines", "none"], default="bar",
                    help="a progress bar (default), 'progress STEP TOTAL' lines for a launcher, or nothing")
+    s.add_argument("--insecure-dev", action="store_true",
+                   help="development only: serve without TLS (refused on any non-loopback address); every frame is "
+                        "still sealed and every site still authenticated by its identity key")
     s.set_defaults(func=_serve)
     pr = sub.add_parser("provision", help="create a project CA, server certificate and site startup kits")
     pr.add_argument("--sites", default="", help="comma-separated site names, e.g. eye-clinic-a,eye-clinic-b")
@@ -55,7 +58,7 @@ def _serve(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     cfg = load_serve_config(args.config)
     server = NetworkedServer(cfg, args.kit, args.out, address=args.address, resume=args.resume,
-                             port_file=args.port_file, progress=args.progress)
+                             port_file=args.port_file, progress=args.progress, insecure_dev=args.insecure_dev)
     server.run()
     print(f"server results: {server.out / 'server-results.json'}    checkpoint: {server.ckpt_path}")
     return 0

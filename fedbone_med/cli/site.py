@@ -60,7 +60,7 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_site(args.config)
     site = NetworkedSite(cfg, SiteKit.load(args.kit), args.out, address=args.server,
                          reconnect_timeout=args.reconnect_timeout, progress=not args.quiet,
-                         server_name=args.server_name)
+                         server_name=args.server_name, insecure_dev=args.insecure_dev)
     results = site.run(resume=args.resume)
     last = results["rounds"][-1] if results["rounds"] else {}
     key = results["primary_metric"]
@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     t.add_argument("--data-root", help="where relative dataset roots in manifests resolve "
                                        "(default: $FEDBONE_DATA_ROOT, else ../shared/data)")
+    t.add_argument("--insecure-dev", action="store_true",
+                   help="development only: connect without TLS (loopback only); frames are still sealed")
     t.set_defaults(func=_train)
     c = sub.add_parser("check-data", help="check every image and label before training")
     c.add_argument("--config", required=True, help="site file, e.g. sites/chase-db1-vessels.toml")

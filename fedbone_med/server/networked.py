@@ -43,7 +43,7 @@ from .coordinator import Coordinator
 class NetworkedServer:
     def __init__(self, cfg: ServeConfig, kit_dir: str | Path, out_dir: str | Path, *, address: str | None = None,
                  resume: bool = False, port_file: str | Path | None = None, audit: bool = True,
-                 log: Any = None, progress: str = "bar") -> None:
+                 log: Any = None, progress: str = "bar", insecure_dev: bool = False) -> None:
         """``progress``: "bar" (a progress bar on stderr), "lines" (``progress STEP TOTAL`` lines on stderr,
         for a launcher to draw its own bar) or "none"."""
         self.cfg = cfg
@@ -54,6 +54,7 @@ class NetworkedServer:
         self.port_file = Path(port_file) if port_file is not None else None
         self.hash = config_hash(cfg)
         self.progress = progress
+        self.insecure_dev = insecure_dev  # no TLS (loopback only, refused elsewhere); the envelope stays on
         self._bar: tqdm | None = None
         self._print = log or (lambda msg: (tqdm.write if self._bar is not None else print)(msg, file=sys.stderr))
         expected = cfg.sites or tuple(sorted(self.kit.site_keys))
@@ -185,7 +186,7 @@ class NetworkedServer:
             ca_pem=self.kit.ca_pem, registry_dir=self.kit.root, identity_key=self.kit.identity_key,
             site_keys=self.kit.site_keys, max_message_bytes=cfg.network.max_message_mb << 20,
             ledger=self.ledger, peer_fingerprints=self.fingerprints, wire_dtype=WIRE_DTYPES[cfg.network.wire_dtype],
-            max_frame_bytes=cfg.network.max_frame_mb << 20,
+            max_frame_bytes=cfg.network.max_frame_mb << 20, insecure_dev=self.insecure_dev,
         )
         port = bound_port(server)
         host = self.address.rpartition(":")[0]
@@ -193,7 +194,8 @@ class NetworkedServer:
             tmp = self.port_file.with_suffix(".tmp")
             tmp.write_text(f"{port}\n")
             tmp.replace(self.port_file)
-        self._print(f"fedbone-server {__version__}: run {c.run_id}, listening on {host}:{port} (mutual TLS), "
+        self._print(f"fedbone-server {__version__}: run {c.run_id}, listening on {host}:{port} "
+                    f"({'INSECURE development mode: no TLS' if self.insecure_dev else 'mutual TLS'}), "
                     f"waiting for {len(self.expected)} site(s): {', '.join(self.expected)}; "
                     f"round {c.round} of {cfg.rounds}")
         previous = signal.getsignal(signal.SIGTERM)

@@ -44,10 +44,10 @@ from ..configtools import config_hash
 from ..crypto.identity import fingerprint
 from ..crypto.kits import SiteKit
 from ..data.sources import load_site_data
-from ..errors import ProtocolError
+from ..errors import ConfigError, ProtocolError
 from ..privacy.errors import BudgetExceeded
 from ..transport.grpc_client import GrpcTransport, RemoteError
-from ..transport.grpc_service import DEFAULT_MAX_MESSAGE_BYTES
+from ..transport.grpc_service import DEFAULT_MAX_MESSAGE_BYTES, LOOPBACK_HOSTS, split_address
 from ..transport.wire import WIRE_DTYPES
 from .metrics import primary_metric
 from .runtime import SiteRuntime
@@ -74,7 +74,8 @@ class NetworkedSite:
 
     def __init__(self, cfg: SiteConfig, kit: SiteKit, out_dir: str | Path, *, address: str | None = None,
                  reconnect_timeout: float = 600.0, call_timeout: float = 660.0, progress: bool = True,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, server_name: str = "localhost") -> None:
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, server_name: str = "localhost",
+                 insecure_dev: bool = False) -> None:
         self.cfg = cfg
         self.kit = kit
         self.out = Path(out_dir)
@@ -84,6 +85,7 @@ class NetworkedSite:
         self.progress = progress
         self.max_message_bytes = max_message_bytes
         self.server_name = server_name
+        self.insecure_dev = insecure_dev  # no TLS (loopback only); the envelope and identity keys stay on
         self.data = load_site_data(cfg)
         self.transport: GrpcTransport | None = None
         self.runtime: SiteRuntime | None = None
@@ -101,6 +103,8 @@ class NetworkedSite:
 
     def _connect(self) -> GrpcTransport:
         """Open a session with the server, retrying with exponential backoff while it is unreachable."""
+        if self.insecure_dev and split_address(self.address)[0] not in LOOPBACK_HOSTS:
+            raise ConfigError(f"--insecure-dev connects without TLS to loopback only; refusing {self.address!r}")
         deadline = time.monotonic() + self.reconnect_timeout
         delay = 0.5
         run_id = self.runtime.run_id if self.runtime is not None and self.runtime.run_id else None
@@ -111,6 +115,7 @@ class NetworkedSite:
                     key_pem=self.kit.key_pem, identity_key=self.kit.identity_key,
                     server_public_key=self.kit.server_identity, run_id=run_id, server_name=self.server_name,
                     max_message_bytes=self.max_message_bytes, timeout=self.call_timeout, ledger=self.ledger,
+                    insecure_dev=self.insecure_dev,
                 )
             except RemoteError as exc:
                 if exc.code not in RETRY_CODES or time.monotonic() + delay > deadline:
