@@ -575,6 +575,12 @@ def test_training_stops_with_the_check_data_message_or_counts_the_skip(copy, cap
     assert record["skipped"] == {"train": {"total": 1, check: 1}, "val": {"total": 0}}
     assert (len(train), len(val), record["train_images"]) == (3, 2, 3)
     assert "P0" not in json.dumps(record), "no file names in the run output"
+    # with data.skip_bad_files the site trains, and every round's results carry the count
+    from fedbone_med.site.runtime import SiteRuntime
+
+    cfg = load_site(vessels, {"data": {"skip_bad_files": True}})
+    runtime = SiteRuntime(cfg, None, load_site_data(cfg), seed=0)  # type: ignore[arg-type]  # no transport needed
+    assert runtime.skipped_files() == {"skipped_files_train": 1.0, "skipped_files_val": 0.0}
 
 
 def test_training_on_a_bad_oct_volume_gives_the_check_data_message(tmp_path, capsys, monkeypatch):

@@ -217,6 +217,13 @@ class SiteRuntime:
         shapes = sorted((k, tuple(v.shape)) for k, v in model.embedding.state_dict().items())
         return hashlib.sha256(repr((self.cfg.model.embedding, shapes)).encode()).hexdigest()[:16]
 
+    def skipped_files(self) -> dict[str, float]:
+        """Files left out at load time (``data.skip_bad_files``), per split: reported with every round."""
+        skipped = (self.data.split or {}).get("skipped")
+        if not skipped:
+            return {}
+        return {f"skipped_files_{split}": float(c["total"]) for split, c in skipped.items()}
+
     def end_round(self, round: int, metrics: dict[str, float], share_embedding: bool) -> dict[str, float]:
         """Report the round (metrics and, for FedAvg, the embedding) to the server."""
         model, _, _ = self._joined()
@@ -231,7 +238,7 @@ class SiteRuntime:
             RoundReport(self.name, round, len(self.data.train), train_loss, dict(metrics), emb,
                         self.embedding_signature() if share_embedding else None, dict(privacy))
         )
-        return {"train_loss": train_loss, **metrics, **privacy}
+        return {"train_loss": train_loss, **metrics, **privacy, **self.skipped_files()}
 
     def leave(self) -> None:
         """Leave the federation (e.g. when the privacy budget is spent)."""
