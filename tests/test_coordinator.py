@@ -139,3 +139,29 @@ def test_a_member_that_leaves_releases_the_round_barrier():
     c.leave("b")  # b stops (e.g. its privacy budget is spent): a must not wait for it
     t.join(timeout=5)
     assert not t.is_alive() and not errors and c.round == 1
+
+
+def test_the_server_records_each_revocation_it_honours_once_per_run(tmp_path):
+    from fedbone_med.audit import load_public_keys, verify_log
+    from fedbone_med.config import ServeConfig
+    from fedbone_med.crypto.provision import provision, revoke
+    from fedbone_med.server.audit_trail import ServerAuditTrail, ensure_server_key
+    from fedbone_med.server.networked import NetworkedServer
+
+    provision(tmp_path / "p", ["a", "b", "c"])
+    revoke(tmp_path / "p", "c", reason="key-compromise")
+    server = NetworkedServer(ServeConfig(name="x", server=tiny_server(), sites=("a", "b")), tmp_path / "p",
+                             tmp_path / "out")
+    assert server.expected == ("a", "b") and "c" not in server.kit.site_keys
+    key = ensure_server_key(tmp_path / "out" / "keys")
+    server.audit = ServerAuditTrail(tmp_path / "out" / "audit" / "server.jsonl", key,
+                                    run_id=server.coordinator.run_id, config_hash=server.hash)
+    server.audit.start(server.coordinator.backbone, "mean", ["a", "b"], 0, 0, joins=False)
+    server._audit_revocations()
+    server._audit_revocations()  # a second launch of the same run does not repeat it
+    server.audit.sign()
+    server.audit.close()
+    report = verify_log(tmp_path / "out" / "audit" / "server.jsonl",
+                        load_public_keys([tmp_path / "out" / "keys" / "server-audit-key.pub.pem"]))
+    revs = [r["body"] for r in report.records if r["kind"] == "revocation"]
+    assert [(b["site_id"], "key-compromise" in b["reason"]) for b in revs] == [("c", True)]

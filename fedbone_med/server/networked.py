@@ -147,6 +147,23 @@ class NetworkedServer:
         if rnd + 1 >= self.cfg.rounds:
             self._done.set()
 
+    def _audit_revocations(self) -> None:
+        """Record the revocations this launch honours (from registry.json / crl.pem), once per run."""
+        assert self.audit is not None
+        from ..crypto.identity import load_registry
+
+        logged = set()
+        log_path = self.audit.log.path
+        if log_path.exists():
+            for line in log_path.read_bytes().splitlines():
+                if b'"kind":"revocation"' in line and self.coordinator.run_id.encode() in line:
+                    logged.add(json.loads(line)["body"]["site_id"])
+        for name, entry in sorted(load_registry(self.kit.root).sites.items()):
+            if entry.revoked and name not in logged:
+                self.audit.site_revoked(name, f"revoked in the registry ({entry.reason or 'unspecified'}, "
+                                              f"{entry.revoked_at or 'time unknown'}); refused from this launch",
+                                        entry.fingerprint)
+
     def _audit_events(self, events: list[dict[str, Any]]) -> None:
         """Membership events from the coordinator into the audit log."""
         if self.audit is None:
@@ -179,6 +196,7 @@ class NetworkedServer:
             else:  # a crash between the checkpoint and the round record leaves a gap: back-fill it
                 self.audit.reconcile(c.round, file_sha256(self.ckpt_path), backbone_hash=module_hash(c.backbone),
                                      step=c.step)
+            self._audit_revocations()
             self.audit.round_started(c.backbone)
         c.on_round_finished = self._round_finished
         server = serve(
