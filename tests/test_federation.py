@@ -141,6 +141,17 @@ def test_every_round_is_in_a_signed_audit_log_without_patient_data(tmp_path):
     assert rounds[-1]["checkpoint_hash"] == file_sha256(tmp_path / "checkpoints" / "server.pt")
     key = tmp_path / "keys" / "server-audit-key.pem"
     assert key.stat().st_mode & 0o077 == 0, "the signing key must be private to its owner"
+    # each site keeps its own signed log, and it agrees with the server's on every exchange
+    from fedbone_med.audit import load_public_keys
+    from fedbone_med.audit.crosscheck import cross_check
+
+    for name in ("vessels", "layers", "edema"):
+        site = tmp_path / "sites" / name
+        report = cross_check(tmp_path / "audit" / "server.jsonl", site / "audit" / "site.jsonl",
+                             server_keys=load_public_keys([tmp_path / "keys" / "server-audit-key.pub.pem"]),
+                             site_keys=load_public_keys([site / "keys" / f"site-{name}-audit-key.pub.pem"]))
+        assert report.agree and [r.round for r in report.rounds] == [0, 1]
+        assert report.rounds[1].up is not None and report.rounds[1].up["frames"] > 6
     # tampering with a round record is found
     log = tmp_path / "audit" / "server.jsonl"
     lines = log.read_text().splitlines()

@@ -24,6 +24,8 @@ import torch
 from tqdm import tqdm
 
 from .. import __version__
+from ..audit.ledger import FrameLedger, LedgerBook
+from ..audit.site_trail import SiteAuditTrail, ensure_site_key
 from ..checkpoint import file_sha256, load_checkpoint, save_checkpoint, write_json_atomic
 from ..config import ExperimentConfig
 from ..configtools import config_hash, to_plain
@@ -60,10 +62,16 @@ class Federation:
             cfg.server, run_id=self.run_id, seed=cfg.seed, config_hash=self.hash,
             embedding_fedavg=cfg.embedding_fedavg,
         )
+        # Both ends book every exchange (as over gRPC), for the server's and each site's audit log.
+        self.ledger = LedgerBook() if audit else None
+        self.site_ledgers = {s.name: FrameLedger() for s in cfg.sites} if audit else {}
         self.sites = [
-            SiteRuntime(s, InProcessTransport(self.coordinator), load_site_data(s), seed=derive_seed(cfg.seed, s.name))
+            SiteRuntime(s, InProcessTransport(self.coordinator, site_ledger=self.site_ledgers.get(s.name),
+                                              server_ledger=self.ledger),
+                        load_site_data(s), seed=derive_seed(cfg.seed, s.name))
             for s in cfg.sites
         ]
+        self.site_audits: dict[str, SiteAuditTrail] = {}
         for site in self.sites:
             site.join()
             site.configure_privacy(cfg.rounds * cfg.steps_per_round)
@@ -143,6 +151,7 @@ class Federation:
                     c = self.coordinator
                     self.audit.reconcile(start, file_sha256(self.ckpt_dir / "server.pt"),
                                          backbone_hash=module_hash(c.backbone), step=c.step)
+                self._open_site_audits(start, resume)
             self.coordinator.take_events()  # the initial joins: start() recorded them
             for rnd in range(start, cfg.rounds):
                 t0 = time.perf_counter()
@@ -168,7 +177,9 @@ class Federation:
                                 "reason", "left"))
                     losses = {n: m["train_loss"] for n, m in record["sites"].items() if "train_loss" in m}
                     self.audit.round_finished(rnd, self.coordinator.backbone, usage, steps,
-                                              cfg.server.aggregation.method, server_hash, privacy, losses=losses)
+                                              cfg.server.aggregation.method, server_hash, privacy, losses=losses,
+                                              ledgers=self.ledger.take_round(rnd) if self.ledger else None)
+                    self._site_rounds(rnd, record, usage)
                 if on_round is not None:
                     on_round(record)
         finally:  # on a crash too: release the audit log's lock; the checkpoints are complete
@@ -176,10 +187,38 @@ class Federation:
             if self.audit is not None:
                 self.audit.close()
                 self.audit = None
+            for trail in self.site_audits.values():
+                trail.close()
+            self.site_audits = {}
         self.results["stopped"] = self.stopped
         self.results["final"] = self._final_metrics()
         write_json_atomic(self.results, self.out / "results.json")
         return self.results
+
+    def _open_site_audits(self, start: int, resume: bool) -> None:
+        """Each site's own signed log, in ``sites/NAME/`` (as a networked site keeps it)."""
+        for site in self.sites:
+            d = self.out / "sites" / site.name
+            trail = SiteAuditTrail(d / "audit" / "site.jsonl", ensure_site_key(d / "keys", site.name),
+                                   run_id=self.run_id, site_id=site.name)
+            if resume:
+                trail.reconcile(start, file_sha256(self.ckpt_dir / f"site-{site.name}.pt"))
+            trail.start(round=start, config_hash=config_hash(site.cfg))
+            self.site_audits[site.name] = trail
+
+    def _site_rounds(self, rnd: int, record: dict[str, Any], usage: dict[str, tuple[int, int]]) -> None:
+        for site in self.sites:
+            trail = self.site_audits.get(site.name)
+            if trail is None:
+                continue
+            ledger = self.site_ledgers[site.name].take(rnd)
+            m = record["sites"].get(site.name, {})
+            steps, samples = usage.get(site.name, (0, 0))
+            trail.round_finished(rnd, steps=steps, samples=samples, ledger=ledger, epsilon=m.get("epsilon"),
+                                 delta=m.get("delta"),
+                                 checkpoint_hash=file_sha256(self.ckpt_dir / f"site-{site.name}.pt"))
+            if "stopped" in m and m["stopped"]["round"] == rnd:
+                trail.left(rnd, m["stopped"]["reason"])
 
     def _train_step(self, rnd: int, step: int, i: int) -> dict[str, float]:
         """One step of every active site; a site whose privacy budget is spent stops and leaves."""
