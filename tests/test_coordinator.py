@@ -141,7 +141,7 @@ def test_a_member_that_leaves_releases_the_round_barrier():
     assert not t.is_alive() and not errors and c.round == 1
 
 
-def test_the_server_records_each_revocation_it_honours_once_per_run(tmp_path):
+def test_the_server_records_revocations_once_per_run_and_audit_key_rotations(tmp_path):
     from fedbone_med.audit import load_public_keys, verify_log
     from fedbone_med.config import ServeConfig
     from fedbone_med.crypto.provision import provision, revoke
@@ -159,9 +159,23 @@ def test_the_server_records_each_revocation_it_honours_once_per_run(tmp_path):
     server.audit.start(server.coordinator.backbone, "mean", ["a", "b"], 0, 0, joins=False)
     server._audit_revocations()
     server._audit_revocations()  # a second launch of the same run does not repeat it
+    # the operator rotates the audit key (serve --rotate-audit-key): old key signs the switch, new key signs on
+    from fedbone_med.audit.keys import keygen
+
+    new_private, _, new_id = keygen(tmp_path / "newkey")
+    old_public = (tmp_path / "out" / "keys" / "server-audit-key.pub.pem").read_bytes()
+    server._rotate_audit_key(new_private)
+    server.audit.site_left("a", 0, "test")
     server.audit.sign()
     server.audit.close()
-    report = verify_log(tmp_path / "out" / "audit" / "server.jsonl",
-                        load_public_keys([tmp_path / "out" / "keys" / "server-audit-key.pub.pem"]))
+    keys = tmp_path / "out" / "keys"
+    retired = list((keys / "retired").glob("*.pub.pem"))
+    assert len(retired) == 1 and retired[0].read_bytes() == old_public
+    log = tmp_path / "out" / "audit" / "server.jsonl"
+    report = verify_log(log, load_public_keys([retired[0], keys / "server-audit-key.pub.pem"]))
     revs = [r["body"] for r in report.records if r["kind"] == "revocation"]
     assert [(b["site_id"], "key-compromise" in b["reason"]) for b in revs] == [("c", True)]
+    rotations = [r["body"] for r in report.records if r["kind"] == "key_rotation"]
+    assert len(rotations) == 1 and rotations[0]["new_key_id"] == new_id
+    with pytest.raises(Exception, match="unknown key_id"):  # the new key alone cannot verify the old part
+        verify_log(log, load_public_keys([keys / "server-audit-key.pub.pem"]))

@@ -27,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--insecure-dev", action="store_true",
                    help="development only: serve without TLS (refused on any non-loopback address); every frame is "
                         "still sealed and every site still authenticated by its identity key")
+    s.add_argument("--rotate-audit-key", metavar="PEM",
+                   help="switch the audit log to this new signing key (from `fedbone-audit keygen`) at launch; "
+                        "the switch is recorded and signed by the old key")
     s.set_defaults(func=_serve)
     pr = sub.add_parser("provision", help="create a project CA, server certificate and site startup kits")
     pr.add_argument("--sites", default="", help="comma-separated site names, e.g. eye-clinic-a,eye-clinic-b")
@@ -58,7 +61,8 @@ def _serve(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     cfg = load_serve_config(args.config)
     server = NetworkedServer(cfg, args.kit, args.out, address=args.address, resume=args.resume,
-                             port_file=args.port_file, progress=args.progress, insecure_dev=args.insecure_dev)
+                             port_file=args.port_file, progress=args.progress, insecure_dev=args.insecure_dev,
+                             rotate_audit_key=args.rotate_audit_key)
     server.run()
     print(f"server results: {server.out / 'server-results.json'}    checkpoint: {server.ckpt_path}")
     return 0

@@ -38,6 +38,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -61,6 +62,25 @@ def module_hash(module: nn.Module) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def install_rotated_key(key_dir: str | Path, new_key_path: str | Path, old_key_id: str) -> Path:
+    """After :meth:`ServerAuditTrail.rotate_key`: the new key becomes ``key_dir``'s current key.
+
+    The old key pair moves to ``key_dir/retired/<old key id>.pem`` (and ``.pub.pem``), never deleted: an
+    auditor needs the old public key to verify the records it signed.
+    """
+    key_dir = Path(key_dir)
+    retired = key_dir / "retired"
+    retired.mkdir(mode=0o700, exist_ok=True)
+    current, public = key_dir / "server-audit-key.pem", key_dir / "server-audit-key.pub.pem"
+    os.replace(current, retired / f"{old_key_id}.pem")
+    if public.exists():
+        os.replace(public, retired / f"{old_key_id}.pub.pem")
+    new_key = load_private_key(new_key_path)
+    save_private_key(new_key, current)
+    save_public_key(new_key.public_key(), public)
+    return current
 
 
 def ensure_server_key(key_dir: str | Path) -> Path:

@@ -36,14 +36,15 @@ from ..errors import CheckpointError, ConfigError, ProtocolError
 from ..transport.grpc_service import bound_port, serve
 from ..transport.messages import RoundReport
 from ..transport.wire import WIRE_DTYPES
-from .audit_trail import ServerAuditTrail, ensure_server_key, module_hash
+from .audit_trail import ServerAuditTrail, ensure_server_key, install_rotated_key, module_hash
 from .coordinator import Coordinator
 
 
 class NetworkedServer:
     def __init__(self, cfg: ServeConfig, kit_dir: str | Path, out_dir: str | Path, *, address: str | None = None,
                  resume: bool = False, port_file: str | Path | None = None, audit: bool = True,
-                 log: Any = None, progress: str = "bar", insecure_dev: bool = False) -> None:
+                 log: Any = None, progress: str = "bar", insecure_dev: bool = False,
+                 rotate_audit_key: str | Path | None = None) -> None:
         """``progress``: "bar" (a progress bar on stderr), "lines" (``progress STEP TOTAL`` lines on stderr,
         for a launcher to draw its own bar) or "none"."""
         self.cfg = cfg
@@ -55,6 +56,7 @@ class NetworkedServer:
         self.hash = config_hash(cfg)
         self.progress = progress
         self.insecure_dev = insecure_dev  # no TLS (loopback only, refused elsewhere); the envelope stays on
+        self.rotate_audit_key = Path(rotate_audit_key) if rotate_audit_key is not None else None
         self._bar: tqdm | None = None
         self._print = log or (lambda msg: (tqdm.write if self._bar is not None else print)(msg, file=sys.stderr))
         expected = cfg.sites or tuple(sorted(self.kit.site_keys))
@@ -147,6 +149,15 @@ class NetworkedServer:
         if rnd + 1 >= self.cfg.rounds:
             self._done.set()
 
+    def _rotate_audit_key(self, new_key: Path) -> None:
+        """Recorded and signed by the old key; from then on the new key signs, and is the server's key."""
+        assert self.audit is not None
+        old_id = self.audit.log.key_id
+        new_id = self.audit.rotate_key(new_key)
+        install_rotated_key(self.out / "keys", new_key, old_id)
+        self._print(f"audit signing key rotated: {old_id} -> {new_id}; the old public key is in "
+                    f"{self.out / 'keys' / 'retired'}; auditors need both")
+
     def _audit_revocations(self) -> None:
         """Record the revocations this launch honours (from registry.json / crl.pem), once per run."""
         assert self.audit is not None
@@ -196,6 +207,8 @@ class NetworkedServer:
             else:  # a crash between the checkpoint and the round record leaves a gap: back-fill it
                 self.audit.reconcile(c.round, file_sha256(self.ckpt_path), backbone_hash=module_hash(c.backbone),
                                      step=c.step)
+            if self.rotate_audit_key is not None:
+                self._rotate_audit_key(self.rotate_audit_key)
             self._audit_revocations()
             self.audit.round_started(c.backbone)
         c.on_round_finished = self._round_finished
