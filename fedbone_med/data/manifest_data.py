@@ -59,15 +59,21 @@ def _check_labels(cfg: SiteConfig, split: ArraySplit, name: str) -> None:
         raise DataError(f"site '{cfg.name}': {name} images contain NaN or Inf after the pipeline")
 
 
+def site_chain(cfg: SiteConfig, m: Manifest) -> list[dict[str, Any]]:
+    """The deterministic transform chain a site applies once per sample when it loads its data:
+    its ``data.pipeline`` then the resize to ``data.image_size``."""
+    chain = load_chain(cfg.data.pipeline) if cfg.data.pipeline else []
+    keys = ["image"] if m.kind == "classification" else ["image", "label"]
+    return [*chain, _resize(keys, cfg.data.image_size, "nearest")]
+
+
 def load_manifest_site_data(cfg: SiteConfig, data_root: str | Path | None = None) -> SiteData:
     d = cfg.data
     if d.manifest is None:
         raise ConfigError(f"site '{cfg.name}': data.manifest is required for source = 'manifest'")
     m = load_manifest(d.manifest)
     check_manifest_fits(cfg, m)
-    chain = load_chain(d.pipeline) if d.pipeline else []
-    keys = ["image"] if m.kind == "classification" else ["image", "label"]
-    chain = [*chain, _resize(keys, d.image_size, "nearest")]
+    chain = site_chain(cfg, m)
     # data.skip_bad_files: leave out and count files that fail to read instead of stopping;
     # the counts go into the split record of the run output.
     train, val, record = load_manifest_splits(m, chain, data_root, val_split=d.val_split, skip_bad=d.skip_bad_files)
