@@ -250,7 +250,10 @@ def test_outputs_are_written_and_consistent(reproduction):
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["methods"] == list(rep.ALL_METHODS)
     assert set(on_disk["sites"]) == {"vessels", "dr", "layers", "edema"}
-    assert len(on_disk["audit_logs"]) == 6  # fedbone-mean, -projection, -projection-localemb x 2 seeds
+    # fedbone-mean, -projection, -projection-localemb x 2 seeds: the server's log and each of the 4 sites' own
+    logs = on_disk["audit_logs"]
+    assert sum(p.endswith("audit/server.jsonl") for p in logs) == 6
+    assert sum(p.endswith("audit/site.jsonl") for p in logs) == 6 * 4 and len(logs) == 30
     table = (out / "table.md").read_text()
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert len(rows) == len(rep.ALL_METHODS) * sum(len(i["metrics"]) for i in on_disk["sites"].values())
