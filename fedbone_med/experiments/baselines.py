@@ -22,7 +22,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,24 +33,10 @@ from ..data.augment import augment_batch
 from ..data.sources import SiteData
 from ..server import Coordinator
 from ..site import SiteRuntime, derive_seed
-from ..site.metrics import primary_metric
 from ..transport import InProcessTransport
 from .accounting import float_state_bytes
 
 OnRound = Callable[[dict[str, Any]], None]
-
-
-def _site_info(s: SiteConfig, site: SiteRuntime) -> dict[str, Any]:
-    return {
-        "modality": s.modality,
-        "task": s.data.task if s.data.source == "phantom" else Path(s.data.manifest or "").stem,
-        "task_type": s.task.type,
-        "primary_metric": primary_metric(s.task),
-        "n_train": len(site.data.train),
-        "n_val": len(site.data.val),
-        "site_parameters": site.num_parameters(),
-        "split": site.data.split or {"method": "phantom seeds", "seed": s.data.seed},
-    }
 
 
 def _final(rounds: list[dict[str, Any]]) -> dict[str, Any]:
@@ -93,7 +78,7 @@ class LocalGroup:
             "experiment": cfg.name,
             "run_id": self.run_id,
             "seed": cfg.seed,
-            "sites": {m.site.name: _site_info(m.cfg, m.site) for m in self.members},
+            "sites": {m.site.name: m.site.describe() for m in self.members},
             "backbone_parameters": self.members[0].coordinator.num_params,
             "rounds": [],
         }
@@ -199,7 +184,7 @@ class Centralised:
             "experiment": cfg.name,
             "run_id": self.run_id,
             "seed": cfg.seed,
-            "sites": {site.name: _site_info(s, site) for s, site in zip(cfg.sites, self.sites, strict=True)},
+            "sites": {site.name: site.describe() for site in self.sites},
             "backbone_parameters": self.coordinator.num_params,
             "rounds": [],
         }

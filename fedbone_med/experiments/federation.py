@@ -35,7 +35,6 @@ from ..privacy.errors import BudgetExceeded
 from ..server import Coordinator
 from ..server.audit_trail import ServerAuditTrail, ensure_server_key, module_hash
 from ..site import SiteRuntime, derive_seed
-from ..site.metrics import primary_metric
 from ..transport import InProcessTransport
 
 
@@ -86,19 +85,7 @@ class Federation:
             "software_version": __version__,
             "machine": _machine(),
             "config": to_plain(cfg),
-            "sites": {
-                s.name: {
-                    "modality": s.modality,
-                    "task": s.data.task if s.data.source == "phantom" else Path(s.data.manifest or "").stem,
-                    "task_type": s.task.type,
-                    "primary_metric": primary_metric(s.task),
-                    "n_train": len(site.data.train),
-                    "n_val": len(site.data.val),
-                    "site_parameters": site.num_parameters(),
-                    "split": site.data.split or {"method": "phantom seeds", "seed": s.data.seed},
-                }
-                for s, site in zip(cfg.sites, self.sites, strict=True)
-            },
+            "sites": {site.name: site.describe() for site in self.sites},
             "backbone_parameters": self.coordinator.num_params,
             "rounds": [],
             "aggregation": [],

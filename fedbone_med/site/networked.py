@@ -153,18 +153,11 @@ class NetworkedSite:
 
     def _results(self) -> dict[str, Any]:
         rt = self.runtime
+        described = rt.describe() if rt is not None else {}  # no runtime before the first join
         return {
             "site": self.cfg.name,
             "run_id": rt.run_id if rt is not None else "",
-            "modality": self.cfg.modality,
-            "task": self.cfg.data.task if self.cfg.data.source == "phantom"
-            else Path(self.cfg.data.manifest or "").stem,
-            "task_type": self.cfg.task.type,
-            "primary_metric": primary_metric(self.cfg.task),
-            "n_train": len(self.data.train),
-            "n_val": len(self.data.val),
-            "site_parameters": rt.num_parameters() if rt is not None and rt.model is not None else None,
-            "split": self.data.split or {"method": "phantom seeds", "seed": self.cfg.data.seed},
+            **described,
             "rounds": self.log.rounds,
             "reconnects": self.log.reconnects,
             "rejoins": self.log.rejoins,

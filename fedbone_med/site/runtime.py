@@ -15,6 +15,7 @@ Images and labels never leave this object; only z and dF are handed to the trans
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -105,6 +106,20 @@ class SiteRuntime:
         if self.model is None or self.cut is None or self.optimizer is None:
             raise RuntimeError(f"site '{self.name}': call join() before training or evaluating")
         return self.model, self.cut, self.optimizer
+
+    def describe(self) -> dict[str, Any]:
+        """What a results file says about this site: task, data sizes, split, parameters (no patient data)."""
+        c = self.cfg
+        return {
+            "modality": c.modality,
+            "task": c.data.task if c.data.source == "phantom" else Path(c.data.manifest or "").stem,
+            "task_type": c.task.type,
+            "primary_metric": primary_metric(c.task),
+            "n_train": len(self.data.train),
+            "n_val": len(self.data.val),
+            "site_parameters": self.num_parameters() if self.model is not None else None,
+            "split": self.data.split or {"method": "phantom seeds", "seed": c.data.seed},
+        }
 
     def num_parameters(self) -> int:
         model, _, _ = self._joined()
