@@ -125,11 +125,11 @@ class Coordinator:
         self.step_log: list[dict[str, Any]] = []
         self.usage: dict[str, list[int]] = {}  # site -> [training steps, samples] since the last take_usage()
         self.rounds: dict[int, _RoundState] = {}
-        self.completed_rounds: list[int] = []
         # Called with the lock held when a round completes (round, its reports): the networked server
         # writes its checkpoint and audit record there, so both describe exactly the round boundary.
         self.on_round_finished: Callable[[int, dict[str, RoundReport]], None] | None = None
-        self._cv = threading.Condition()
+        # Re-entrant: the round-finished callback runs with the lock held and may call take_usage/take_events.
+        self._cv = threading.Condition(threading.RLock())
 
     # -- membership ---------------------------------------------------------------
     def _round_untouched(self) -> bool:
@@ -392,7 +392,6 @@ class Coordinator:
             self.step = max(self.step, self.round * self.steps_per_round)
         self.sites.update(self.pending)
         self.pending.clear()
-        self.completed_rounds.append(finished)
         for old in [r for r in self.rounds if r < finished]:  # keep only the last round's sync
             del self.rounds[old]
         if self.on_round_finished is not None:
@@ -413,14 +412,9 @@ class Coordinator:
                 if not self._wait(deadline - time.monotonic()):
                     raise ProtocolError(f"site '{site}': round {round} did not complete in time")
 
-    def wait_round(self, round: int, timeout: float) -> bool:
-        """Block until ``round`` has completed (for the server's main loop); False on timeout."""
+    def member_count(self) -> int:
         with self._cv:
-            deadline = time.monotonic() + timeout
-            while self.round <= round:
-                if not self._wait(deadline - time.monotonic()):
-                    return False
-            return True
+            return len(self.sites)
 
     def take_events(self) -> list[dict[str, Any]]:
         with self._cv:

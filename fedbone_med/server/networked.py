@@ -118,9 +118,8 @@ class NetworkedServer:
     def _round_finished(self, rnd: int, reports: dict[str, RoundReport]) -> None:
         c = self.coordinator
         steps, c.step_log = c.step_log, []
-        usage = {k: (v[0], v[1]) for k, v in c.usage.items()}
-        c.usage = {}
-        events, c.events = c.events, []
+        usage = c.take_usage()
+        events = c.take_events()
         self._audit_events(events)
         record = {
             "round": rnd,
@@ -245,8 +244,7 @@ class NetworkedServer:
             if threading.current_thread() is threading.main_thread():
                 signal.signal(signal.SIGTERM, previous)
             if self.audit is not None:
-                with c._cv:
-                    events, c.events = c.events, []
+                events = c.take_events()
                 self._audit_events(events)
                 self.results["events"].extend(events)
                 self.audit.sign()
@@ -295,9 +293,8 @@ class NetworkedServer:
         c = self.coordinator
         deadline = time.monotonic() + (grace if grace is not None else self.cfg.network.round_deadline_s)
         while time.monotonic() < deadline:
-            with c._cv:
-                if not c.sites:
-                    return
+            if not c.member_count():
+                return
             time.sleep(0.1)
         self._print("some sites did not leave after the last round; stopping anyway")
 
