@@ -170,7 +170,9 @@ def test_schema_file_is_current_and_describes_records(tmp_path: Path) -> None:
                     R.site_run_start(run_id=RUN, site_id="site-a", round=0, software_version="0.1.0"),
                     R.site_round(run_id=RUN, site_id="site-a", round=0, steps=2, samples=16, ledger=LEDGER,
                                  epsilon=0.5, delta=1e-5, checkpoint_hash=H),
-                    R.site_round_backfill(run_id=RUN, site_id="site-a", round=1, reason="recovered")):
+                    R.site_round_backfill(run_id=RUN, site_id="site-a", round=1, reason="recovered"),
+                    R.run_end(run_id=RUN, rounds=4, sites={"site-a": LEDGER}, backbone_hash=H, checkpoint_hash=H),
+                    R.site_run_end(run_id=RUN, site_id="site-a", rounds=2, ledger=LEDGER)):
             a.append(rec)
         a.checkpoint()
     kinds = set()

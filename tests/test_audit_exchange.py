@@ -20,7 +20,7 @@ from fedbone_med.audit.crosscheck import cross_check
 from fedbone_med.audit.errors import AuditError
 from fedbone_med.audit.export import to_csv
 from fedbone_med.audit.keys import key_from_seed, key_id, save_private_key, save_public_key
-from fedbone_med.audit.ledger import FrameLedger, LedgerBook
+from fedbone_med.audit.ledger import FrameLedger, LedgerBook, empty_summary
 from fedbone_med.audit.samples import (
     EXPECTED_CROSS_CHECK,
     EXPECTED_SITE_FAILURES,
@@ -207,8 +207,13 @@ def _site(tmp_path: Path) -> SiteAuditTrail:
 def _run(tmp_path: Path, key_path: Path, rounds: int = 3,
          site_frames: Callable[[int, list[Frame]], list[Frame]] = lambda r, f: f,
          site_counts: Callable[[int], tuple[int, int, float]] = lambda r: (3, 24, 0.5 * (r + 1)),
-         ledgers: bool = True) -> tuple[Path, Path]:
-    """A server and a site that exchange ``_frames(r)`` each round; the site may see other frames."""
+         ledgers: bool = True, end: str = "none",
+         site_tail: Callable[[list[Frame]], list[Frame]] = lambda f: f) -> tuple[Path, Path]:
+    """A server and a site that exchange ``_frames(r)`` each round; the site may see other frames.
+
+    ``end``: which ends close the run with run_end / site_run_end ("none", "both", "server", "site"),
+    after a tail exchange (the last sync and a validation forward) the site may see as ``site_tail``.
+    """
     torch.manual_seed(0)
     backbone = nn.Linear(4, 4)
     book, site_ledger = LedgerBook(), FrameLedger()
@@ -233,6 +238,15 @@ def _run(tmp_path: Path, key_path: Path, rounds: int = 3,
         n_steps, n_samples, site_eps = site_counts(r)
         site.round_finished(r, steps=n_steps, samples=n_samples, ledger=site_ledger.take(r), epsilon=site_eps,
                             delta=1e-5, checkpoint_hash=H)
+    tail: list[Frame] = [("down", "round_end_reply", rounds * 3 - 1, b"ok"), ("up", "round_sync", rounds * 3 - 1, b"s"),
+                         ("down", "round_sync_reply", rounds * 3 - 1, b"sync" * 8),
+                         ("up", "forward", rounds * 3 - 1, b"val" * 5), ("down", "features", rounds * 3 - 1, b"f" * 40)]
+    _feed(book.ledger(SITE), rounds, tail)
+    _feed(site_ledger, rounds, site_tail(tail))
+    if end in ("both", "server"):
+        server.run_finished(rounds, backbone, H, book.take_round(rounds))
+    if end in ("both", "site"):
+        site.run_finished(rounds, ledger=site_ledger.take(rounds))
     server.close()
     site.close()
     return tmp_path / "server.jsonl", tmp_path / "site.jsonl"
@@ -390,7 +404,8 @@ def test_committed_site_samples_verify_and_cross_check_as_documented(capsys: pyt
         assert info.value.check == check, name
     good = cross_check(SAMPLES / "good.jsonl", SAMPLES / "site-01.jsonl", server_keys=server_keys,
                        site_keys=site_keys)
-    assert good.agree and len(good.rounds) == 3
+    assert good.agree and [c.tail for c in good.rounds] == [False, False, False, True]
+    assert verify_log(SAMPLES / "good.jsonl", server_keys, require_ended=True).ended == {"run-2026-01-05-a": 3}
     for name, (rnd, field) in EXPECTED_CROSS_CHECK.items():
         bad = cross_check(SAMPLES / "good.jsonl", SAMPLES / name, server_keys=server_keys, site_keys=site_keys)
         assert bad.first_difference is not None
@@ -401,6 +416,95 @@ def test_committed_site_samples_verify_and_cross_check_as_documented(capsys: pyt
     assert main(["cross-check", str(SAMPLES / "good.jsonl"), str(SAMPLES / "site-01-dropped-frame.jsonl"),
                  *pems]) == 8
     assert "round 1: ledger.up.frames differs: server 9, site 10" in capsys.readouterr().err
+
+
+# ---- the run's end: the exchange after the last round ----
+
+def test_run_end_tail_is_recorded_at_both_ends_and_cross_checked(tmp_path: Path, server_key_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    server, site = _run(tmp_path, server_key_path, end="both")
+    report = _cc(server, site)
+    assert report.agree and [(c.round, c.tail) for c in report.rounds] == [(0, False), (1, False), (2, False),
+                                                                            (3, True)]
+    assert report.rounds[-1].up["frames"] == 2 and report.rounds[-1].down["frames"] == 3
+    end = [e["body"] for e in verify_log(server, _keys(SERVER_KEY)).records if e["kind"] == "run_end"]
+    assert [(b["rounds"], [s["site_id"] for s in b["sites"]]) for b in end] == [(3, [SITE])]
+    assert main(["cross-check", str(server), str(site), "--server-key", _pems(tmp_path)[0],
+                 "--site-key", _pems(tmp_path)[1]]) == 0
+    out = capsys.readouterr().out
+    assert "run run-x after its last round (round 2): agree (up 2 frames" in out
+    assert "agree on 3 round(s) and the exchange after the last round" in out
+
+
+@pytest.mark.parametrize("end, site_tail, field, server_says, site_says", [
+    ("both", lambda f: f[:-1], "tail.ledger.down.frames", 3, 2),  # the last validation reply never arrived
+    ("both", lambda f: [*f[:3], (*f[3][:3], b"other"), f[4]], "tail.ledger.up.bytes", 16, 6),  # altered in transit
+    ("server", lambda f: f, "run_end", "tail recorded", "no site_run_end record"),
+    ("site", lambda f: f, "run_end", "no run_end record", "tail recorded"),
+])
+def test_cross_check_names_a_tail_difference(tmp_path: Path, server_key_path: Path, end: str, site_tail: Any,
+                                             field: str, server_says: Any, site_says: Any) -> None:
+    server, site = _run(tmp_path, server_key_path, end=end, site_tail=site_tail)
+    report = _cc(server, site)
+    first = report.first_difference
+    assert first is not None and (first.round, first.field) == (3, field)
+    assert (first.server, first.site) == (server_says, site_says)
+    assert first.describe().startswith("run run-x after its last round (round 2): ")
+    assert [c.status for c in report.rounds[:3]] == ["agree"] * 3
+
+
+def test_verify_checks_the_run_end_and_can_require_it(tmp_path: Path, server_key_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    server, site = _run(tmp_path, server_key_path, end="both")
+    assert verify_log(server, _keys(SERVER_KEY), require_ended=True).ended == {RUN: 3}
+    assert verify_log(site, _keys(SITE_KEY), require_ended=True).ended == {RUN: 3}
+    # Cut at the signed checkpoint before run_end: a valid log of a shorter run, unless the end is required.
+    lines = server.read_bytes().splitlines(keepends=True)
+    assert b'"kind":"run_end"' in lines[-2]
+    cut = tmp_path / "cut.jsonl"
+    cut.write_bytes(b"".join(lines[:-2]))
+    assert verify_log(cut, _keys(SERVER_KEY)).open_runs == [RUN]
+    with pytest.raises(AuditError) as info:
+        verify_log(cut, _keys(SERVER_KEY), require_ended=True)
+    assert info.value.check == "run-end" and "no run_end record" in str(info.value)
+    pem = _pems(tmp_path)[0]
+    assert main(["verify", str(cut), "--public-key", pem]) == 0
+    assert "note: run run-x has no run_end record" in capsys.readouterr().err
+    assert main(["verify", str(cut), "--public-key", pem, "--require-ended"]) == 8
+    assert main(["verify", str(server), "--public-key", pem, "--require-ended"]) == 0
+
+
+def test_verify_refuses_a_run_end_that_does_not_close_the_run(tmp_path: Path, server_key_path: Path) -> None:
+    backbone = nn.Linear(2, 2)
+
+    def fails(path: Path, key: Any) -> str:
+        with pytest.raises(AuditError) as info:
+            verify_log(path, _keys(key))
+        assert info.value.check == "run-end"
+        return str(info.value)
+
+    for d in "abc":
+        (tmp_path / d).mkdir()
+    wrong = _server(tmp_path / "a", server_key_path)
+    wrong.start(backbone, "mean", [SITE], seed=0, round=0)
+    wrong.round_finished(0, backbone, {SITE: (1, 1)}, [], "mean", H)
+    wrong.run_finished(2, backbone, H)  # says 2 rounds; the log has 1
+    wrong.close()
+    assert "run_end says 2 round(s), the log recorded 1" in fails(tmp_path / "a" / "server.jsonl", SERVER_KEY)
+    after = _server(tmp_path / "b", server_key_path)
+    after.start(backbone, "mean", [SITE], seed=0, round=0)
+    after.round_finished(0, backbone, {SITE: (1, 1)}, [], "mean", H)
+    after.run_finished(1, backbone, H)
+    after.round_finished(1, backbone, {SITE: (1, 1)}, [], "mean", H)  # a round after the end
+    after.close()
+    assert "was closed by the run_end record on line" in fails(tmp_path / "b" / "server.jsonl", SERVER_KEY)
+    site = _site(tmp_path / "c")
+    site.start(round=0)
+    site.round_finished(0, steps=1, samples=1, ledger=empty_summary())
+    site.run_finished(1, ledger=empty_summary())
+    site.run_finished(1, ledger=empty_summary())  # closed twice
+    site.close()
+    assert "closed again" in fails(tmp_path / "c" / "site.jsonl", SITE_KEY)
 
 
 # ---- CSV export ----

@@ -283,7 +283,8 @@ def test_headless_chromium_renders_the_report_without_page_errors(tmp_path: Path
     errors = [line for line in run.stderr.splitlines() if PAGE_ERROR.search(line)]
     assert not errors, errors
     assert 'data-verification="ok"' in run.stdout and "Verification: OK" in run.stdout
-    assert "15 records, 4 signed checkpoints" in run.stdout and run.stdout.count("<svg") == 4
+    assert "Run ends (the exchange after each run" in run.stdout and "site-01: 1 / 1 (96 / 160 B)" in run.stdout
+    assert "17 records, 5 signed checkpoints" in run.stdout and run.stdout.count("<svg") == 4
 
     shot = tmp_path / "good.png"
     run = _chromium(tmp_path, good.as_uri(), "--window-size=1400,2000", f"--screenshot={shot}")

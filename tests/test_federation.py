@@ -90,7 +90,7 @@ def test_resumed_run_ends_equal_to_an_uninterrupted_run(tmp_path):
     assert [r["round"] for r in resumed_results["rounds"]] == [0, 1]
     # the audit log of the interrupted run continues across the restart and verifies
     report = _verify(tmp_path / "part")
-    assert report.rounds[resumed.run_id] == [0, 1]
+    assert report.rounds[resumed.run_id] == [0, 1] and report.ended == {resumed.run_id: 2}
 
 
 def test_a_crash_between_checkpoint_and_audit_record_is_back_filled_on_resume(tmp_path, monkeypatch):
@@ -150,8 +150,12 @@ def test_every_round_is_in_a_signed_audit_log_without_patient_data(tmp_path):
         report = cross_check(tmp_path / "audit" / "server.jsonl", site / "audit" / "site.jsonl",
                              server_keys=load_public_keys([tmp_path / "keys" / "server-audit-key.pub.pem"]),
                              site_keys=load_public_keys([site / "keys" / f"site-{name}-audit-key.pub.pem"]))
-        assert report.agree and [r.round for r in report.rounds] == [0, 1]
+        assert report.agree and [(r.round, r.tail) for r in report.rounds] == [(0, False), (1, False), (2, True)]
         assert report.rounds[1].up is not None and report.rounds[1].up["frames"] > 6
+        # the exchange after the last round (the last sync and validation) is in both logs' run_end records
+        tail = report.rounds[2]
+        assert tail.up is not None and tail.down is not None and tail.up["frames"] > 0 and tail.down["frames"] > 0
+    assert _verify(tmp_path).ended == {fed.run_id: 2}
     # tampering with a round record is found
     log = tmp_path / "audit" / "server.jsonl"
     lines = log.read_text().splitlines()

@@ -88,7 +88,9 @@ def test_three_site_processes_train_the_same_backbone_as_the_in_process_federati
     assert [r["round"] for r in results["rounds"]] == [0, 1]
     # the run ends as an auditor would: server log verified, every site's own log cross-checked against it
     assert "2 round(s)" in results["audit"]["server"]
-    assert all(v == "agrees with the server on 2 round(s)" for v in results["audit"]["sites"].values())
+    assert "(1 closed by run_end)" in results["audit"]["server"]
+    assert all(v == "agrees with the server on 2 round(s) and the exchange after the last round"
+               for v in results["audit"]["sites"].values())
     assert len(results["aggregation"]) == 4 and all(a["num_sites"] == 3 for a in results["aggregation"])
     net = _backbone(tmp_path / "net" / "server" / "checkpoints" / "server.pt")
     ref = _in_process(exp, tmp_path / "inproc")
@@ -108,7 +110,7 @@ def test_three_site_processes_train_the_same_backbone_as_the_in_process_federati
     net = tmp_path / "net"
     server_log = net / "server" / "audit" / "server.jsonl"
     server_key = net / "server" / "keys" / "server-audit-key.pub.pem"
-    assert audit.main(["verify", str(server_log), "--public-key", str(server_key)]) == 0
+    assert audit.main(["verify", str(server_log), "--public-key", str(server_key), "--require-ended"]) == 0
     for name in names:
         site = net / "sites" / name
         assert audit.main(["cross-check", str(server_log), str(site / "audit" / "site.jsonl"),

@@ -17,6 +17,13 @@ log but not the other are differences too (field ``round`` / ``sites`` / ``site_
 ``round_backfill`` or ``site_round_backfill`` on either side cannot be compared (field
 ``backfilled``) and counts as a difference unless ``allow_backfilled=True``.
 
+After the rounds, the run's tail: what was exchanged after the last round closed (the reply to
+the last report, the last round sync, the last validation) is in the server's ``run_end``
+record (one ledger per site) and the site's ``site_run_end``; they are compared the same way
+(fields ``tail.ledger.*``). A tail on one side only is a difference (field ``run_end``), except
+that a server ``run_end`` listing nothing for the site (it had stopped or left before the end)
+needs no ``site_run_end``.
+
 What agreement does *not* prove: that the frames' contents were correct (only that both
 ends saw the same bytes), nor anything about rounds that only one log covers.
 """
@@ -31,7 +38,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from .errors import AuditError
-from .ledger import DIRECTIONS
+from .ledger import DIRECTIONS, empty_summary
 from .verify import VerifyReport, verify_log
 
 SCALARS = ("steps", "samples", "epsilon", "delta")
@@ -45,8 +52,14 @@ class Difference:
     server: Any
     site: Any
 
+    @property
+    def tail(self) -> bool:
+        """A difference in the exchange after the run's last round (run_end / site_run_end)."""
+        return self.field == "run_end" or self.field.startswith("tail.")
+
     def describe(self) -> str:
-        return f"run {self.run_id} round {self.round}: {self.field} differs: server {self.server!r}, site {self.site!r}"
+        where = f"after its last round (round {self.round - 1})" if self.tail else f"round {self.round}"
+        return f"run {self.run_id} {where}: {self.field} differs: server {self.server!r}, site {self.site!r}"
 
 
 @dataclass
@@ -57,9 +70,11 @@ class RoundCheck:
     differences: list[Difference] = field(default_factory=list)
     up: dict[str, Any] | None = None
     down: dict[str, Any] | None = None
+    tail: bool = False  # the exchange after the run's last round (run_end / site_run_end), booked as round `round`
 
     def line(self) -> str:
-        head = f"run {self.run_id} round {self.round}: "
+        head = (f"run {self.run_id} after its last round (round {self.round - 1}): " if self.tail
+                else f"run {self.run_id} round {self.round}: ")
         if self.status == "agree":
             assert self.up is not None and self.down is not None
             return (head + f"agree (up {self.up['frames']} frames / {self.up['bytes']} B, "
@@ -99,16 +114,23 @@ def _compare(run: str, rnd: int, server: Mapping[str, Any], site: Mapping[str, A
     s_led, t_led = server.get("ledger"), site["ledger"]
     if s_led is None:
         return out + [Difference(run, rnd, "ledger", None, "present")]
+    return out + _compare_ledgers(run, rnd, s_led, t_led)
+
+
+def _compare_ledgers(run: str, rnd: int, s_led: Mapping[str, Any], t_led: Mapping[str, Any],
+                     prefix: str = "") -> list[Difference]:
+    out = []
     for d in DIRECTIONS:
         a, b = s_led[d], t_led[d]
         for f in ("frames", "bytes"):
             if a[f] != b[f]:
-                out.append(Difference(run, rnd, f"ledger.{d}.{f}", a[f], b[f]))
+                out.append(Difference(run, rnd, f"{prefix}ledger.{d}.{f}", a[f], b[f]))
         for t in sorted(set(a["types"]) | set(b["types"])):
             if a["types"].get(t, 0) != b["types"].get(t, 0):
-                out.append(Difference(run, rnd, f"ledger.{d}.types.{t}", a["types"].get(t, 0), b["types"].get(t, 0)))
+                out.append(Difference(run, rnd, f"{prefix}ledger.{d}.types.{t}", a["types"].get(t, 0),
+                                      b["types"].get(t, 0)))
         if a["digest"] != b["digest"]:
-            out.append(Difference(run, rnd, f"ledger.{d}.digest", a["digest"], b["digest"]))
+            out.append(Difference(run, rnd, f"{prefix}ledger.{d}.digest", a["digest"], b["digest"]))
     return out
 
 
@@ -131,8 +153,12 @@ def cross_check(server_log: str | Path, site_log: str | Path, *,
     (site_id,) = site_ids
 
     srv: dict[tuple[str, int], dict[str, Any] | None] = {}  # None: round back-filled on the server
+    srv_end: dict[str, dict[str, Any]] = {}  # run -> run_end body
+    loc_end: dict[str, dict[str, Any]] = {}  # run -> site_run_end body
     for e in server.records:
         b = e["body"]
+        if e["kind"] == "run_end":
+            srv_end[b["run_id"]] = b
         if e["kind"] == "round":
             srv[(b["run_id"], b["round"])] = next((s for s in b["sites"] if s["site_id"] == site_id), {})
         elif e["kind"] == "round_backfill":
@@ -143,6 +169,8 @@ def cross_check(server_log: str | Path, site_log: str | Path, *,
         b = e["body"]
         if e["kind"] == "site_run_start":
             starts.setdefault(b["run_id"], []).append((b["round"], b["cert_fingerprint"]))
+        if e["kind"] == "site_run_end":
+            loc_end[b["run_id"]] = b
         if e["kind"] == "site_round":
             loc[(b["run_id"], b["round"])] = b
         elif e["kind"] == "site_round_backfill":
@@ -179,8 +207,37 @@ def cross_check(server_log: str | Path, site_log: str | Path, *,
             diffs = _compare(run, rnd, a, b, fp)
             checks.append(RoundCheck(run, rnd, "differ" if diffs else "agree", diffs,
                                      up=b["ledger"]["up"], down=b["ledger"]["down"]))
+    for run in sorted(runs - set(missing_runs)):
+        tail = _compare_tails(run, site_id, srv_end.get(run), loc_end.get(run))
+        if tail is not None:
+            checks.append(tail)
     if not checks:
         raise AuditError(f"{site_log}: no round of site {site_id} to compare with {server_log} "
                          "(no site_round records, or none for a run in the server log)", check="cross-check")
     checks.sort(key=lambda c: (server.runs.index(c.run_id) if c.run_id in server.runs else -1, c.round))
     return CrossCheckReport(site_id, server, site, checks)
+
+
+def _compare_tails(run: str, site_id: str, server_end: Mapping[str, Any] | None,
+                   site_end: Mapping[str, Any] | None) -> RoundCheck | None:
+    """The run_end tail of one site on both sides (None when neither side has one for this site)."""
+    entry = None
+    if server_end is not None:
+        entry = next((s["ledger"] for s in server_end["sites"] if s["site_id"] == site_id), None)
+    if site_end is None:
+        if entry is None:
+            return None  # the site was gone before the end, or the run never finished: nothing to compare
+        assert server_end is not None
+        rnd = server_end["rounds"]
+        return RoundCheck(run, rnd, "differ", [Difference(run, rnd, "run_end", "tail recorded",
+                                                          "no site_run_end record")], tail=True)
+    rnd = site_end["rounds"]
+    if server_end is None:
+        return RoundCheck(run, rnd, "differ", [Difference(run, rnd, "run_end", "no run_end record",
+                                                          "tail recorded")], tail=True)
+    diffs = []
+    if server_end["rounds"] != rnd:
+        diffs.append(Difference(run, rnd, "tail.rounds", server_end["rounds"], rnd))
+    diffs += _compare_ledgers(run, rnd, entry if entry is not None else empty_summary(), site_end["ledger"], "tail.")
+    return RoundCheck(run, rnd, "differ" if diffs else "agree", diffs, up=site_end["ledger"]["up"],
+                      down=site_end["ledger"]["down"], tail=True)

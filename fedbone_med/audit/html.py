@@ -56,6 +56,7 @@ CHECK_MEANING = {
     "signature": "a checkpoint's signature is invalid or made by a key that was not given",
     "merkle": "a checkpoint's signed Merkle root is not the tree hash of the lines before it",
     "rounds": "a round is missing or recorded twice within a run",
+    "run-end": "a run's closing record does not match its rounds, is repeated, or rounds follow it",
     "unsigned-tail": "records follow the last signed checkpoint (truncated log or interrupted run)",
 }
 
@@ -500,6 +501,17 @@ def _events(recs: list[dict[str, Any]], ctx: _Ctx) -> list[str]:
                     str(e["body"]["round"]), esc(e["body"]["reason"]), _short(e["body"]["checkpoint_hash"]),
                     _short(e["body"].get("backbone_hash")), esc(e["body"].get("step")),
                     esc(e["body"]["log_last_round"])] for e in of("round_backfill", "site_round_backfill")])
+    out.append("<h3>Run ends (the exchange after each run's last round)</h3>")
+    out += _table(["line", "time", "run", "party", "rounds", "tail frames up / down (bytes)", "final backbone",
+                   "checkpoint"],
+                  [[ln(e), esc(e["time"]), esc(b["run_id"]), esc(party), str(b["rounds"]),
+                    esc("; ".join(f"{name}: {led['up']['frames']} / {led['down']['frames']} "
+                                  f"({led['up']['bytes']} / {led['down']['bytes']} B)" for name, led in tails)
+                        or "nothing exchanged"),
+                    _short(b.get("backbone_hash")), _short(b.get("checkpoint_hash"))]
+                   for e in of("run_end", "site_run_end") for b in [e["body"]]
+                   for party, tails in [("server", [(x["site_id"], x["ledger"]) for x in b["sites"]])
+                                        if e["kind"] == "run_end" else (b["site_id"], [(b["site_id"], b["ledger"])])]])
     out.append("<h3>Skipped steps</h3>")
     out += _table(["line", "time", "round", "step", "reason", "sites"],
                   [[ln(e), esc(e["time"]), str(e["body"]["round"]), str(e["body"]["step"]), esc(e["body"]["reason"]),

@@ -13,9 +13,10 @@ choosing pseudonymous identifiers remains the operator's duty.
 
 Server-log kinds: run_start, join, leave, dropout, round (per site: steps, samples, ε/δ, the
 frame-ledger summary and, optionally, the site's self-reported training loss), round_backfill,
-step_skipped, config_change, key_rotation, revocation, checkpoint_write. Site-log kinds:
-site_run_start, site_round, site_round_backfill (and leave). Both: log_checkpoint (signed;
-carries the RFC 6962 merkle_root).
+step_skipped, config_change, key_rotation, revocation, checkpoint_write, run_end (the run's last
+record: what each site exchanged after the last round closed). Site-log kinds: site_run_start,
+site_round, site_round_backfill, site_run_end (and leave). Both: log_checkpoint (signed; carries
+the RFC 6962 merkle_root).
 
 The same field table generates ``audit/schema.json`` (JSON Schema draft 2020-12), so the
 schema and the code cannot drift apart (a test checks the committed file).
@@ -79,6 +80,9 @@ AGGREGATION: dict[str, Spec] = {
     "method": "str", "steps": "int", "conflicting_pairs_total": "int", "min_cosine": "float?",
     "mean_cosine": "float?", "mean_site_norms": ("map", "float"),
 }
+# run_end: per site, the frame-ledger summary of the exchange *after* the last round closed (the
+# reply to the last report, the last sync, the last validation), booked under round = rounds.
+RUN_END_SITE: dict[str, Spec] = {"site_id": "str", "ledger": LEDGER}
 LOG_CHECKPOINT = "log_checkpoint"
 SERVER_ROUND_KINDS = ("round", "round_backfill")  # one per round of a run, contiguous (checked by verify)
 SITE_ROUND_KINDS = ("site_round", "site_round_backfill")
@@ -102,6 +106,10 @@ KINDS: dict[str, dict[str, Spec]] = {
     # (crash between the checkpoint write and the round record). Flagged as recovered: no per-site data.
     "round_backfill": {"run_id": "str", "round": "int", "checkpoint_hash": "hash?", "backbone_hash": "hash?",
                        "step": "int?", "log_last_round": "int?", "reason": "str"},
+    # The run's closing record, once all of its rounds are complete: `rounds` rounds were trained
+    # (ledger round `rounds` is the tail after the last round), the final backbone and checkpoint.
+    "run_end": {"run_id": "str", "rounds": "int", "sites": ("list", RUN_END_SITE), "backbone_hash": "hash",
+                "checkpoint_hash": "hash?"},
     # ---- site-side log (SiteAuditTrail) ----
     "site_run_start": {"run_id": "str", "site_id": "str", "round": "int", "software_version": "str",
                        "config_hash": "hash?", "cert_fingerprint": "str?", "server_fingerprint": "str?"},
@@ -109,6 +117,8 @@ KINDS: dict[str, dict[str, Spec]] = {
                    "epsilon": "float?", "delta": "float?", "ledger": LEDGER, "checkpoint_hash": "hash?"},
     "site_round_backfill": {"run_id": "str", "site_id": "str", "round": "int", "checkpoint_hash": "hash?",
                             "log_last_round": "int?", "reason": "str"},
+    # The site's closing record: its side of the run_end tail (compared by cross-check).
+    "site_run_end": {"run_id": "str", "site_id": "str", "rounds": "int", "ledger": LEDGER},
     # merkle_root: RFC 6962 tree hash of the `count` lines before the checkpoint (see merkle.py); signed too.
     # signed_at: the checkpoint record's own time, signed too (so the last line's time cannot be edited).
     LOG_CHECKPOINT: {"count": "int", "head": "hash", "key_id": "str", "run_id": "str", "signature": "sig",
@@ -480,6 +490,17 @@ def site_round_backfill(*, run_id: str, site_id: str, round: int, reason: str, c
                         log_last_round: int | None = None) -> Record:
     return make("site_round_backfill", run_id=run_id, site_id=site_id, round=round,
                 checkpoint_hash=checkpoint_hash, log_last_round=log_last_round, reason=reason)
+
+
+def run_end(*, run_id: str, rounds: int, sites: Mapping[str, Mapping[str, Any]], backbone_hash: str,
+            checkpoint_hash: str | None = None) -> Record:
+    """``sites``: site -> frame-ledger summary of its exchange after the last round (sorted by site)."""
+    return make("run_end", run_id=run_id, rounds=rounds, backbone_hash=backbone_hash, checkpoint_hash=checkpoint_hash,
+                sites=[{"site_id": name, "ledger": led} for name, led in sorted(sites.items())])
+
+
+def site_run_end(*, run_id: str, site_id: str, rounds: int, ledger: Mapping[str, Any]) -> Record:
+    return make("site_run_end", run_id=run_id, site_id=site_id, rounds=rounds, ledger=ledger)
 
 
 # ---- JSON Schema generation (audit/schema.json) ----

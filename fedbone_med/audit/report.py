@@ -72,8 +72,16 @@ def _run_section(run: str, recs: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def _ledger_text(led: dict[str, Any]) -> str:
+    return " / ".join(f"{d} {led[d]['frames']} frames {led[d]['bytes']} B" for d in ("up", "down"))
+
+
 def _details(body: dict[str, Any]) -> str:
     def text(v: Any) -> str:
+        if isinstance(v, list) and all(isinstance(x, dict) and set(x) == {"site_id", "ledger"} for x in v):
+            return ", ".join(f"{x['site_id']}: {_ledger_text(x['ledger'])}" for x in v)  # run_end tails
+        if isinstance(v, dict) and set(v) == {"up", "down"}:
+            return _ledger_text(v)
         return ",".join(map(str, v)) if isinstance(v, list) else "null" if v is None else str(v)
 
     return "; ".join(f"{k}={text(v)}" for k, v in sorted(body.items()) if k != "run_id")

@@ -5,7 +5,9 @@ training losses;
 ``site-01.jsonl`` is site-01's own log of the same run (it cross-checks clean against
 ``good.jsonl``); ``site-01-dropped-frame.jsonl`` is a validly signed site log of a run in
 which one frame sent by the site in round 1 never reached the server (cross-check names
-round 1, ``ledger.up.frames``); the ``tampered-*`` and ``truncated`` files are byte-level
+round 1, ``ledger.up.frames``); ``site-01-tail-mismatch.jsonl`` the same for the exchange after
+the last round (cross-check names the run's tail, ``tail.ledger.up.frames``); both logs end with
+their ``run_end`` / ``site_run_end`` record; the ``tampered-*`` and ``truncated`` files are byte-level
 tamperings that verification must refuse.
 
 The keys are derived from fixed, *public* seeds: anyone can forge these samples. They are
@@ -55,7 +57,9 @@ EXPECTED_SITE_FAILURES = {
 # Validly signed site logs that disagree with good.jsonl: (round, field) cross-check must name.
 EXPECTED_CROSS_CHECK = {
     "site-01-dropped-frame.jsonl": (1, "ledger.up.frames"),
+    "site-01-tail-mismatch.jsonl": (3, "tail.ledger.up.frames"),
 }
+ROUNDS = 3
 
 
 def sample_key() -> Ed25519PrivateKey:
@@ -81,10 +85,18 @@ def _frames(site: str, r: int) -> list[tuple[str, str, int, bytes]]:
     return out
 
 
-def _ledger(site: str, r: int, extra_up: bool = False) -> dict[str, object]:
-    """Ledger summary of ``site`` in round ``r``; ``extra_up`` adds one up frame that never reached the server."""
+def _tail_frames(site: str, rounds: int) -> list[tuple[str, str, int, bytes]]:
+    """After the last round: the site validates through the backbone (one forward, its features back)."""
+    last = rounds * STEPS - 1
+    return [(direction, kind, last, hashlib.sha256(f"{site}|{kind}|tail".encode()).digest() * size)
+            for direction, kind, size in (("up", "forward", 3), ("down", "features", 5))]
+
+
+def _ledger(site: str, r: int, extra_up: bool = False, rounds: int = ROUNDS) -> dict[str, object]:
+    """Ledger summary of ``site`` in round ``r`` (``r == rounds``: the run's tail); ``extra_up`` adds one
+    up frame that never reached the server."""
     led = FrameLedger()
-    frames = _frames(site, r)
+    frames = _frames(site, r) if r < rounds else _tail_frames(site, rounds)
     if extra_up:
         frames.insert(2, ("up", "backward", r * STEPS, b"a backward frame lost in transit"))
     for direction, kind, step, frame in frames:
@@ -104,7 +116,7 @@ def _h(label: str) -> str:
     return sha256_hex(label.encode())
 
 
-def write_good_log(path: Path, key: Ed25519PrivateKey, rounds: int = 3) -> None:
+def write_good_log(path: Path, key: Ed25519PrivateKey, rounds: int = ROUNDS) -> None:
     clock = fixed_clock()
     with AuditLog(path, key, clock=clock) as log:
         log.append(R.run_start(run_id=RUN, config_hash=_h("config"), software_version="0.1.0",
@@ -131,9 +143,13 @@ def write_good_log(path: Path, key: Ed25519PrivateKey, rounds: int = 3) -> None:
                                       backbone_hash_after=_h(f"backbone-{r + 1}"), checkpoint_hash=ckpt,
                                       config_hash=_h("config"), software_version="0.1.0"))
             log.checkpoint()
+        log.append(R.run_end(run_id=RUN, rounds=rounds, sites={s: _ledger(s, rounds, rounds=rounds) for s in SITES},
+                             backbone_hash=_h(f"backbone-{rounds}"), checkpoint_hash=_h(f"checkpoint-{rounds - 1}")))
+        log.checkpoint()
 
 
-def write_site_log(path: Path, key: Ed25519PrivateKey, rounds: int = 3, extra_up_in_round: int | None = None) -> None:
+def write_site_log(path: Path, key: Ed25519PrivateKey, rounds: int = ROUNDS,
+                   extra_up_in_round: int | None = None) -> None:
     """site-01's own log of the sample run; ``extra_up_in_round``: the site sent one more frame than arrived."""
     clock = fixed_clock(datetime(2026, 1, 5, 9, 0, 30, tzinfo=timezone.utc))
     with SiteAuditTrail(path, key, run_id=RUN, site_id=SAMPLE_SITE, clock=clock) as trail:
@@ -142,6 +158,8 @@ def write_site_log(path: Path, key: Ed25519PrivateKey, rounds: int = 3, extra_up
             ledger = _ledger(SAMPLE_SITE, r, extra_up=r == extra_up_in_round)
             trail.round_finished(r, steps=STEPS, samples=32, ledger=ledger, epsilon=round(0.5 * (r + 1), 6),
                                  delta=1e-5, checkpoint_hash=_h(f"site-01-checkpoint-{r}"))
+        trail.run_finished(rounds, ledger=_ledger(SAMPLE_SITE, rounds, extra_up=rounds == extra_up_in_round,
+                                                  rounds=rounds))
 
 
 def _lines(data: bytes) -> list[bytes]:
@@ -165,7 +183,7 @@ def tampered_variants(good: bytes) -> dict[str, bytes]:
         "tampered-reformatted.jsonl": _join(lines[:i] + [reformatted] + lines[i + 1:]),
         "tampered-deleted-line.jsonl": _join(lines[:i] + lines[i + 1:]),
         "tampered-reordered.jsonl": _join(lines[:i - 1] + [lines[i], lines[i - 1]] + lines[i + 1:]),
-        "truncated.jsonl": _join(lines[:last_ckpt - 1]),
+        "truncated.jsonl": _join(lines[:last_ckpt]),  # the last signed checkpoint cut off
     }
 
 

@@ -7,7 +7,8 @@ the :mod:`~.ledger` summary of every frame it sent and received. ``fedbone-audit
 cross-check SERVER_LOG SITE_LOG`` then shows both sides agree, round by round.
 
 Records (see ``audit/schema.json``): ``site_run_start`` once per launch, ``site_round`` once
-per round followed by a signed ``log_checkpoint``, ``leave`` when the site stops early, and
+per round followed by a signed ``log_checkpoint``, ``leave`` when the site stops early,
+``site_run_end`` once the last round is complete (what was exchanged after it), and
 ``site_round_backfill`` written by :meth:`SiteAuditTrail.reconcile` after a crash between
 the site checkpoint and the round record. Never patient data: identifiers, counts, hashes.
 
@@ -19,6 +20,7 @@ Wiring (site runtime)::
     ... every frame: ledger.record("up"|"down", msg_type, round, step, frame_bytes)
     trail.round_finished(round, steps=..., samples=..., ledger=ledger.take(round),
                          epsilon=..., delta=..., checkpoint_hash=...)
+    trail.run_finished(rounds, ledger=ledger.take(rounds))  # after the last round, before Leave
     trail.left(round, reason); trail.close()
 
 ``ensure_site_key(key_dir, site_id)`` creates the site's key pair (private 0600) if absent; the
@@ -89,6 +91,14 @@ class SiteAuditTrail:
         self.log.append(records.site_round(
             run_id=self.run_id, site_id=self.site_id, round=round, steps=steps, samples=samples,
             epsilon=_finite(epsilon), delta=_finite(delta), ledger=ledger, checkpoint_hash=checkpoint_hash))
+        self.log.checkpoint(run_id=self.run_id)
+
+    def run_finished(self, rounds: int, *, ledger: Mapping[str, Any]) -> None:
+        """The run's last record: ``ledger`` = ``FrameLedger.take(rounds)``, the exchange after the last round.
+
+        The server's ``run_end`` record holds its side of the same tail; ``cross-check`` compares them.
+        """
+        self.log.append(records.site_run_end(run_id=self.run_id, site_id=self.site_id, rounds=rounds, ledger=ledger))
         self.log.checkpoint(run_id=self.run_id)
 
     def left(self, round: int, reason: str) -> None:

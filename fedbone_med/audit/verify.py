@@ -17,6 +17,9 @@ Protects the auditor against accepting an altered record. Every check that fails
 * ``rounds`` -- within one run, a server ``round``/``round_backfill`` record does not follow
   the previous one's round + 1 (a round is missing -- e.g. a crash between the checkpoint
   and the round record that was never reconciled -- or recorded twice);
+* ``run-end`` -- a run's closing ``run_end`` / ``site_run_end`` record does not close it: its
+  ``rounds`` is not the number of rounds the log recorded for the run, a round record follows
+  it, or the run is closed twice;
 * ``unsigned-tail`` -- records follow the last signed checkpoint (truncation, an
   interrupted run, or a still-running one); raised only with ``require_complete=True``.
 
@@ -49,7 +52,7 @@ from .canonical import canonical_json, canonical_text, sha256_hex
 from .errors import AuditError
 from .log import VERSION, ZERO_HASH, checkpoint_payload
 from .merkle import MerkleAccumulator
-from .records import KINDS, LOG_CHECKPOINT, SERVER_ROUND_KINDS, conforms, validate
+from .records import KINDS, LOG_CHECKPOINT, SERVER_ROUND_KINDS, SITE_ROUND_KINDS, conforms, validate
 
 ENVELOPE_KEYS = {"v", "seq", "prev", "kind", "time", "body"}
 
@@ -70,11 +73,17 @@ class VerifyReport:
     epsilon: dict[str, list[tuple[str, int, float | None]]] = field(default_factory=dict)
     backfilled: dict[str, list[int]] = field(default_factory=dict)
     site_rounds: dict[str, list[int]] = field(default_factory=dict)  # site logs: run -> rounds with a site_round
+    ended: dict[str, int] = field(default_factory=dict)  # run -> rounds, for runs closed by run_end / site_run_end
     signatures_checked: bool = True
 
     @property
     def count(self) -> int:
         return len(self.records)
+
+    @property
+    def open_runs(self) -> list[str]:
+        """Runs without a closing record (still running, interrupted, or the log was cut at a checkpoint)."""
+        return [run for run in self.runs if run not in self.ended]
 
     def summary(self) -> str:
         tail = f", unsigned tail: {self.unsigned_tail} records" if self.unsigned_tail else ""
@@ -85,7 +94,8 @@ class VerifyReport:
         site = f", {n_site} site round(s)" if n_site else ""
         unsigned = "" if self.signatures_checked else " [signatures NOT checked: no public key given]"
         rounds = f", {n_rounds} round(s){back}" if n_rounds or not n_site else ""
-        return (f"{self.count} records, {self.signed_checkpoints} signed checkpoints, {len(self.runs)} run(s)"
+        ended = f" ({len(self.ended)} closed by run_end)" if self.ended else ""
+        return (f"{self.count} records, {self.signed_checkpoints} signed checkpoints, {len(self.runs)} run(s){ended}"
                 f"{rounds}{site}, {len(self.sites)} site(s){tail}; head {self.head}{unsigned}")
 
 
@@ -169,8 +179,14 @@ def _check_signature(path: Path, n: int, body: dict[str, Any], keys: Mapping[str
 
 
 def verify_log(path: str | Path, public_keys: Mapping[str, Ed25519PublicKey], *,
-               require_complete: bool = True, signatures: bool = True) -> VerifyReport:
-    """Check every line of the log at ``path``; raise AuditError on the first failure."""
+               require_complete: bool = True, signatures: bool = True, require_ended: bool = False) -> VerifyReport:
+    """Check every line of the log at ``path``; raise AuditError on the first failure.
+
+    ``require_ended``: also fail (check ``run-end``) when a run in the log has no closing
+    ``run_end`` / ``site_run_end`` record. A log cut at a signed checkpoint is a valid log of a
+    shorter run; only the closing record tells an auditor that the run reached its end, so use
+    this for a run known to be finished.
+    """
     p = Path(path)
     try:
         data = p.read_bytes()
@@ -183,7 +199,11 @@ def verify_log(path: str | Path, public_keys: Mapping[str, Ed25519PublicKey], *,
         raise _fail(p, len(lines), "torn-line", "last line has no newline (crash mid-write or cut mid-line)")
     lines.pop()
     with _gc_paused():
-        return _verify_lines(p, lines, public_keys, require_complete=require_complete, signatures=signatures)
+        report = _verify_lines(p, lines, public_keys, require_complete=require_complete, signatures=signatures)
+    if require_ended and report.open_runs:
+        raise _fail(p, len(lines), "run-end", f"run(s) {', '.join(report.open_runs)} have no run_end record: still "
+                    "running, interrupted before the last round, or the log was cut at a signed checkpoint")
+    return report
 
 
 @contextlib.contextmanager
@@ -217,6 +237,7 @@ def _verify_lines(p: Path, lines: list[bytes], public_keys: Mapping[str, Ed25519
     prev, last_signed, key_ids = ZERO_HASH, 0, set()
     n_checkpoints = 0
     last_round: dict[str, int] = {}
+    ended: dict[tuple[str, str], int] = {}  # (run, "" for the server or site id) -> line of its closing record
     tree = MerkleAccumulator()
     for n, raw in enumerate(lines, start=1):
         env = _parse(p, raw, n)
@@ -241,6 +262,8 @@ def _verify_lines(p: Path, lines: list[bytes], public_keys: Mapping[str, Ed25519
             key_ids.add(body["key_id"])
             n_checkpoints += 1
             last_signed = n
+        if env["kind"] in RUN_END_CHECKED:
+            _check_run_end(p, n, env, last_round, ended)
         if env["kind"] in SERVER_ROUND_KINDS:
             run, rnd = env["body"]["run_id"], env["body"]["round"]
             before = last_round.get(run)
@@ -264,6 +287,27 @@ def _verify_lines(p: Path, lines: list[bytes], public_keys: Mapping[str, Ed25519
     return report
 
 
+RUN_END_CHECKED = frozenset(("run_end", "site_run_end", *SERVER_ROUND_KINDS, *SITE_ROUND_KINDS))
+
+
+def _check_run_end(p: Path, n: int, env: dict[str, Any], last_round: dict[str, int],
+                   ended: dict[tuple[str, str], int]) -> None:
+    """A run is closed once per party, after its last round, and nothing of that party's rounds follows."""
+    kind, body = env["kind"], env["body"]
+    run = body["run_id"]
+    party = "" if kind in ("run_end", *SERVER_ROUND_KINDS) else body["site_id"]
+    closed = ended.get((run, party))
+    if closed is not None:
+        what = "closed again" if kind.endswith("run_end") else f"given a {kind} record"
+        raise _fail(p, n, "run-end", f"run {run} was closed by the run_end record on line {closed} and is {what}")
+    if kind == "run_end":
+        done = last_round.get(run, -1) + 1
+        if body["rounds"] != done:
+            raise _fail(p, n, "run-end", f"run {run}: run_end says {body['rounds']} round(s), the log recorded {done}")
+    if kind.endswith("run_end"):
+        ended[(run, party)] = n
+
+
 def _summarise(report: VerifyReport) -> None:
     sites: set[str] = set()
     for env in report.records:
@@ -281,6 +325,8 @@ def _summarise(report: VerifyReport) -> None:
             for s in body["sites"]:
                 sites.add(s["site_id"])
                 report.epsilon.setdefault(s["site_id"], []).append((run, body["round"], s["epsilon"]))
+        if env["kind"] in ("run_end", "site_run_end"):
+            report.ended[run] = body["rounds"]
         if env["kind"] == "site_round":
             report.site_rounds.setdefault(run, []).append(body["round"])
             report.epsilon.setdefault(body["site_id"], []).append((run, body["round"], body["epsilon"]))

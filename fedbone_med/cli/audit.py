@@ -31,7 +31,8 @@ def _verify(args: argparse.Namespace) -> VerifyReport:
     from ..audit.keys import load_public_keys
     from ..audit.verify import verify_log
 
-    return verify_log(args.log, load_public_keys(args.public_key), require_complete=not args.allow_unsigned_tail)
+    return verify_log(args.log, load_public_keys(args.public_key), require_complete=not args.allow_unsigned_tail,
+                      require_ended=getattr(args, "require_ended", False))
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
@@ -50,6 +51,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if report.unsigned_tail:
         print(f"warning: unsigned tail: {report.unsigned_tail} records are not covered by a signed checkpoint",
               file=sys.stderr)
+    for run in report.open_runs:
+        print(f"note: run {run} has no run_end record: it is still running, was interrupted before its last "
+              "round, or the log was cut at a signed checkpoint (--require-ended makes this an error)", file=sys.stderr)
     return 0
 
 
@@ -127,7 +131,9 @@ def cmd_cross_check(args: argparse.Namespace) -> int:
         n = len(report.differences)
         raise AuditError(f"cross-check failed: {first.describe()}" + (f" (and {n - 1} more difference(s))"
                                                                      if n > 1 else ""), check="cross-check")
-    print(f"OK: server and site {report.site_id} agree on {len(report.rounds)} round(s)")
+    n_rounds = sum(not c.tail for c in report.rounds)
+    tail = " and the exchange after the last round" if any(c.tail for c in report.rounds) else ""
+    print(f"OK: server and site {report.site_id} agree on {n_rounds} round(s){tail}")
     return 0
 
 
@@ -192,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_keygen)
     c = sub.add_parser("verify", help="verify a log's hash chain and signatures")
     _log_args(c)
+    c.add_argument("--require-ended", action="store_true",
+                   help="fail unless every run in the log is closed by its run_end record (for finished runs: a log "
+                        "cut at a signed checkpoint otherwise verifies as a shorter run)")
     c.set_defaults(func=cmd_verify)
     c = sub.add_parser("report", help="verify a log, then summarise it in Markdown or one HTML page for an auditor")
     _log_args(c)

@@ -17,7 +17,7 @@ from .common import main_wrapper
 def _run(args: argparse.Namespace) -> int:
     from ..config import ExperimentConfig, load_experiment
     from ..configtools import deep_merge, from_mapping, to_plain
-    from ..experiments.federation import Federation, format_table
+    from ..experiments.federation import Federation, format_table, verify_logs
 
     cfg = load_experiment(args.experiment)
     overrides = {k: v for k, v in (("rounds", args.rounds), ("steps_per_round", args.steps)) if v is not None}
@@ -63,6 +63,11 @@ def _run(args: argparse.Namespace) -> int:
 
     results = fed.run(resume=args.resume, progress=not args.quiet, on_round=on_round)
     print(format_table(results))
+    if fed.audit_enabled:
+        audit = verify_logs(cfg, out, out / "sites")
+        print(f"\naudit: server log verified ({audit['server']})")
+        for name, verdict in audit["sites"].items():
+            print(f"audit: site {name}'s own log {verdict}")
     print(f"\nresults: {out / 'results.json'}    checkpoints: {out / 'checkpoints'}")
     if args.json:
         print(json.dumps(results["final"], indent=2))

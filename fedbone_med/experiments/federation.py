@@ -169,6 +169,8 @@ class Federation:
                     self._site_rounds(rnd, record, usage)
                 if on_round is not None:
                     on_round(record)
+            if self.audit is not None and start < cfg.rounds:
+                self._close_audit_run()
         finally:  # on a crash too: release the audit log's lock; the checkpoints are complete
             bar.close()
             if self.audit is not None:
@@ -192,6 +194,15 @@ class Federation:
                 trail.reconcile(start, file_sha256(self.ckpt_dir / f"site-{site.name}.pt"))
             trail.start(round=start, config_hash=config_hash(site.cfg))
             self.site_audits[site.name] = trail
+
+    def _close_audit_run(self) -> None:
+        """Every round is done: the run_end records, with what each site exchanged after the last round."""
+        assert self.audit is not None
+        rounds = self.cfg.rounds
+        self.audit.run_finished(rounds, self.coordinator.backbone, file_sha256(self.ckpt_dir / "server.pt"),
+                                ledgers=self.ledger.take_round(rounds) if self.ledger else None)
+        for name, trail in self.site_audits.items():
+            trail.run_finished(rounds, ledger=self.site_ledgers[name].take(rounds))
 
     def _site_rounds(self, rnd: int, record: dict[str, Any], usage: dict[str, tuple[int, int]]) -> None:
         for site in self.sites:
@@ -269,3 +280,39 @@ def format_table(results: dict[str, Any]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def verify_logs(cfg: ExperimentConfig, server_dir: Path, sites_dir: Path) -> dict[str, Any]:
+    """Verify the server's audit log and cross-check every site's own log against it (as an auditor would).
+
+    ``server_dir`` holds ``audit/server.jsonl`` and ``keys/server-audit-key.pub.pem``; ``sites_dir/NAME``
+    each site's ``audit/site.jsonl`` and public key. The run is finished, so its log must be closed by
+    its ``run_end`` record (a log cut at a signed checkpoint would otherwise pass as a shorter run).
+    """
+    from ..audit import load_public_keys, verify_log
+    from ..audit.crosscheck import cross_check
+    from ..audit.errors import AuditError
+
+    server_log = server_dir / "audit" / "server.jsonl"
+    server_keys = load_public_keys([server_dir / "keys" / "server-audit-key.pub.pem"])
+    summary: dict[str, Any] = {"server_log": str(server_log)}
+    try:
+        summary["server"] = verify_log(server_log, server_keys, require_ended=True).summary()
+    except AuditError as exc:
+        raise AuditError(f"the server's audit log does not verify: {exc}", check=exc.check, line=exc.line) from None
+    summary["sites"] = {}
+    for s in cfg.sites:
+        site_dir = sites_dir / s.name
+        site_keys = load_public_keys([site_dir / "keys" / f"site-{s.name}-audit-key.pub.pem"])
+        try:
+            report = cross_check(server_log, site_dir / "audit" / "site.jsonl", server_keys=server_keys,
+                                 site_keys=site_keys, allow_backfilled=True)
+        except AuditError as exc:
+            summary["sites"][s.name] = f"does not verify: {exc}"
+            continue
+        first = report.first_difference
+        n_rounds = sum(not c.tail for c in report.rounds)
+        tail = " and the exchange after the last round" if any(c.tail for c in report.rounds) else ""
+        summary["sites"][s.name] = (f"agrees with the server on {n_rounds} round(s){tail}" if first is None
+                                    else f"differs: {first.describe()}")
+    return summary

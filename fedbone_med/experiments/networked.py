@@ -31,7 +31,7 @@ from ..config import ExperimentConfig, ServeConfig
 from ..configtools import config_hash, to_plain, to_toml
 from ..errors import FedboneError, ProtocolError
 from ..server.networked import wait_for_port
-from .federation import _machine
+from .federation import _machine, verify_logs
 
 
 class NetworkedRunError(FedboneError):
@@ -192,38 +192,9 @@ def run_networked(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = 
             f.close()
     results = merge_results(cfg, out)
     results["seconds"] = time.monotonic() - started
-    results["audit"] = verify_logs(cfg, out)
+    results["audit"] = verify_logs(cfg, out / "server", out / "sites")  # raises AuditError if the server's fails
     write_json_atomic(results, out / "results.json")
     return results
-
-
-def verify_logs(cfg: ExperimentConfig, out: Path) -> dict[str, Any]:
-    """Verify the server's audit log and cross-check every site's own log against it (as an auditor would)."""
-    from ..audit import load_public_keys, verify_log
-    from ..audit.crosscheck import cross_check
-    from ..audit.errors import AuditError
-
-    server_log = out / "server" / "audit" / "server.jsonl"
-    server_keys = load_public_keys([out / "server" / "keys" / "server-audit-key.pub.pem"])
-    summary: dict[str, Any] = {"server_log": str(server_log)}
-    try:
-        summary["server"] = verify_log(server_log, server_keys).summary()
-    except AuditError as exc:
-        raise NetworkedRunError(f"the server's audit log does not verify: {exc}") from None
-    summary["sites"] = {}
-    for s in cfg.sites:
-        site_dir = out / "sites" / s.name
-        site_keys = load_public_keys([site_dir / "keys" / f"site-{s.name}-audit-key.pub.pem"])
-        try:
-            report = cross_check(server_log, site_dir / "audit" / "site.jsonl", server_keys=server_keys,
-                                 site_keys=site_keys, allow_backfilled=True)
-        except AuditError as exc:
-            summary["sites"][s.name] = f"does not verify: {exc}"
-            continue
-        first = report.first_difference
-        summary["sites"][s.name] = (f"agrees with the server on {len(report.rounds)} round(s)" if first is None
-                                    else f"differs: {first}")
-    return summary
 
 
 def merge_results(cfg: ExperimentConfig, out: Path) -> dict[str, Any]:

@@ -30,6 +30,9 @@ API and where to call it (all methods append fsync'd records; ``round_finished``
   checkpoint_hash, privacy=None, *, ledgers=None, losses=None)`` -- ``ledgers`` is
   ``LedgerBook.take_round(round)``: ``{site: FrameLedger summary}``; ``losses`` is
   ``{site: mean training loss of the round}`` as each site reported it (``train_loss``);
+* ``run_finished(rounds, backbone, checkpoint_hash, ledgers)`` -- once, when every round is complete and
+  the sites have left: the ``run_end`` record with ``LedgerBook.take_round(rounds)`` (what each site
+  exchanged after the last round closed: the last report's reply, the last sync, the last validation);
 * ``sign()`` -- a signed checkpoint now (e.g. at shutdown after events); ``close()``.
 """
 
@@ -277,6 +280,18 @@ class ServerAuditTrail:
         ))
         self.log.checkpoint(run_id=self.run_id)
         self._round_start = None
+
+    @_locked
+    def run_finished(self, rounds: int, backbone: nn.Module, checkpoint_hash: str | None,
+                     ledgers: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+        """Close the run: ``rounds`` rounds complete; ``ledgers`` = ``LedgerBook.take_round(rounds)``.
+
+        Without this record the frames exchanged after the last round record (booked under round
+        ``rounds`` by both ends, see ``transport.wire.ledger_tags``) would be in no record at all.
+        """
+        self.log.append(records.run_end(run_id=self.run_id, rounds=rounds, sites=dict(ledgers or {}),
+                                        backbone_hash=module_hash(backbone), checkpoint_hash=checkpoint_hash))
+        self.log.checkpoint(run_id=self.run_id)
 
     @_locked
     def close(self) -> None:

@@ -247,6 +247,9 @@ class NetworkedServer:
                 events = c.take_events()
                 self._audit_events(events)
                 self.results["events"].extend(events)
+                if c.round >= cfg.rounds:  # every round done and the sites gone: close the run's record
+                    self.audit.run_finished(cfg.rounds, c.backbone, file_sha256(self.ckpt_path),
+                                            self.ledger.take_round(cfg.rounds))
                 self.audit.sign()
                 self.audit.close()
                 self.audit = None

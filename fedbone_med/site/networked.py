@@ -216,6 +216,9 @@ class NetworkedSite:
             bar.close()
             if self.audit is not None and (self.stopped is not None or rnd < sched.rounds):
                 self.audit.left(rnd, self.stopped["reason"] if self.stopped else "interrupted")
+        if self.audit is not None and self.stopped is None:
+            # the exchange after the last round (its sync, the last validation), before Leave
+            self.audit.run_finished(sched.rounds, ledger=self.ledger.take(sched.rounds))
         self._leave_quietly()
         self._write_results()
         if self.audit is not None:
