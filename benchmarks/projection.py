@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from fedbone_med.aggregation import (  # noqa: E402
     ProjectionAggregator,
+    native,
     project_conflicting,
     project_conflicting_reference,
 )
@@ -191,6 +192,28 @@ def bench_backbone(seed: int, repeats: int) -> dict[str, object]:
             after_last_times.append(time.perf_counter() - start)
     after_last_s = statistics.median(after_last_times)
     full_s, full_all = timed(lambda: agg(grads), repeats=3, warmup=1)  # no prepare: every entry
+    kernel = native.status()
+    # The same latency on the PyTorch Gram path (what runs where no C compiler is available).
+    saved = os.environ.get("FEDBONE_NATIVE")
+    os.environ["FEDBONE_NATIVE"] = "0"
+    native.reset()
+    try:
+        torch_path_times = []
+        for rep in range(repeats + 1):
+            for row in range(BACKBONE_K - 1):
+                agg.prepare(grads, row)
+            start = time.perf_counter()
+            agg.prepare(grads, BACKBONE_K - 1)
+            agg(grads)
+            if rep:
+                torch_path_times.append(time.perf_counter() - start)
+    finally:
+        if saved is None:
+            del os.environ["FEDBONE_NATIVE"]
+        else:
+            os.environ["FEDBONE_NATIVE"] = saved
+        native.reset()
+    torch_path_s = statistics.median(torch_path_times)
     return {
         "backbone": source,
         "num_params": num_params,
@@ -215,6 +238,9 @@ def bench_backbone(seed: int, repeats: int) -> dict[str, object]:
         "aggregator_full_s": full_s,
         "aggregator_full_times_s": full_all,
         "aggregator_full_fraction_of_backward": full_s / backward_s,
+        "gram_kernel": kernel,
+        "after_last_arrival_s_torch_path": torch_path_s,
+        "after_last_fraction_of_backward_torch_path": torch_path_s / backward_s,
     }
 
 
@@ -253,7 +279,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{backbone['after_last_fraction_of_backward']:.3f} of one backward "
         f"({backbone['after_last_over_read_once']:.1f}x one read of the slots); "
         f"full call without prepare {backbone['aggregator_full_s']:.4f} s -> fraction "
-        f"{backbone['aggregator_full_fraction_of_backward']:.3f}"
+        f"{backbone['aggregator_full_fraction_of_backward']:.3f}; Gram kernel: {backbone['gram_kernel']}; "
+        f"after the last arrival on the PyTorch Gram path {backbone['after_last_arrival_s_torch_path']:.4f} s "
+        f"-> fraction {backbone['after_last_fraction_of_backward_torch_path']:.3f}"
     )
 
     k16_p10m = [c for c in cases if c["K"] == 16 and c["P"] == 10_000_000]
@@ -261,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
         "speedup_vs_loop_k16_p10m": k16_p10m[0]["speedup"] if k16_p10m else None,
         "projection_fraction_of_backward_k16": backbone["after_last_fraction_of_backward"],
         "projection_fraction_of_backward_k16_full": backbone["aggregator_full_fraction_of_backward"],
+        "projection_fraction_of_backward_k16_torch_path": backbone["after_last_fraction_of_backward_torch_path"],
+        "gram_kernel": backbone["gram_kernel"],
         "projection_fraction_of_step_backward_k16": backbone["projection_fraction_of_step_backward"],
         "allocator_tuned": tuned,
         "quick": args.quick,
@@ -273,7 +303,9 @@ def main(argv: list[str] | None = None) -> int:
             "incremental": "projection_fraction_of_backward_k16 = latency AFTER THE LAST SLOT ARRIVES "
             "(ProjectionAggregator.prepare(K-1) + __call__, rows 0..K-2 prepared beforehand and timed "
             "separately as prepare_s_per_row) over one backbone backward; Gram entries by "
-            "gram_entries (exact float64 products, fixed lane order), bit-identical for any arrival order",
+            "gram_entries (exact float64 products, fixed lane order), bit-identical for any arrival order; "
+            "float32 slots through the compiled kernel of fedbone_med.aggregation.native when it is available "
+            "(gram_kernel says whether it was); *_torch_path: the same with FEDBONE_NATIVE=0",
             "full": "projection_fraction_of_backward_k16_full = ProjectionAggregator.__call__ without "
             "prepare (all K(K+1)/2 order-independent Gram entries) over one backward",
             "loop": "project_conflicting_reference(dtype=float32): per-pair dot/axpy loop",

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
+import shutil
 
 import pytest
 import torch
@@ -19,6 +21,7 @@ from fedbone_med.aggregation import (
     get_aggregator,
     gram_matrix,
     mean_aggregate,
+    native,
     project_conflicting,
     project_conflicting_reference,
     project_from_gram,
@@ -631,3 +634,94 @@ def test_incremental_gram_is_float64_accurate(gram_lanes):
         for row in range(5):
             got = agg_projection.gram_entries(g32, lo, hi, row)
             assert torch.equal(got, gram[lo:hi, row])
+
+
+# ---------------------------------------------------------------------------- compiled Gram kernel
+
+_HAS_CC = shutil.which(os.environ.get("CC", "cc")) is not None or shutil.which("gcc") is not None
+
+
+@pytest.fixture
+def native_kernel(tmp_path, monkeypatch):
+    """The compiled kernel, built into a fresh cache directory for this test."""
+    if not _HAS_CC:
+        pytest.skip("no C compiler on this machine: the PyTorch Gram path is the one in use (tested above)")
+    monkeypatch.setenv("FEDBONE_NATIVE_CACHE", str(tmp_path / "native"))
+    native.reset()
+    assert native.available(), native.status()
+    yield native
+    native.reset()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=_FIXTURE_OK)
+@given(p=st.integers(1, 70_000), k=st.integers(1, 9), seed=st.integers(0, 2**31 - 1), data=st.data())
+def test_native_gram_entries_are_bit_identical_to_the_torch_path(native_kernel, gram_lanes, p, k, seed, data):
+    gen = torch.Generator().manual_seed(seed)
+    scale = data.draw(st.sampled_from([1e-30, 1.0, 1e30]))
+    grads = torch.randn(k + 1, p, generator=gen) * scale
+    grads = grads[1:] if data.draw(st.booleans()) else grads[:k]  # a view at an offset, or the start
+    lo = data.draw(st.integers(0, k - 1))
+    hi = data.draw(st.integers(lo + 1, k))
+    row = data.draw(st.integers(0, k - 1))
+    assert native.supports(grads)
+    fast = agg_projection.gram_entries(grads, lo, hi, row)
+    slow = agg_projection.gram_entries(grads, lo, hi, row, native=False)
+    assert fast.dtype == torch.float64 and fast.shape == (hi - lo,)
+    assert torch.equal(fast, slow)
+
+
+def test_native_gram_is_thread_count_invariant_and_used_by_the_aggregator(native_kernel, monkeypatch):
+    gen = torch.Generator().manual_seed(11)
+    grads = torch.randn(6, 200_003, generator=gen)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = agg_projection.gram_entries(grads, 0, 6, 5)
+        torch.set_num_threads(2)
+        two = agg_projection.gram_entries(grads, 0, 6, 5)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+    # The aggregator on the kernel gives the bits of the PyTorch path.
+    with_kernel = _fresh(grads)
+    native.reset()
+    monkeypatch.setenv("FEDBONE_NATIVE", "0")
+    assert not native.available() and "FEDBONE_NATIVE=0" in native.status()
+    _same(with_kernel, _fresh(grads))
+
+
+def test_native_kernel_refuses_a_library_others_could_have_written(native_kernel, tmp_path):
+    (lib,) = (tmp_path / "native").glob("*.so")
+    lib.chmod(0o666)  # anyone could have replaced it: never load it
+    native.reset()
+    assert not native.available() and "writable by others" in native.status()
+    lib.chmod(0o700)
+    (tmp_path / "native").chmod(0o777)
+    native.reset()
+    assert not native.available() and "writable by others" in native.status()
+
+
+def test_native_kernel_falls_back_when_it_cannot_be_built(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDBONE_NATIVE_CACHE", str(tmp_path / "native"))
+    monkeypatch.setenv("CC", "/bin/false")  # a compiler that always fails
+    native.reset()
+    try:
+        assert not native.available()
+        assert "build or load failed" in native.status()
+        grads = torch.randn(3, 1000)
+        assert not native.supports(grads)
+        ref = agg_projection.gram_entries(grads, 0, 3, 2, native=False)
+        assert torch.equal(agg_projection.gram_entries(grads, 0, 3, 2), ref)  # the PyTorch path ran
+        assert not list((tmp_path / "native").glob("*.so"))  # nothing half-built left to load later
+    finally:
+        native.reset()
+
+
+def test_native_kernel_is_not_used_for_other_layouts_or_dtypes(native_kernel):
+    grads = torch.randn(4, 3000)
+    assert not native.supports(grads.T.contiguous().T)  # columns not contiguous
+    assert not native.supports(grads.double())
+    assert not native.supports(grads.half())
+    strided = torch.randn(4, 6000)[:, ::2]
+    assert torch.equal(agg_projection.gram_entries(strided, 0, 4, 1),
+                       agg_projection.gram_entries(strided, 0, 4, 1, native=False))

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from ..errors import AggregationError
+from . import native as _native
 from .base import REDUCTIONS, AggregationStats
 
 # Columns per Gram chunk are chosen so one float64 chunk of K rows is about this size.
@@ -157,7 +158,8 @@ def gram_lanes(num_params: int) -> int:
     return lanes
 
 
-def gram_entries(grads: Tensor, lo: int, hi: int, row: int, workspace: Tensor | None = None) -> Tensor:
+def gram_entries(grads: Tensor, lo: int, hi: int, row: int, workspace: Tensor | None = None, *,
+                 native: bool = True) -> Tensor:
     """Gram entries G[i, row] for i in lo..hi-1 (float64, shape (hi - lo,)).
 
     Each entry is a fixed function of rows i and ``row`` alone, whatever other rows are in the
@@ -170,12 +172,17 @@ def gram_entries(grads: Tensor, lo: int, hi: int, row: int, workspace: Tensor | 
     about 4x one float32 read of them (the float64 widening and the lane traffic; eager PyTorch
     has no fused mixed-precision dot). ``workspace``: optional product buffer for float64 inputs
     (same dtype and device, at least (hi - lo) * L elements), reused across calls.
+
+    float32 rows on CPU go through the compiled kernel of :mod:`.native` when it is available
+    (one read of the rows; the same bits, see there); ``native=False`` forces the PyTorch path.
     """
     if not (0 <= lo < hi <= grads.shape[0] and 0 <= row < grads.shape[0]):
         raise AggregationError(f"Gram entry rows {lo}..{hi - 1} or row {row} out of range for {grads.shape[0]} rows")
     g = grads.detach()
     n, p = hi - lo, g.shape[1]
     lanes = gram_lanes(p)
+    if native and _native.supports(g):
+        return _native.gram_entries_f32(g, lo, hi, row, lanes)
     acc = torch.zeros(n, lanes, dtype=torch.float64, device=g.device)  # (n, L)
     block, vec = g[lo:hi], g[row]
     if g.dtype in _EXACT_PRODUCT_DTYPES:
@@ -308,15 +315,19 @@ def _gram_stats(gram: Tensor) -> tuple[int, float | None, float | None, tuple[fl
     return conflicting, float(cos.min()), float(cos.mean()), tuple(norms.tolist())
 
 
-def _combine(grads: Tensor, w: Tensor) -> Tensor:
+def _combine(grads: Tensor, w: Tensor, *, native: bool = True) -> Tensor:
     """w @ grads (P,) in grads' dtype, computed in that dtype.
 
     Column blocks, last first (the Gram pass just read the last columns, so some are still
     cached); per block one scaled copy and K - 1 in-place axpys, each parallel over columns.
+    float32 rows on CPU go through :mod:`.native`'s kernel when it is available (the same
+    scaled copy and fused axpys per element, in cache-sized tiles: one read of the rows).
     """
     g = grads.detach()
     k, p = g.shape
     coeffs = w.to(dtype=g.dtype).tolist()  # the weights rounded to grads' dtype, as Python floats
+    if native and _native.supports(g):
+        return _native.combine_f32(g, coeffs)
     out = torch.empty(p, dtype=g.dtype, device=g.device)
     starts = list(range(0, p, COMBINE_COLUMNS))
     for start in reversed(starts):
