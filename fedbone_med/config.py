@@ -45,8 +45,11 @@ class DataConfig:
     pipeline: str | None = None
     augment: str | None = None  # a transform chain applied to each training sample at batch time
     val_split: str = "val"
-    # Leave out (and count, in the run's split record) files that fail to read, instead of
-    # stopping at the first; `fedbone-site check-data` lists them. Off: any bad file stops the run.
+    # Leave out (and count, in the run's split record and every round's results) samples whose
+    # files fail to read or whose listing is broken (a missing mask, a labels-CSV row naming a
+    # missing file or an unknown class), with check-data's reason, instead of stopping at the
+    # first. Structural problems (an empty folder or split, an unusable labels or split file)
+    # still stop the run. Off: any bad file stops the run.
     skip_bad_files: bool = False
 
     def validate(self) -> list[str]:

@@ -226,6 +226,24 @@ def test_task_that_does_not_fit_is_an_error_alongside_file_checks(copy, capsys):
     assert len(errors) == 2 and any("task fit:" in e for e in errors) and any("mask missing" in e for e in errors)
 
 
+def test_pipeline_files_training_would_refuse_are_errors_alongside_file_checks(copy, capsys):
+    root, vessels, _ = copy
+    base = vessels.parent
+    (base / "no_load.toml").write_text('[[transform]]\nname = "FundusFOVCropd"\nkeys = ["image", "label"]\n')
+    (base / "bad_augment.toml").write_text('[[transform]]\nname = "RandFlipd"\nkeys = ["image"]\nprob = 0.5\n'
+                                           '[[transform]]\nname = "NoSuchTransform"\nkeys = ["image"]\n')
+    vessels.write_text(vessels.read_text().replace("image_size = 32\n", 'image_size = 32\npipeline = "no_load.toml"\n'
+                                                                       'augment = "bad_augment.toml"\n'))
+    (root / "masks" / "P01_L_vessels.png").unlink()
+    rc, out, _ = _run(capsys, vessels)
+    assert rc == 3
+    errors = _errors(out)
+    errors = [e.removeprefix("  - ") for e in errors]
+    assert any(e.startswith("data.pipeline:") and "no LoadSampled step" in e for e in errors), errors
+    assert any(e.startswith("data.augment:") and "NoSuchTransform" in e for e in errors), errors
+    assert any("mask missing" in e for e in errors)  # the data is still checked
+
+
 def test_phantom_site_reports_task_and_counts(capsys):
     rc, out, _ = _run(capsys, REPO / "sites" / "phantom-vessels.toml")
     assert rc == 0 and "phantom task 'vessels'" in out and "split 'train': 256 images" in out
@@ -560,7 +578,7 @@ def _break_mask_size(root: Path) -> None:
 @pytest.mark.parametrize(("damage", "check"), [(_break_corrupt_image, "image read"), (_break_mask_size, "mask size")])
 def test_training_stops_with_the_check_data_message_or_counts_the_skip(copy, capsys, damage, check):
     from fedbone_med.config import load_site
-    from fedbone_med.data.pipeline import load_manifest, load_manifest_splits
+    from fedbone_med.data.pipeline import LOAD_STEPS, load_manifest, load_manifest_splits
     from fedbone_med.data.sources import load_site_data
 
     root, vessels, _ = copy
@@ -571,8 +589,8 @@ def test_training_stops_with_the_check_data_message_or_counts_the_skip(copy, cap
         load_site_data(load_site(vessels))
     assert f"  - {e.value}" == error, "training stops with the message check-data gives"
     m = load_manifest(vessels.parent / "m_vessels.toml")
-    train, val, record = load_manifest_splits(m, [], skip_bad=True)
-    assert record["skipped"] == {"train": {"total": 1, check: 1}, "val": {"total": 0}}
+    train, val, record = load_manifest_splits(m, LOAD_STEPS, skip_bad=True)
+    assert record["skipped"] == {"listing": {"total": 0}, "train": {"total": 1, check: 1}, "val": {"total": 0}}
     assert (len(train), len(val), record["train_images"]) == (3, 2, 3)
     assert "P0" not in json.dumps(record), "no file names in the run output"
     # with data.skip_bad_files the site trains, and every round's results carry the count
@@ -580,7 +598,8 @@ def test_training_stops_with_the_check_data_message_or_counts_the_skip(copy, cap
 
     cfg = load_site(vessels, {"data": {"skip_bad_files": True}})
     runtime = SiteRuntime(cfg, None, load_site_data(cfg), seed=0)  # type: ignore[arg-type]  # no transport needed
-    assert runtime.skipped_files() == {"skipped_files_train": 1.0, "skipped_files_val": 0.0}
+    assert runtime.skipped_files() == {"skipped_files_listing": 0.0, "skipped_files_train": 1.0,
+                                       "skipped_files_val": 0.0}
 
 
 def test_training_on_a_bad_oct_volume_gives_the_check_data_message(tmp_path, capsys, monkeypatch):

@@ -16,6 +16,12 @@ from fedbone_med.data.phantoms import make_fundus
 from fedbone_med.data.sources import load_site_data
 from fedbone_med.errors import ConfigError, DataError
 
+# the two steps every data.pipeline file starts with
+LOAD_STEPS_TOML = (
+    '[[transform]]\nname = "LoadSampled"\nkeys = ["image", "label"]\nallow_missing_keys = true\n\n'
+    '[[transform]]\nname = "EnsureChannelFirstd"\nkeys = ["image", "label"]\nallow_missing_keys = true\n\n'
+)
+
 
 @pytest.fixture()
 def fundus_folder(tmp_path):
@@ -79,7 +85,8 @@ def test_manifest_site_loads_aligned_tensors_and_records_the_split(fundus_folder
         '[[dataset.masks]]\nfolder = "masks"\nname = "{stem}_vessels.png"\nkind = "binary"\n'
         "[dataset.split]\nval_fraction = 0.4\nseed = 1\n"
     )
-    (tmp_path / "p.toml").write_text('[[transform]]\nname = "FundusFOVCropd"\nkeys = ["image", "label"]\n')
+    crop = '[[transform]]\nname = "FundusFOVCropd"\nkeys = ["image", "label"]\n'
+    (tmp_path / "p.toml").write_text(LOAD_STEPS_TOML + crop)
     (tmp_path / "site.toml").write_text(
         'name = "clinic"\nmodality = "fundus"\n[data]\nsource = "manifest"\nmanifest = "m.toml"\n'
         'pipeline = "p.toml"\nimage_size = 64\n[task]\ntype = "segmentation"\nmode = "binary"\nnum_classes = 1\n'

@@ -35,6 +35,7 @@ from .manifest import (
     MaskSpec,
     Sample,
     assign_splits,
+    empty_split_message,
     list_unsplit,
     orphan_masks,
     reason,
@@ -107,6 +108,7 @@ class DataReport:
 def check_site_data(cfg: SiteConfig, data_root: str | Path | None = None) -> DataReport:
     """Check a site's data and return every problem found (never raises for data problems)."""
     report = DataReport(stats={"site": cfg.name, "source": cfg.data.source})
+    _check_chains(cfg, report)
     if cfg.data.source == "phantom":
         _check_phantom(cfg, report)
         return report
@@ -135,6 +137,22 @@ def check_site_data(cfg: SiteConfig, data_root: str | Path | None = None) -> Dat
     return report
 
 
+def _check_chains(cfg: SiteConfig, report: DataReport) -> None:
+    """The site's data.pipeline and data.augment files: the errors training would stop with."""
+    from .pipeline import load_augment, load_pipeline, split_head
+    from .transforms import build_transforms
+
+    for key, path, load in (("data.pipeline", cfg.data.pipeline, load_pipeline),
+                              ("data.augment", cfg.data.augment, load_augment)):
+        if path is None:
+            continue
+        try:
+            chain = load(path)
+            build_transforms(split_head(chain, path)[1] if key == "data.pipeline" else chain)
+        except (ConfigError, DataError, OSError) as exc:
+            report.errors.append(f"{key}: {' '.join(str(exc).split())}")  # one line per problem
+
+
 def _check_task(cfg: SiteConfig, m: Manifest, report: DataReport) -> None:
     from .manifest_data import check_manifest_fits
 
@@ -148,10 +166,7 @@ def _check_split_names(cfg: SiteConfig, report: DataReport) -> None:
     splits = report.stats.get("splits", {})
     for name in ("train", cfg.data.val_split):
         if not splits.get(name, {}).get("images"):
-            report.errors.append(
-                f"split '{name}': no images (splits found: {', '.join(sorted(splits)) or 'none'}); "
-                "training needs a non-empty 'train' split and the site's data.val_split"
-            )
+            report.errors.append(empty_split_message(name, list(splits)))
 
 
 def _check_phantom(cfg: SiteConfig, report: DataReport) -> None:
@@ -303,12 +318,12 @@ class _FileChecker:
             self.masks_2d(x, shape, st)
 
     def read_mask_2d(self, spec: MaskSpec, path: Path) -> np.ndarray | None:
-        from .pipeline import _color_map
+        from .loading import color_map
         from .readers import read_image, read_mask
 
         try:
             if spec.kind == "color":
-                return read_mask(path, kind="color", color_map=_color_map(spec.colors), unknown=spec.unknown)
+                return read_mask(path, kind="color", color_map=color_map(spec.colors), unknown=spec.unknown)
             if spec.kind == "index":
                 return read_mask(path, kind="index")
             raw = read_image(path, mode="keep", raw=True)
@@ -381,7 +396,7 @@ class _FileChecker:
         return lab
 
     def volume(self, path: Path, samples: list[Sample]) -> None:
-        from .pipeline import read_volume
+        from .loading import read_volume
 
         assert self.m.volumes is not None
         vol: np.ndarray | None = None

@@ -20,6 +20,11 @@ transforming them is the pipeline's job (:mod:`fedbone_med.data.pipeline`).
 
 :func:`list_samples` raises at the first problem (training) or, given a ``problems`` list,
 collects every problem and lists what it can (``fedbone-site check-data``, which reuses it).
+Given a ``skipped`` list instead (training with ``data.skip_bad_files``), a problem that
+concerns one sample (a missing mask, a labels-CSV row naming a missing file or an unknown
+class, ...) leaves that sample out and is recorded there with its check; a problem with the
+data set as a whole (an empty folder, an unusable labels or split file, a subject leak) still
+raises. The messages are the same in all three modes.
 """
 
 from __future__ import annotations
@@ -190,17 +195,38 @@ class Problems:
     data set stops the run with the message check-data gives), or collected into ``out``
     (``fedbone-site check-data``, which lists every problem at once).
 
+    A problem reported with a ``check`` concerns one sample only. With ``skipped`` (training
+    with ``data.skip_bad_files``) such a problem is recorded there as ``(check, message)`` and
+    the caller leaves the sample out (:attr:`keeps_flawed` is False); problems without a check
+    are structural and still raise.
+
     Messages read ``WHERE: CHECK: REASON`` and name files, rows and checks, never pixel or
     label values or DICOM header values.
     """
 
-    def __init__(self, out: list[str] | None = None) -> None:
+    def __init__(self, out: list[str] | None = None, skipped: list[tuple[str, str]] | None = None) -> None:
         self.out = out
+        self.skipped = skipped
 
-    def __call__(self, message: str) -> None:
-        if self.out is None:
+    def __call__(self, message: str, check: str | None = None) -> None:
+        if self.out is not None:
+            self.out.append(message)
+        elif check is not None and self.skipped is not None:
+            self.skipped.append((check, message))
+        else:
             raise DataError(message)
-        self.out.append(message)
+
+    @property
+    def keeps_flawed(self) -> bool:
+        """Whether a sample with a reported problem stays listed: only for check-data, which then
+        still checks the files it has (e.g. the image of a missing mask)."""
+        return self.out is not None
+
+
+def empty_split_message(name: str, found: set[str] | list[str]) -> str:
+    """What check-data and training say when the split ``name`` has no samples."""
+    return (f"split '{name}': no images (splits found: {', '.join(sorted(found)) or 'none'}); "
+            "training needs a non-empty 'train' split and the site's data.val_split")
 
 
 def reason(exc: BaseException, path: Path) -> str:
@@ -220,12 +246,13 @@ def subject_of(name: str, regex: str | None) -> str:
     return m.group(1) if m.groups() else m.group(0)
 
 
-def _subject(path: Path, regex: str | None, report: Problems) -> str:
+def _subject(path: Path, regex: str | None, report: Problems) -> str | None:
+    """The subject of a file; None when it does not match and the sample is to be left out."""
     try:
         return subject_of(path.name, regex)
     except DataError:
-        report(f"{path}: subject: the file name does not match the subject pattern {regex!r}")
-        return Path(path.name).stem
+        report(f"{path}: subject: the file name does not match the subject pattern {regex!r}", check="subject")
+        return Path(path.name).stem if report.keeps_flawed else None
 
 
 def _glob(folder: Path, pattern: str, what: str, report: Problems) -> list[Path]:
@@ -318,12 +345,12 @@ def read_labels_csv(m: Manifest, root: Path, report: Problems) -> tuple[Path, li
         where = f"{path}: row {line}"
         image = (row.get(spec.image_column) or "").strip()
         if not image:
-            report(f"{where}: labels: the {spec.image_column!r} cell is empty")
+            report(f"{where}: labels: the {spec.image_column!r} cell is empty", check="labels")
             continue
         label = _parse_label(row.get(spec.label_column), spec)
         if label is None:
             what = "not one of the declared classes (labels_csv.classes)" if spec.classes else "not an integer class id"
-            report(f"{where}: label: {what}")
+            report(f"{where}: label: {what}", check="label")
             continue
         bscan: int | None = None
         if spec.bscan_column:
@@ -332,12 +359,12 @@ def read_labels_csv(m: Manifest, root: Path, report: Problems) -> tuple[Path, li
             except ValueError:
                 bscan = -1
             if bscan < 0:
-                report(f"{where}: B-scan index: not a non-negative integer")
+                report(f"{where}: B-scan index: not a non-negative integer", check="B-scan index")
                 continue
         key = (Path(image).name if m.volumes is not None else image, bscan)
         if key in seen:
             what = "B-scan" if bscan is not None else ("volume" if m.volumes is not None else "image")
-            report(f"{where}: labels: the same {what} is already labelled on row {seen[key]}")
+            report(f"{where}: labels: the same {what} is already labelled on row {seen[key]}", check="labels")
             continue
         seen[key] = line
         subject = (row.get(spec.subject_column) or "").strip() or None if spec.subject_column else None
@@ -351,10 +378,13 @@ def _segmentation_samples(m: Manifest, root: Path, report: Problems) -> list[Sam
     out = []
     for f in _glob(root / m.images.folder, m.images.pattern, "image", report):
         masks = mask_paths(m, root, f)
-        for p in masks:
-            if not p.is_file():
-                report(f"{p}: mask missing (image {f.name})")
-        out.append(Sample(f, _subject(f, m.images.subject, report), masks))
+        missing = [p for p in masks if not p.is_file()]
+        for p in missing:
+            report(f"{p}: mask missing (image {f.name})", check="mask missing")
+        subject = _subject(f, m.images.subject, report)
+        if subject is None or (missing and not report.keeps_flawed):
+            continue
+        out.append(Sample(f, subject, masks))
     return out
 
 
@@ -366,14 +396,18 @@ def _classification_samples(m: Manifest, root: Path, report: Problems) -> list[S
         for r in rows:
             f = path.parent / r.image
             if not f.is_file():
-                report(f"{f}: image missing (named on row {r.row} of {path.name})")
+                report(f"{f}: image missing (named on row {r.row} of {path.name})", check="image missing")
                 continue
-            out.append(Sample(f, r.subject or _subject(f, regex, report), label=r.label))
+            subject = r.subject or _subject(f, regex, report)
+            if subject is not None:
+                out.append(Sample(f, subject, label=r.label))
         return out
     pattern = m.images.pattern if m.images else "*"
     for label, name in enumerate(m.class_folders):
         for f in _glob(root / name, pattern, f"class {label}", report):
-            out.append(Sample(f, _subject(f, regex, report), label=label))
+            subject = _subject(f, regex, report)
+            if subject is not None:
+                out.append(Sample(f, subject, label=label))
     return out
 
 
@@ -425,37 +459,43 @@ def _volume_samples(m: Manifest, root: Path, report: Problems) -> list[Sample]:
         for name, rs in by_volume.items():
             if name not in names:
                 report(f"{labels_path}: row {rs[0].row}: volume missing: no file of that name matches "
-                       f"{spec.pattern!r} in {folder}")
+                       f"{spec.pattern!r} in {folder}", check="volume missing")
     per_bscan = m.labels_csv is not None and m.labels_csv.bscan_column is not None
     out: list[Sample] = []
     for f in files:
         masks = mask_paths(m, root, f)
-        for p in masks:
-            if not p.is_file():
-                report(f"{p}: label volume missing (volume {f.name})")
+        missing = [p for p in masks if not p.is_file()]
+        for p in missing:
+            report(f"{p}: label volume missing (volume {f.name})", check="label volume missing")
         try:
             n = count_bscans(f, spec.axis)
         except DataError as exc:
-            report(f"{f}: volume read: {reason(exc, f)}")
+            report(f"{f}: volume read: {reason(exc, f)}", check="volume read")
+            continue
+        if missing and not report.keeps_flawed:
             continue
         if m.kind != "classification":
             subject = _subject(f, spec.subject, report)
-            out += [Sample(f, subject, masks, frame=k) for k in range(n)]
+            if subject is not None:
+                out += [Sample(f, subject, masks, frame=k) for k in range(n)]
             continue
         rs = by_volume.get(f.name, [])
         if not rs:
-            report(f"{f}: labels: the volume has no row in {labels_path.name}")
+            report(f"{f}: labels: the volume has no row in {labels_path.name}", check="labels")
             continue
         subjects = {r.subject for r in rs}
         if len(subjects) > 1:
             report(f"{labels_path}: rows {rs[0].row}..{rs[-1].row}: subject: one volume's rows name different subjects")
         subject = rs[0].subject or _subject(f, spec.subject, report)
+        if subject is None:
+            continue
         if not per_bscan:
             out += [Sample(f, subject, masks, rs[0].label, frame=k) for k in range(n)]
             continue
         for r in sorted(rs, key=lambda r: r.bscan or 0):
             if r.bscan is None or r.bscan >= n:
-                report(f"{labels_path}: row {r.row}: B-scan index: outside the volume's {n} B-scan(s) ({f.name})")
+                report(f"{labels_path}: row {r.row}: B-scan index: outside the volume's {n} B-scan(s) ({f.name})",
+                       check="B-scan index")
                 continue
             out.append(Sample(f, subject, masks, r.label, frame=r.bscan))
     return out
@@ -481,13 +521,15 @@ def seeded_subject_split(subjects: list[str], val_fraction: float, test_fraction
     return split
 
 
-def assign_splits(m: Manifest, root: Path, samples: list[Sample], problems: list[str] | None = None) -> list[Sample]:
+def assign_splits(m: Manifest, root: Path, samples: list[Sample], problems: list[str] | None = None,
+                  skipped: list[tuple[str, str]] | None = None) -> list[Sample]:
     """Apply the split file, or a seeded split by subject (one patient, one split).
 
-    Samples the split file does not place are reported and left out; a subject found in
-    more than one split is reported once per subject (its files are named, not its id).
+    Samples the split file does not place are reported and left out (with ``skipped``, only
+    recorded there); a subject found in more than one split is reported once per subject (its
+    files are named, not its id).
     """
-    report = Problems(problems)
+    report = Problems(problems, skipped)
     s = m.split
     if s.file is not None:
         path = root / s.file
@@ -511,7 +553,8 @@ def assign_splits(m: Manifest, root: Path, samples: list[Sample], problems: list
             if split is None:
                 if x.image not in unplaced:
                     unplaced.add(x.image)
-                    report(f"{x.image}: split: neither the file nor its subject is in the split file {path.name}")
+                    report(f"{x.image}: split: neither the file nor its subject is in the split file {path.name}",
+                           check="split")
                 continue
             out.append(_with_split(x, split))
     else:
@@ -532,14 +575,17 @@ def _with_split(x: Sample, split: str) -> Sample:
     return Sample(x.image, x.subject, x.masks, x.label, split, x.frame)
 
 
-def list_samples(m: Manifest, data_root: str | Path | None = None, problems: list[str] | None = None) -> list[Sample]:
+def list_samples(m: Manifest, data_root: str | Path | None = None, problems: list[str] | None = None,
+                 skipped: list[tuple[str, str]] | None = None) -> list[Sample]:
     """Every sample of a file-based manifest, with its split (npz manifests are read directly).
 
     Without ``problems`` the first problem raises :class:`DataError` (what training does).
     With a list, every problem found while listing is appended to it (missing files, bad
     label rows, unreadable volume headers, unplaced files, subject leaks) and the samples
     that could be listed are returned (a sample whose mask is missing is kept, so that its
-    image can still be checked).
+    image can still be checked). With ``skipped`` (and no ``problems``), a problem that
+    concerns one sample leaves it out and is appended there as ``(check, message)``; other
+    problems raise (see :class:`Problems`).
     """
     if m.npz is not None:
         raise ConfigError(f"dataset '{m.name}': an npz manifest has no file list; use the pipeline loader")
@@ -551,12 +597,13 @@ def list_samples(m: Manifest, data_root: str | Path | None = None, problems: lis
         except DataError as exc:
             problems.append(f"data root: {exc}")
             return []
-    return assign_splits(m, root, list_unsplit(m, root, problems), problems)
+    return assign_splits(m, root, list_unsplit(m, root, problems, skipped), problems, skipped)
 
 
-def list_unsplit(m: Manifest, root: Path, problems: list[str] | None = None) -> list[Sample]:
+def list_unsplit(m: Manifest, root: Path, problems: list[str] | None = None,
+                 skipped: list[tuple[str, str]] | None = None) -> list[Sample]:
     """The samples of a file-based manifest before the split is applied (see :func:`list_samples`)."""
-    report = Problems(problems)
+    report = Problems(problems, skipped)
     if m.volumes is not None:
         return _volume_samples(m, root, report)
     if m.kind == "segmentation":

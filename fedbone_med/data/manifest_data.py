@@ -10,7 +10,7 @@ import torch
 from ..config import SiteConfig
 from ..errors import ConfigError, DataError
 from .manifest import Manifest
-from .pipeline import load_chain, load_manifest, load_manifest_splits
+from .pipeline import LOAD_STEPS, load_manifest, load_manifest_splits, load_pipeline, split_head
 from .sources import ArraySplit, SiteData
 
 
@@ -59,12 +59,20 @@ def _check_labels(cfg: SiteConfig, split: ArraySplit, name: str) -> None:
         raise DataError(f"site '{cfg.name}': {name} images contain NaN or Inf after the pipeline")
 
 
-def site_chain(cfg: SiteConfig, m: Manifest) -> list[dict[str, Any]]:
-    """The deterministic transform chain a site applies once per sample when it loads its data:
-    its ``data.pipeline`` then the resize to ``data.image_size``."""
-    chain = load_chain(cfg.data.pipeline) if cfg.data.pipeline else []
+def site_pipeline(cfg: SiteConfig, m: Manifest) -> list[dict[str, Any]]:
+    """The whole deterministic chain a site applies once per sample when it loads its data:
+    its ``data.pipeline`` (load steps first; without a pipeline file, :data:`LOAD_STEPS`),
+    then the resize to ``data.image_size``."""
+    chain = load_pipeline(cfg.data.pipeline) if cfg.data.pipeline else [dict(s) for s in LOAD_STEPS]
     keys = ["image"] if m.kind == "classification" else ["image", "label"]
     return [*chain, _resize(keys, cfg.data.image_size, "nearest")]
+
+
+def site_chain(cfg: SiteConfig, m: Manifest) -> list[dict[str, Any]]:
+    """The part of :func:`site_pipeline` after the load steps: what runs on a sample that
+    :func:`~fedbone_med.data.pipeline.read_sample` has read (channel-first arrays)."""
+    chain = site_pipeline(cfg, m)
+    return split_head(chain, cfg.data.pipeline or "the default load steps")[1]
 
 
 def load_manifest_site_data(cfg: SiteConfig, data_root: str | Path | None = None) -> SiteData:
@@ -73,9 +81,9 @@ def load_manifest_site_data(cfg: SiteConfig, data_root: str | Path | None = None
         raise ConfigError(f"site '{cfg.name}': data.manifest is required for source = 'manifest'")
     m = load_manifest(d.manifest)
     check_manifest_fits(cfg, m)
-    chain = site_chain(cfg, m)
-    # data.skip_bad_files: leave out and count files that fail to read instead of stopping;
-    # the counts go into the split record of the run output.
+    chain = site_pipeline(cfg, m)
+    # data.skip_bad_files: leave out and count samples with a problem of their own (listing or
+    # reading) instead of stopping; the counts go into the split record of the run output.
     train, val, record = load_manifest_splits(m, chain, data_root, val_split=d.val_split, skip_bad=d.skip_bad_files)
     if cfg.modality == "oct" and train.images.shape[1] == 3:  # grey B-scans read as RGB
         train, val = ArraySplit(train.images[:, :1], train.targets), ArraySplit(val.images[:, :1], val.targets)

@@ -1,20 +1,42 @@
 """From a manifest and a transform chain to the tensors a site trains on.
 
-A pipeline file (``pipelines/*.toml``, data only) has a ``[[transform]]`` list (see
-:mod:`fedbone_med.data.transforms`) applied once per sample when the site loads its data:
-reading, channel-first layout, field-of-view crop, resizing, intensity scaling. Samples
-are read with :mod:`fedbone_med.data.readers` (raster, DICOM, NIfTI, npz) into MONAI's
-dictionary format ``{"image": (C, H, W), "label": ...}``.
+A pipeline file (``pipelines/transforms/*.toml``, data only) is a ``[[transform]]`` list of
+allow-listed MONAI dictionary transforms (see :mod:`fedbone_med.data.transforms`), run once
+per sample when the site loads its data. Every step is declared in the file, starting with
+the two that turn a sample into arrays::
+
+    [[transform]]
+    name = "LoadSampled"            # read the sample's files (raster, DICOM, NIfTI B-scan, npz)
+    keys = ["image", "label"]
+    allow_missing_keys = true
+
+    [[transform]]
+    name = "EnsureChannelFirstd"    # MONAI's: (H, W, 3) -> (3, H, W), (H, W) -> (1, H, W)
+    keys = ["image", "label"]
+    allow_missing_keys = true
+
+then any deterministic preprocessing (field-of-view crop, intensity transforms ...); the loader
+appends the resize to the site's ``data.image_size``. A pipeline file without these two first
+steps is refused with a ConfigError that names the file and the missing step and shows the
+tables to add (:func:`split_head`); a site without a ``data.pipeline`` uses :data:`LOAD_STEPS`
+alone. A ``data.augment`` chain runs on loaded tensors and must not load.
+
+The loader builds one MONAI record per sample (file names, :mod:`fedbone_med.data.loading`),
+runs the two load steps on it (:func:`read_sample`; a file that fails a check raises
+:class:`~fedbone_med.data.loading.SampleError` with check-data's message), then the rest of
+the chain. Images are float32 in [0, 1], scaled by the readers (:mod:`fedbone_med.data.readers`).
 
 Labels follow :mod:`fedbone_med.models.losses`: one binary mask -> (1, H, W) float;
 several binary masks -> (C, H, W) float (multilabel); an index or colour mask -> (H, W)
-int64 class ids (multiclass); classification -> int64 class.
+int64 class ids (multiclass); classification -> int64 class. The conversion to tensors of
+these types is done here, after the chain, since it depends on the manifest's mask kinds.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +44,22 @@ import numpy as np
 import torch
 
 from ..configtools import from_mapping, read_toml
-from ..errors import DataError
-from .manifest import Manifest, Sample, list_samples, reason, resolve_root
+from ..errors import ConfigError, DataError
+from .loading import SampleError, archive_record, sample_record
+from .manifest import Manifest, Sample, empty_split_message, list_samples, resolve_root
 from .sources import ArraySplit
 from .transforms import build_transforms
+
+log = logging.getLogger(__name__)
+
+LOAD_STEP = "LoadSampled"
+CHANNEL_FIRST_STEP = "EnsureChannelFirstd"
+# The head every data.pipeline declares, in this order (and what a site without one runs).
+LOAD_STEPS: tuple[dict[str, Any], ...] = (
+    {"name": LOAD_STEP, "keys": ["image", "label"], "allow_missing_keys": True},
+    {"name": CHANNEL_FIRST_STEP, "keys": ["image", "label"], "allow_missing_keys": True},
+)
+_PURPOSE = {LOAD_STEP: "reads the sample's files", CHANNEL_FIRST_STEP: "puts channels first"}
 
 
 def load_manifest(path: str | Path) -> Manifest:
@@ -36,6 +70,7 @@ def load_manifest(path: str | Path) -> Manifest:
 
 
 def load_chain(path: str | Path) -> list[dict[str, Any]]:
+    """The ``[[transform]]`` list of a pipeline or augmentation file, unchecked."""
     data = read_toml(path)
     chain = data.get("transform", [])
     if set(data) - {"transform"} or not isinstance(chain, list):
@@ -43,155 +78,90 @@ def load_chain(path: str | Path) -> list[dict[str, Any]]:
     return chain
 
 
-def _color_map(colors: Mapping[str, int]) -> dict[tuple[int, int, int], int]:
-    out = {}
-    for key, cls in colors.items():
-        parts = [int(p) for p in key.split(",")]
-        if len(parts) != 3:
-            raise DataError(f"mask colour {key!r}: expected 'R,G,B'")
-        out[(parts[0], parts[1], parts[2])] = int(cls)
+def _step_toml(step: Mapping[str, Any]) -> str:
+    keys = ", ".join(f'"{k}"' for k in step["keys"])
+    return (f'[[transform]]\nname = "{step["name"]}"\nkeys = [{keys}]\n'
+            f"allow_missing_keys = {str(step['allow_missing_keys']).lower()}")
+
+
+def split_head(chain: Sequence[Mapping[str, Any]], where: str | Path) -> tuple[list[dict[str, Any]],
+                                                                                list[dict[str, Any]]]:
+    """(the load and channel-first steps, the rest) of a data.pipeline chain.
+
+    Protects against a pipeline that does not say how its samples are read: the chain must
+    start with ``LoadSampled`` then ``EnsureChannelFirstd``, both listing ``"image"``, and load
+    nowhere else. Otherwise a ConfigError names ``where`` (the file), the missing or misplaced
+    step, and gives the TOML tables to put at the head of the file.
+    """
+    names = [entry.get("name") if isinstance(entry, Mapping) else None for entry in chain]
+    for i, (step, default) in enumerate(zip((LOAD_STEP, CHANNEL_FIRST_STEP), LOAD_STEPS, strict=True)):
+        if step not in names:
+            place = "at the head of the file" if i == 0 else f"right after the {LOAD_STEP} step"
+            raise ConfigError(
+                f"{where}: the pipeline has no {step} step (it {_PURPOSE[step]}); every data.pipeline starts "
+                f"with {LOAD_STEP} then {CHANNEL_FIRST_STEP}. Add {place}:\n\n"
+                + "\n\n".join(_step_toml(s) for s in LOAD_STEPS[i:])
+            )
+        if names.index(step) != i:
+            raise ConfigError(
+                f"{where}: {step} is step {names.index(step)} of the pipeline; it must be step {i} "
+                f"({LOAD_STEP} first, then {CHANNEL_FIRST_STEP}, before any other transform)"
+            )
+        keys = chain[i].get("keys", default["keys"])
+        if "image" not in (keys if isinstance(keys, list | tuple) else [keys]):
+            raise ConfigError(f"{where}: transform[{i}] ({step}): keys must include \"image\"")
+    if LOAD_STEP in names[2:]:
+        raise ConfigError(f"{where}: {LOAD_STEP} appears again at step {names.index(LOAD_STEP, 2)}; load once, first")
+    return [dict(e) for e in chain[:2]], [dict(e) for e in chain[2:]]
+
+
+def load_pipeline(path: str | Path) -> list[dict[str, Any]]:
+    """A site's ``data.pipeline`` file, checked to start with the load steps (:func:`split_head`)."""
+    chain = load_chain(path)
+    split_head(chain, path)
+    return chain
+
+
+def load_augment(path: str | Path) -> list[dict[str, Any]]:
+    """A site's ``data.augment`` file: it runs on loaded tensors at batch time, so it must not load."""
+    chain = load_chain(path)
+    if any(entry.get("name") == LOAD_STEP for entry in chain):
+        raise ConfigError(f"{path}: a data.augment chain runs on loaded images; {LOAD_STEP} belongs at the head "
+                          "of the site's data.pipeline")
+    return chain
+
+
+def build_head(head: Sequence[Mapping[str, Any]] = LOAD_STEPS) -> list[Callable[[Any], Any]]:
+    """The load steps as transform objects, to run one record at a time (:func:`read_sample`).
+
+    They are called directly, not through ``Compose``, so that a bad file's
+    :class:`SampleError` reaches the loader as such (``Compose`` re-raises as RuntimeError).
+    """
+    return list(build_transforms(head).transforms)
+
+
+def _run_head(steps: Sequence[Callable[[Any], Any]], record: dict[str, Any]) -> dict[str, Any]:
+    """A record through the load steps: ``{"image": (C, H, W)}`` and, for masks, ``"label"``
+    (C, H, W) uint8, as contiguous numpy arrays (what the rest of the chain always received)."""
+    d = record
+    for step in steps:
+        d = step(d)
+    out: dict[str, Any] = {"image": np.ascontiguousarray(np.asarray(d["image"]))}
+    if "label" in d:
+        out["label"] = np.ascontiguousarray(np.asarray(d["label"]))
     return out
 
 
-def read_photo(path: Path) -> np.ndarray:
-    """One 2-D image as (H, W, 3) float32 in [0, 1]: raster files, or a single-frame DICOM
-    (Ophthalmic Photography, or one OCT B-scan); grey images are repeated over 3 channels."""
-    from .readers import detect_format, read_dicom, read_image
+def read_sample(m: Manifest, sample: Sample, head: Sequence[Callable[[Any], Any]] | None = None) -> dict[str, Any]:
+    """One sample through the load steps: ``{"image": (C, H, W) float32, "label": ...}`` numpy.
 
-    if detect_format(path) == "dicom":
-        pixels = read_dicom(path).pixels
-        if pixels.ndim == 3 and pixels.shape[-1] != 3:
-            if pixels.shape[0] != 1:
-                raise DataError(f"{path}: a multi-frame DICOM holds a volume; list its B-scans with an OCT manifest")
-            pixels = pixels[0]
-    else:
-        return read_image(path, mode="rgb")
-    return np.repeat(pixels[..., None], 3, axis=2) if pixels.ndim == 2 else pixels
-
-
-def read_volume(path: Path, axis: int) -> np.ndarray:
-    """An OCT volume as (N, H, W) float32 grey B-scans in [0, 1]: a NIfTI volume sliced along
-    ``axis``, or a DICOM (Ophthalmic Tomography) file, one B-scan per frame."""
-    from .readers import detect_format, read_dicom, read_nifti
-
-    if detect_format(path) != "dicom":
-        return read_nifti(path, axis=axis)  # (N, H, W)
-    image = read_dicom(path)
-    if not image.photometric.startswith("MONOCHROME"):
-        raise DataError(f"{path}: OCT volume: the frames are colour; B-scans must be greyscale (MONOCHROME)")
-    pixels = image.pixels  # (F, H, W) or (H, W)
-    return pixels if pixels.ndim == 3 else pixels[None]
-
-
-class SampleError(DataError):
-    """One sample's file failed a check while it was read for training. The message is the one
-    ``fedbone-site check-data`` gives for the same problem (``PATH: CHECK: REASON``)."""
-
-    def __init__(self, message: str, check: str) -> None:
-        super().__init__(message)
-        self.check = check
-
-
-def _failed(path: Path, check: str, exc: DataError) -> SampleError:
-    return SampleError(f"{path}: {check}: {reason(exc, path)}", check)
-
-
-def _shape_text(shape: tuple[int, ...]) -> str:
-    return "x".join(str(n) for n in shape)
-
-
-class VolumeCache:
-    """Keeps the last OCT volume (and its label volumes) read, since a volume's B-scans
-    are consecutive samples; one volume in memory at a time. A volume that failed to read
-    fails again for its other B-scans without being re-read."""
-
-    def __init__(self) -> None:
-        self._key: tuple[Path, ...] | None = None
-        self._arrays: list[np.ndarray] = []
-        self._error: SampleError | None = None
-
-    def get(self, m: Manifest, sample: Sample) -> list[np.ndarray]:
-        key = (sample.image, *sample.masks)
-        if key != self._key:
-            self._key, self._arrays, self._error = key, [], None
-            try:
-                self._arrays = self._read(m, sample)
-            except SampleError as exc:
-                self._error = exc
-        if self._error is not None:
-            raise SampleError(str(self._error), self._error.check)
-        return self._arrays
-
-    @staticmethod
-    def _read(m: Manifest, sample: Sample) -> list[np.ndarray]:
-        from .readers import read_nifti_labels
-
-        axis = m.volumes.axis if m.volumes is not None else 2
-        try:
-            volume = read_volume(sample.image, axis)
-        except DataError as exc:
-            raise _failed(sample.image, "volume read", exc) from None
-        arrays = [volume]
-        for p in sample.masks:
-            try:
-                lab = read_nifti_labels(p, axis=axis)
-            except DataError as exc:
-                raise _failed(p, "label volume read", exc) from None
-            if lab.shape != volume.shape:
-                raise SampleError(f"{p}: label volume shape: {_shape_text(lab.shape)} (B-scans x rows x columns) "
-                                  f"differs from its volume's {_shape_text(volume.shape)}", "label volume shape")
-            arrays.append(lab)
-        return arrays
-
-
-def read_bscan(m: Manifest, sample: Sample, cache: VolumeCache) -> dict[str, Any]:
-    """One B-scan of an OCT volume: image (1, H, W), label (1, H, W) class ids or the volume's label."""
-    volume, *labels = cache.get(m, sample)
-    k = int(sample.frame or 0)
-    if not 0 <= k < volume.shape[0]:
-        raise SampleError(f"{sample.image}: B-scan index: B-scan {k} is beyond the volume's {volume.shape[0]}",
-                          "B-scan index")
-    d: dict[str, Any] = {"image": volume[k][None].astype(np.float32)}
+    ``head`` is :func:`build_head` of the site's pipeline (default: :data:`LOAD_STEPS`); pass the
+    same one for every sample of a split, since it keeps the last OCT volume read. The label is
+    (C, H, W) uint8 masks, or the class id of a classification sample.
+    """
+    d = _run_head(head if head is not None else build_head(), sample_record(m, sample))
     if m.kind == "classification":
         d["label"] = sample.label
-        return d
-    planes = [lab[k] > spec.threshold if spec.kind == "binary" else lab[k]
-              for spec, lab in zip(m.masks, labels, strict=True)]
-    d["label"] = np.stack(planes).astype(np.uint8)  # (C, H, W)
-    return d
-
-
-def read_sample(m: Manifest, sample: Sample, cache: VolumeCache | None = None) -> dict[str, Any]:
-    """Read one sample's image and label (channel-first numpy)."""
-    from .readers import read_mask
-
-    if sample.frame is not None:
-        return read_bscan(m, sample, cache or VolumeCache())
-    try:
-        image = read_photo(sample.image)  # (H, W, 3)
-    except DataError as exc:
-        raise _failed(sample.image, "image read", exc) from None
-    d: dict[str, Any] = {"image": np.ascontiguousarray(image.transpose(2, 0, 1))}  # (3, H, W)
-    if m.kind == "classification":
-        d["label"] = sample.label
-        return d
-    masks = []
-    for spec, path in zip(m.masks, sample.masks, strict=True):
-        try:
-            if spec.kind == "color":
-                mask = read_mask(path, kind="color", color_map=_color_map(spec.colors), unknown=spec.unknown)
-            else:
-                mask = read_mask(path, kind=spec.kind, threshold=spec.threshold)
-        except DataError as exc:
-            raise _failed(path, "mask read", exc) from None
-        if mask.shape != image.shape[:2]:
-            raise SampleError(
-                f"{path}: mask size: mask is {mask.shape[1]}x{mask.shape[0]} pixels, "
-                f"its image {sample.image.name} is {image.shape[1]}x{image.shape[0]}",
-                "mask size",
-            )
-        masks.append(mask)
-    d["label"] = np.stack(masks).astype(np.uint8)  # (C, H, W)
     return d
 
 
@@ -204,72 +174,94 @@ def _finish_label(m: Manifest, label: Any) -> torch.Tensor:
     return torch.as_tensor(arr, dtype=torch.float32)  # (C, H, W) {0, 1}
 
 
-def materialise(m: Manifest, samples: Sequence[Sample], chain: list[dict[str, Any]],
-                skipped: Counter[str] | None = None) -> ArraySplit:
+def materialise(m: Manifest, samples: Sequence[Sample], chain: Sequence[Mapping[str, Any]],
+                skipped: Counter[str] | None = None, split: str = "train") -> ArraySplit:
     """Read and transform every sample; stack into one in-memory split.
 
-    A sample whose file fails a check raises :class:`SampleError` (the check-data message),
-    unless ``skipped`` is given: then the sample is left out and counted under its check.
+    ``chain`` is a whole data.pipeline chain, load steps first (see :func:`split_head`). A sample
+    whose file fails a check raises :class:`SampleError` (the check-data message), unless
+    ``skipped`` is given: then the sample is left out, counted under its check and logged.
     """
-    transform = build_transforms(chain, seed=0)
+    head, body = split_head(chain, "transform chain")
+    steps = build_head(head)
+    transform = build_transforms(body, seed=0)
     images, labels = [], []
-    cache = VolumeCache()
     for sample in samples:
         try:
-            raw = read_sample(m, sample, cache)
+            raw = _run_head(steps, sample_record(m, sample))
         except SampleError as exc:
             if skipped is None:
                 raise
             skipped[exc.check] += 1
+            log.warning("%s (left out: data.skip_bad_files)", exc)
             continue
-        d = transform(raw)
+        d = transform(raw)  # a class id joins after the chain, which only sees image and masks
         images.append(torch.as_tensor(np.asarray(d["image"]), dtype=torch.float32))
-        labels.append(_finish_label(m, d["label"]))
+        labels.append(_finish_label(m, sample.label if m.kind == "classification" else d["label"]))
     if not images:
-        raise DataError(f"dataset '{m.name}': the split is empty")
+        raise DataError(f"dataset '{m.name}': split '{split}': every one of its {len(samples)} sample(s) failed a "
+                        "check and was left out (data.skip_bad_files); run fedbone-site check-data")
     shapes = {tuple(x.shape) for x in images}
     if len(shapes) > 1:
         raise DataError(f"dataset '{m.name}': images differ in shape after the pipeline {sorted(shapes)}; add a resize")
     return ArraySplit(torch.stack(images), torch.stack(labels))
 
 
-def materialise_npz(m: Manifest, split: str, chain: list[dict[str, Any]], data_root: str | Path | None) -> ArraySplit:
-    """A split of an npz manifest (arrays already split by key, e.g. RetinaMNIST)."""
+def materialise_npz(m: Manifest, split: str, chain: Sequence[Mapping[str, Any]],
+                    data_root: str | Path | None) -> ArraySplit:
+    """A split of an npz manifest (arrays already split by key, e.g. RetinaMNIST).
+
+    The archive is read once (:func:`~fedbone_med.data.readers.read_npz`); each item then goes
+    through the chain's load steps like a file sample.
+    """
     from .readers import read_npz
 
     if m.npz is None or split not in m.npz.splits:
         raise DataError(f"dataset '{m.name}': no npz split {split!r}")
     images_key, labels_key = m.npz.splits[split]
-    images, labels = read_npz(resolve_root(m, data_root) / m.npz.file, images_key=images_key,
-                                      labels_key=labels_key)
-    transform = build_transforms(chain, seed=0)
+    path = resolve_root(m, data_root) / m.npz.file
+    images, labels = read_npz(path, images_key=images_key, labels_key=labels_key)
+    head, body = split_head(chain, "transform chain")
+    steps = build_head(head)
+    transform = build_transforms(body, seed=0)
     out = []
-    for img in images:
-        chw = img.transpose(2, 0, 1) if img.ndim == 3 else img[None]
-        out.append(torch.as_tensor(np.asarray(transform({"image": np.ascontiguousarray(chw)})["image"]),
-                                   dtype=torch.float32))
+    for i in range(len(images)):
+        raw = _run_head(steps, archive_record(path, images, i))
+        out.append(torch.as_tensor(np.asarray(transform(raw)["image"]), dtype=torch.float32))
     return ArraySplit(torch.stack(out), torch.as_tensor(np.asarray(labels).reshape(-1), dtype=torch.int64))
 
 
-def load_manifest_splits(m: Manifest, chain: list[dict[str, Any]], data_root: str | Path | None = None,
+def load_manifest_splits(m: Manifest, chain: Sequence[Mapping[str, Any]], data_root: str | Path | None = None,
                          val_split: str = "val", skip_bad: bool = False,
                          ) -> tuple[ArraySplit, ArraySplit, dict[str, Any]]:
     """(train, val, record of the split) for a manifest; the record goes into the run output.
 
-    The file list must be right (a listing problem always stops the run). A listed file that
-    fails when read stops the run too, with the message check-data gives for it, unless
-    ``skip_bad``: then it is left out, and the record's ``skipped`` counts every skip per split
-    and check (counts only; file names can carry patient identifiers).
+    ``chain`` is the site's whole chain, load steps first. A problem with the data set as a
+    whole (data root, empty folder, labels or split file unusable, subject leak, an empty
+    split) stops the run with the message check-data gives. So does a problem with one
+    sample, found while listing (a missing mask, a labels-CSV row naming a missing file or an
+    unknown class, ...) or while reading (an unreadable file, a mask of the wrong size), unless
+    ``skip_bad``: then the sample is left out and logged, and the record's ``skipped`` counts
+    every skip under its check: ``listing`` (found before the split is made) and per split
+    (found while reading). Counts only; file names can carry patient identifiers.
     """
     if m.npz is not None:
         tr, va = materialise_npz(m, "train", chain, data_root), materialise_npz(m, val_split, chain, data_root)
         return tr, va, {"dataset": m.name, "method": "npz keys", "train_images": len(tr), "val_images": len(va)}
-    samples = list_samples(m, data_root)
+    listing: list[tuple[str, str]] = []
+    samples = list_samples(m, data_root, skipped=listing if skip_bad else None)
+    for _, message in listing:
+        log.warning("%s (left out: data.skip_bad_files)", message)
+    found = {s.split for s in samples}
+    for name in ("train", val_split):
+        if name not in found:
+            raise DataError(empty_split_message(name, found))
     train = [s for s in samples if s.split == "train"]
     val = [s for s in samples if s.split == val_split]
-    skipped: dict[str, Counter[str]] = {"train": Counter(), "val": Counter()}
-    tr = materialise(m, train, chain, skipped["train"] if skip_bad else None)
-    va = materialise(m, val, chain, skipped["val"] if skip_bad else None)
+    skipped: dict[str, Counter[str]] = {"listing": Counter(c for c, _ in listing), "train": Counter(),
+                                        "val": Counter()}
+    tr = materialise(m, train, chain, skipped["train"] if skip_bad else None, "train")
+    va = materialise(m, val, chain, skipped["val"] if skip_bad else None, val_split)
     record = split_record(m, train, val)
     if skip_bad:
         record["train_images"], record["val_images"] = len(tr), len(va)

@@ -179,10 +179,10 @@ def load_site_data(cfg: SiteConfig, data_root: str | Path | None = None) -> Site
     """
     data = _load_splits(cfg, data_root)
     if cfg.data.augment:
-        from .pipeline import load_chain
+        from .pipeline import load_augment
         from .transforms import build_transforms
 
-        data.augment = build_transforms(load_chain(cfg.data.augment))
+        data.augment = build_transforms(load_augment(cfg.data.augment))
     return data
 
 

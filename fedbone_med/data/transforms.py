@@ -9,11 +9,14 @@ A pipeline file lists transforms by name with keyword arguments::
     spatial_axis = 1
 
 Names resolve through :data:`TRANSFORMS`, an allow-list of MONAI dictionary transforms
-plus this project's own (field-of-view crop, an albumentations bridge, OCT speckle). A
-name that is not on the list, or an argument the transform does not take, is a
-ConfigError naming it; nothing is imported or evaluated from the file.
+plus this project's own (the load step :class:`LoadSampled`, field-of-view crop, an
+albumentations bridge, OCT speckle). A name that is not on the list, or an argument the
+transform does not take, is a ConfigError naming it; nothing is imported or evaluated from
+the file.
 
-Arrays are channel-first (C, H, W) numpy/torch, as MONAI expects. Geometric transforms
+A site's ``data.pipeline`` starts with ``LoadSampled`` (read the sample's files) and MONAI's
+``EnsureChannelFirstd`` (channel-first layout); see :mod:`fedbone_med.data.pipeline`. After
+them arrays are channel-first (C, H, W) numpy/torch, as MONAI expects. Geometric transforms
 must be given every spatial key (image and masks) so masks stay aligned; masks use
 nearest-neighbour interpolation (``mode``) so class ids are never blended.
 """
@@ -30,6 +33,7 @@ from monai.transforms import MapTransform, Randomizable
 
 from ..errors import ConfigError, DataError
 from ..registry import Registry
+from .loading import SAMPLE_KEY, ArchiveItem, FileItem, VolumeCache, load_item
 
 TRANSFORMS: Registry = Registry("transform")
 
@@ -61,6 +65,49 @@ _MONAI_ALLOWED = (
 
 for _name in _MONAI_ALLOWED:
     TRANSFORMS.register(_name)(getattr(mt, _name))
+
+
+@TRANSFORMS.register("LoadSampled")
+class LoadSampled(MapTransform):
+    """The load step: read the files a sample record names into MONAI MetaTensors.
+
+    A record (built by the site's loader, :func:`~fedbone_med.data.loading.sample_record`) names
+    the image file in ``"image"``, the mask files in ``"label"`` and how to read them in
+    ``"sample"``. The step reads them with this project's readers (raster, DICOM, NIfTI B-scans,
+    npz items; :func:`~fedbone_med.data.loading.load_item`), so that check-data and training
+    read files with one implementation, and returns the arrays in their stored layout with
+    ``original_channel_dim`` in their metadata, as MONAI's ``LoadImaged`` does, for the
+    ``EnsureChannelFirstd`` step that follows. A file that fails a check raises
+    :class:`~fedbone_med.data.loading.SampleError` with check-data's message.
+
+    ``keys`` must list ``"image"``, and ``"label"`` if the data set has masks (a record of a
+    classification sample has no ``"label"`` entry: its class is attached after the chain).
+    The last OCT volume read is kept, since a volume's B-scans are consecutive samples.
+    """
+
+    def __init__(self, keys: Sequence[str] = ("image", "label"), allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        names = {str(k) for k in self.keys}
+        if "image" not in names or not names <= {"image", "label"}:
+            raise ConfigError(f"LoadSampled: keys must be ['image'] or ['image', 'label'], got {sorted(names)}")
+        self._cache = VolumeCache()
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        from monai.data import MetaTensor
+
+        d = dict(data)
+        item = d.pop(SAMPLE_KEY, None)
+        if not isinstance(item, FileItem | ArchiveItem):
+            raise ConfigError("LoadSampled: the record names no sample to read; LoadSampled must be the first step "
+                              "of a data.pipeline, and cannot run in a data.augment chain")
+        loaded = load_item(item, self._cache)
+        d["image"] = MetaTensor(torch.from_numpy(np.ascontiguousarray(loaded.image)),
+                                meta={"original_channel_dim": loaded.channel_dim})
+        if loaded.label is not None:
+            if "label" not in self.keys:
+                raise ConfigError("LoadSampled: the data set has masks; list 'label' in its keys")
+            d["label"] = MetaTensor(torch.from_numpy(loaded.label), meta={"original_channel_dim": 0})
+        return d
 
 
 @TRANSFORMS.register("FundusFOVCropd")
