@@ -97,3 +97,42 @@ def test_insecure_dev_mode_is_refused_off_loopback_at_both_ends(tmp_path, capsys
                       "--kit", str(tmp_path / "p" / "sites" / "fundus-vessels"), "--out", str(tmp_path / "s"),
                       "--server", "10.1.2.3:50051", "--insecure-dev", "--quiet"])
     assert code == 2 and "loopback only" in capsys.readouterr().err
+
+
+def test_fedbone_run_data_root_points_every_site_at_another_copy(tmp_path, capsys, monkeypatch):
+    from fedbone_med.data.manifest import DATA_ROOT_ENV
+
+    shared = ROOT.parent / "shared" / "data" / "retinamnist" / "retinamnist.npz"
+    if not shared.is_file():
+        pytest.skip(f"RetinaMNIST is not at {shared} (see ../shared/data/README.md)")
+    monkeypatch.setenv(DATA_ROOT_ENV, str(tmp_path / "not-used"))  # --data-root wins over the environment
+    exp = tmp_path / "exp.toml"
+    exp.write_text(f"""
+name = "data-root"
+rounds = 1
+steps_per_round = 1
+[server.backbone]
+name = "swin-tiny"
+embed_dim = 16
+depths = [1, 1, 1, 1]
+num_heads = [1, 2, 2, 4]
+[[sites]]
+config = "{ROOT / 'sites' / 'retinamnist-dr.toml'}"
+[sites.data]
+image_size = 32
+""")
+    # A hospital's own copy of the data set, somewhere else
+    copy = tmp_path / "hospital-copy"
+    (copy / "retinamnist").mkdir(parents=True)
+    shutil.copy(shared, copy / "retinamnist" / "retinamnist.npz")
+    assert fedbone.main(["run", str(exp), "--out", str(tmp_path / "a"), "--quiet", "--data-root", str(copy)]) == 0
+    results = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert results["sites"]["retinamnist-dr"]["n_train"] == 1080
+    # An empty folder: the site's data root error names the folder given
+    (tmp_path / "empty").mkdir()
+    assert fedbone.main(["run", str(exp), "--out", str(tmp_path / "b"), "--quiet",
+                         "--data-root", str(tmp_path / "empty")]) != 0
+    assert str(tmp_path / "empty") in capsys.readouterr().err
+    assert fedbone.main(["run", str(exp), "--out", str(tmp_path / "c"), "--data-root", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert "--data-root" in err and "not a directory" in err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,8 +18,14 @@ from .common import main_wrapper
 def _run(args: argparse.Namespace) -> int:
     from ..config import ExperimentConfig, load_experiment
     from ..configtools import deep_merge, from_mapping, to_plain
+    from ..data.manifest import DATA_ROOT_ENV
+    from ..errors import ConfigError
     from ..experiments.federation import Federation, format_table, verify_logs
 
+    if args.data_root is not None:  # read by every manifest, in this process and in the site processes it starts
+        if not args.data_root.is_dir():
+            raise ConfigError(f"--data-root {args.data_root}: not a directory")
+        os.environ[DATA_ROOT_ENV] = str(args.data_root.resolve())
     cfg = load_experiment(args.experiment)
     overrides = {k: v for k, v in (("rounds", args.rounds), ("steps_per_round", args.steps)) if v is not None}
     if overrides:
@@ -93,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="inprocess: one process (default); grpc: a server and one process per site on "
                           "loopback, mutual TLS")
     run.add_argument("--threads", type=int, default=1, help="torch threads per process with --transport grpc")
+    run.add_argument("--data-root", type=Path, help="folder holding the real datasets the sites' manifests name "
+                     "(else $FEDBONE_DATA_ROOT, else ../shared/data); passed on to every site process")
     run.set_defaults(func=_run)
 
     from .reproduce import add_parser as add_reproduce
