@@ -468,3 +468,17 @@ def test_an_oversized_streamed_frame_is_refused_before_it_is_buffered(pki, serve
             list(stub.ForwardStream(iter([first]), timeout=10))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "declared length exceeds the limit" in err.value.details()
+
+
+def test_a_leave_body_carries_only_a_finite_privacy_spend() -> None:
+    from fedbone_med.transport import wire
+
+    assert wire.leave_privacy_from_wire("a", None) is None
+    assert wire.leave_privacy_from_wire("a", {"epsilon": 1.5, "delta": None}) == (1.5, None)
+    assert wire.leave_privacy({"epsilon": 2, "delta": 1e-5, "noise_multiplier": 1.0}) == (2.0, 1e-5)
+    assert wire.leave_privacy({}) is None and wire.leave_privacy(None) is None
+    for bad in ({"epsilon": float("nan"), "delta": None}, {"epsilon": -1.0, "delta": None}, {"epsilon": True,
+                "delta": None}, {"epsilon": 1.0}, {"epsilon": 1.0, "delta": None, "extra": 1}, [1.0, None],
+                {"epsilon": 1.0, "delta": "x"}):
+        with pytest.raises(ProtocolError, match="leave"):
+            wire.leave_privacy_from_wire("a", bad)

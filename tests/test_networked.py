@@ -308,3 +308,34 @@ def test_a_site_that_fails_to_start_stops_the_run_at_once_with_its_error(tmp_pat
         run_networked(cfg, tmp_path / "net", quiet=True, timeout=300)
     assert time.monotonic() - t0 < 120  # not the server's join timeout
     assert "fundus-vessels exited with code 3" in str(err.value) and "folder not found" in str(err.value)
+
+
+def test_a_site_that_spends_its_budget_mid_round_leaves_a_log_that_agrees_with_the_server(tmp_path: Path) -> None:
+    """The partial round it left in is in its own log and the server's, with the epsilon it reported on leaving."""
+    private = tmp_path / "private.toml"
+    text = (ROOT / "sites" / "phantom-oct-edema-private.toml").read_text()
+    private.write_text(text[:text.index("[privacy]")] + "[privacy]\nenabled = true\nnoise_multiplier = 1.5\n"
+                       "epsilon_budget = 1.8\nlabel_dp = false\nactivation_clip = 1.0\nsecure_mode = false\n")
+    exp = _experiment(tmp_path, rounds=2, steps=4)
+    exp.write_text(exp.read_text().replace(str(ROOT / "sites" / "phantom-oct-edema.toml"), str(private)))
+    results = run_networked(load_experiment(exp), tmp_path / "net", quiet=True, timeout=600)
+    site = json.loads((tmp_path / "net" / "sites" / "oct-edema-private" / "site-results.json").read_text())
+    stopped = site["stopped"]
+    assert stopped is not None and "budget" in stopped["reason"].lower()
+    # every site's own log agrees with the server's, the leaver's partial round included
+    assert results["audit"]["sites"]["oct-edema-private"].startswith("agrees with the server"), results["audit"]
+    from fedbone_med.audit import load_public_keys, verify_log
+
+    net = tmp_path / "net"
+    server = verify_log(net / "server" / "audit" / "server.jsonl",
+                        load_public_keys([net / "server" / "keys" / "server-audit-key.pub.pem"]))
+    entry = next(s for e in server.records if e["kind"] == "round" and e["body"]["round"] == stopped["round"]
+                 for s in e["body"]["sites"] if s["site_id"] == "oct-edema-private")
+    own = verify_log(net / "sites" / "oct-edema-private" / "audit" / "site.jsonl",
+                     load_public_keys([net / "sites" / "oct-edema-private" / "keys"
+                                       / "site-oct-edema-private-audit-key.pub.pem"]))
+    partial = next(e["body"] for e in own.records
+                   if e["kind"] == "site_round" and e["body"]["round"] == stopped["round"])
+    assert stopped["round"] == 1 and 0 < partial["steps"] == entry["steps"] == stopped["step"] % 4 < 4
+    assert entry["epsilon"] is not None and entry["epsilon"] == partial["epsilon"] <= 1.8
+    assert [e["kind"] for e in own.records if e["kind"] in ("leave", "site_run_end")] == ["leave"]

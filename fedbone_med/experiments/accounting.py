@@ -109,8 +109,8 @@ class CountingTransport(Transport):
         self.ledger.add(self.site, received={"embedding": nbytes(result.embedding)})
         return result
 
-    def leave(self, site: str) -> None:
-        self.inner.leave(site)
+    def leave(self, site: str, privacy: Mapping[str, float] | None = None) -> None:
+        self.inner.leave(site, privacy)
 
 
 # -- models of one site, for counting --------------------------------------------------------

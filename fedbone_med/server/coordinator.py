@@ -100,6 +100,8 @@ class Coordinator:
         self.started = expected_sites is None
         self.pending: dict[str, _SiteSession] = {}  # joined mid-round: admitted when the round completes
         self.dropped: dict[str, str] = {}  # site -> why it is no longer a member (until it joins again)
+        # site -> (epsilon, delta) reported when it left mid-round; taken by the round's audit record
+        self.departed_privacy: dict[str, tuple[float | None, float | None]] = {}
         self.events: list[dict[str, Any]] = []  # joins, leaves, dropouts, skipped steps (for the audit log)
         self._first_slot_at: float | None = None
         self.device = resolve_device(cfg.device)
@@ -170,13 +172,17 @@ class Coordinator:
             self._cv.notify_all()
             return len(self.sites)
 
-    def leave(self, site: str) -> None:
+    def leave(self, site: str, privacy: tuple[float | None, float | None] | None = None) -> None:
+        """A site leaves; ``privacy``: its (epsilon, delta) spent so far, kept in ``departed_privacy``
+        for the audit record of the round it leaves in (a leaving site sends no end-of-round report)."""
         with self._cv:
             was_member = self.sites.pop(site, None) is not None
             self.pending.pop(site, None)
             self.slots.pop(site, None)
             if was_member:
                 self.events.append({"event": "leave", "site": site, "round": self.round, "reason": "left"})
+                if privacy is not None:
+                    self.departed_privacy[site] = privacy
             self._membership_changed()
             self._cv.notify_all()
 

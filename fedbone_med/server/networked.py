@@ -134,7 +134,9 @@ class NetworkedServer:
         digest = save_checkpoint(c.state_dict(), self.ckpt_path)
         write_json_atomic(self.results, self.out / "server-results.json")
         if self.audit is not None:
-            privacy = {n: (r.extra.get("epsilon"), r.extra.get("delta")) for n, r in reports.items()}
+            # a site that left mid-round (e.g. its privacy budget was spent) reported its spend with the leave
+            departed, c.departed_privacy = c.departed_privacy, {}
+            privacy = {**departed, **{n: (r.extra.get("epsilon"), r.extra.get("delta")) for n, r in reports.items()}}
             self.audit.round_finished(rnd, c.backbone, usage, steps, self.cfg.server.aggregation.method, digest,
                                       privacy, ledgers=self.ledger.take_round(rnd),
                                       losses={n: r.train_loss for n, r in reports.items()})

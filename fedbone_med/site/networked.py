@@ -257,6 +257,13 @@ class NetworkedSite:
                     self.stopped = {"round": rnd, "step": step, "reason": str(exc)}
                     self._say(f"stopped: {exc}")
                     self._write_results()
+                    ledger = self.ledger.take(rnd)
+                    if self.audit is not None and (ledger["up"]["frames"] or ledger["down"]["frames"]):
+                        # what this partial round exchanged before the leave (the server lists the site too)
+                        spent = rt.privacy.report() if rt.privacy is not None else {}
+                        self.audit.round_finished(
+                            rnd, steps=i, samples=i * min(self.cfg.train.batch_size, len(self.data.train)),
+                            ledger=ledger, epsilon=spent.get("epsilon"), delta=spent.get("delta"))
                     return
                 bar.update(1)
                 elapsed = time.perf_counter() - t0

@@ -256,8 +256,9 @@ class SiteRuntime:
         return {"train_loss": train_loss, **metrics, **privacy, **self.skipped_files()}
 
     def leave(self) -> None:
-        """Leave the federation (e.g. when the privacy budget is spent)."""
-        self.transport.leave(self.name)
+        """Leave the federation (e.g. when the privacy budget is spent), telling the server the
+        privacy spent so far (for its audit record of this round: no end-of-round report follows)."""
+        self.transport.leave(self.name, self.privacy.report() if self.privacy is not None else None)
 
     def sync_round(self, round: int) -> tuple[str, ...]:
         """Apply the server's averaged embedding, if this site is in a FedAvg group."""

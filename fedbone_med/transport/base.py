@@ -8,6 +8,7 @@ Every method may raise :class:`fedbone_med.errors.ProtocolError`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 
 from torch import Tensor
 
@@ -38,5 +39,6 @@ class Transport(ABC):
         """Fetch the end-of-round result once every site has reported."""
 
     @abstractmethod
-    def leave(self, site: str) -> None:
-        """Leave the federation cleanly."""
+    def leave(self, site: str, privacy: Mapping[str, float] | None = None) -> None:
+        """Leave the federation cleanly; ``privacy``: the site's epsilon/delta spent so far, for the
+        server's audit record of the round it leaves in (it sends no end-of-round report)."""

@@ -15,6 +15,7 @@ frames above ``max_frame_bytes`` are refused before sending.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import grpc
@@ -213,7 +214,9 @@ class GrpcTransport(Transport):
             raise ProtocolError(f"round sync answers round {result.round}, asked for {round}")
         return result
 
-    def leave(self, site: str) -> None:
+    def leave(self, site: str, privacy: Mapping[str, float] | None = None) -> None:
         if site != self.site:
             raise ProtocolError(f"this transport belongs to site {self.site!r}, not {site!r}")
-        self._exchange("Leave", "leave", None, [], "ok")
+        spent = wire.leave_privacy(privacy)
+        self._exchange("Leave", "leave", None if spent is None else {"epsilon": spent[0], "delta": spent[1]}, [],
+                       "ok")

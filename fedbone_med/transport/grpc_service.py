@@ -295,8 +295,8 @@ class FederationService(pb_grpc.FederationServicer):
     def Leave(self, request: pb.Sealed, context: grpc.ServicerContext) -> pb.Sealed:  # noqa: N802
         def handle(site: str, s: Session) -> bytes:
             _, body, tensors = wire.open_message(s, request.sealed, "leave")
-            _require_no_payload(site, "leave", body, tensors)
-            self.coordinator.leave(site)
+            _require_no_payload(site, "leave", None, tensors)
+            self.coordinator.leave(site, wire.leave_privacy_from_wire(site, body))
             answer = wire.seal_message(s, "ok", None, [])
             with self._lock:
                 if self._sessions.get(site) is s:

@@ -10,7 +10,7 @@ over gRPC, with a canonical plaintext encoding of the message in place of the se
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 import torch
@@ -89,5 +89,5 @@ class InProcessTransport(Transport):
         self._book(site, "down", "round-sync-reply", round + 1, 0, {**head, "sync": meta}, tensors)
         return result
 
-    def leave(self, site: str) -> None:
-        self.coordinator.leave(site)
+    def leave(self, site: str, privacy: Mapping[str, float] | None = None) -> None:
+        self.coordinator.leave(site, wire.leave_privacy(privacy))

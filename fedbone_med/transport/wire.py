@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -55,6 +56,30 @@ def ledger_tags(msg_type: str, round: int, mode: str = "train") -> tuple[int, in
     if msg_type == "round-sync":
         return round + 1, round + 1
     return None
+
+
+def leave_privacy(privacy: Mapping[str, Any] | None) -> tuple[float | None, float | None] | None:
+    """(epsilon, delta) a leaving site reports from its privacy report, or None without one."""
+    eps = privacy.get("epsilon") if privacy else None
+    if privacy is None or eps is None:
+        return None
+    delta = privacy.get("delta")
+    return float(eps), None if delta is None else float(delta)
+
+
+def leave_privacy_from_wire(site: str, body: Any) -> tuple[float | None, float | None] | None:
+    """A Leave request's optional body ``{"epsilon": float, "delta": float | null}``, checked."""
+    if body is None:
+        return None
+    if not isinstance(body, dict) or set(body) != {"epsilon", "delta"}:
+        raise ProtocolError(f"site {site!r}: a leave request carries only {{epsilon, delta}}")
+    eps, delta = body["epsilon"], body["delta"]
+    for name, v in (("epsilon", eps), ("delta", delta)):
+        if v is None and name == "delta":
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ProtocolError(f"site {site!r}: leave request: {name} must be a finite non-negative number")
+    return float(eps), None if delta is None else float(delta)
 
 
 def ledger_type(msg_type: str) -> str:
