@@ -290,8 +290,17 @@ def test_ctrl_c_at_a_site_leaves_cleanly_and_the_server_carries_on(fed_factory) 
     assert leaves and not any(e["event"] == "dropout" for e in server["events"])
     assert "fundus-dr" not in server["rounds"][-1]["sites"]
     assert "interrupted" in (fed.tmp / "site-fundus-dr.log").read_text()
-    # Its own audit log says it left
-    assert '"kind":"leave"' in (fed.tmp / "sites" / "fundus-dr" / "audit" / "site.jsonl").read_text()
+    # Its own audit log says it left, and holds the round it left in: the server's log lists the site in
+    # that round too (the frames it exchanged), so the two logs can be compared on every round.
+    site_log = fed.tmp / "sites" / "fundus-dr" / "audit" / "site.jsonl"
+    assert '"kind":"leave"' in site_log.read_text()
+    from fedbone_med.audit.crosscheck import cross_check
+
+    report = cross_check(fed.tmp / "server" / "audit" / "server.jsonl", site_log)
+    assert [c.round for c in report.rounds if not c.tail] == [0, 1]
+    assert report.rounds[0].status == "agree"
+    # round 1 was cut by the interrupt: it agrees, or differs only in what was in flight (never "missing")
+    assert all(d.field.startswith("ledger.") for d in report.rounds[1].differences), report.rounds[1].line()
 
 
 def test_a_site_that_fails_to_start_stops_the_run_at_once_with_its_error(tmp_path: Path, monkeypatch) -> None:

@@ -95,6 +95,7 @@ class NetworkedSite:
         self._synced_round = -1  # the last round whose sync this site applied
         self.ledger = FrameLedger()  # every sealed frame this site sent and received, per round
         self._ledgers: dict[int, dict[str, Any]] = {}  # round -> ledger summary, taken after the round's report
+        self._steps_in_round = 0  # training steps of the current round completed (for a partial round record)
         self.audit: SiteAuditTrail | None = None
 
     # -- connection -------------------------------------------------------------------------------
@@ -209,6 +210,7 @@ class NetworkedSite:
                     bar.refresh()
         except KeyboardInterrupt:
             self._say("interrupted: leaving the federation (the last completed round is checkpointed)")
+            self._close_partial_rounds(rnd, self._steps_in_round)
             self._leave_quietly()
             self._write_results()
             raise
@@ -247,6 +249,7 @@ class NetworkedSite:
         rt = self.runtime
         assert rt is not None
         t0 = time.perf_counter()
+        self._steps_in_round = 0
         last = rnd * steps + steps - 1
         if self._synced_round < rnd:  # not yet trained (a recovery may have trained and synced it already)
             for i in range(steps):
@@ -257,14 +260,9 @@ class NetworkedSite:
                     self.stopped = {"round": rnd, "step": step, "reason": str(exc)}
                     self._say(f"stopped: {exc}")
                     self._write_results()
-                    ledger = self.ledger.take(rnd)
-                    if self.audit is not None and (ledger["up"]["frames"] or ledger["down"]["frames"]):
-                        # what this partial round exchanged before the leave (the server lists the site too)
-                        spent = rt.privacy.report() if rt.privacy is not None else {}
-                        self.audit.round_finished(
-                            rnd, steps=i, samples=i * min(self.cfg.train.batch_size, len(self.data.train)),
-                            ledger=ledger, epsilon=spent.get("epsilon"), delta=spent.get("delta"))
+                    self._close_partial_rounds(rnd, i)
                     return
+                self._steps_in_round = i + 1
                 bar.update(1)
                 elapsed = time.perf_counter() - t0
                 post = {"round": rnd, "loss": f"{loss:.3f}", "steps/s": f"{(i + 1) / max(elapsed, 1e-9):.2f}"}
@@ -294,6 +292,32 @@ class NetworkedSite:
         eps = f", eps {record['epsilon']:.2f}" if "epsilon" in record else ""
         self._say(f"round {rnd}: {primary_metric(self.cfg.task)} {metrics['primary']:.3f}, "
                   f"train loss {record['train_loss']:.3f}{eps} ({record['seconds']:.1f} s)")
+
+    def _close_partial_rounds(self, rnd: int, steps_done: int) -> None:
+        """Before leaving mid-run: write the rounds this site exchanged frames in but has no record of yet.
+
+        The server's record of such a round lists the site (with the steps it aggregated and the frames
+        it saw), so the site's own log must say what it sent and received too: round ``rnd`` with
+        ``steps_done`` steps (all of them if it was trained and synced, validation pending), and a later
+        round (the validation after a sync is booked there) with none. An exchange cut in the middle
+        (e.g. by Ctrl-C) then shows up in ``cross-check`` as the difference it is.
+        """
+        if self.audit is None or self.runtime is None:
+            return
+        rt = self.runtime
+        assert rt.joined is not None and rt.joined.schedule is not None
+        spent = rt.privacy.report() if rt.privacy is not None else {}
+        per_step = min(self.cfg.train.batch_size, len(self.data.train))
+        # rounds trained and reported (validation pending): every step; the round in progress: those done
+        rounds = {r: (ledger, rt.joined.schedule.steps_per_round) for r, ledger in self._ledgers.items()}
+        self._ledgers.clear()
+        for r in self.ledger.open_rounds():
+            if r not in rounds:
+                rounds[r] = (self.ledger.take(r), steps_done if r == rnd else 0)
+        for r, (ledger, steps) in sorted(rounds.items()):
+            if ledger["up"]["frames"] or ledger["down"]["frames"]:
+                self.audit.round_finished(r, steps=steps, samples=steps * per_step, ledger=ledger,
+                                          epsilon=spent.get("epsilon"), delta=spent.get("delta"))
 
     def _roll_back(self) -> None:
         """Back to the start of the current round, except the privacy accountant: what was sent was sent.
