@@ -119,6 +119,51 @@ def config_hash(obj: Any) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
+# What a resumed run may change (``--resume`` with an edited configuration): the number of rounds of a
+# run not yet finished, and the network settings (deadlines, min_sites, message sizes, wire dtype).
+# Each change is recorded (audit ``config_change``); anything else needs a new run.
+RESUMABLE_KEYS = ("rounds", "network.")
+
+
+def flatten(plain: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted keys of a plain (``to_plain``) configuration; lists are values."""
+    if not isinstance(plain, dict):
+        return {prefix: plain}
+    out: dict[str, Any] = {}
+    for k, v in plain.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def resume_changes(before_json: str, after: Any, *, completed_rounds: int, where: str) -> list[str]:
+    """The keys that differ between a checkpoint's configuration and this one, if a resume may change them.
+
+    ``before_json``: the checkpoint's ``config_json`` (empty for checkpoints written before it existed);
+    ``after``: this run's configuration. Raises CheckpointError naming every key that may not change
+    (see :data:`RESUMABLE_KEYS`), or a ``rounds`` that would end the run before the rounds already done.
+    """
+    from .errors import CheckpointError
+
+    if not before_json:
+        raise CheckpointError(f"{where} was written for a different configuration and does not record which; "
+                              "use a new --out directory")
+    old, new = flatten(json.loads(before_json)), flatten(json.loads(json.dumps(to_plain(after), sort_keys=True)))
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k, "<absent>") != new.get(k, "<absent>"))
+    refused = [k for k in changed if not (k == "rounds" or k.startswith("network."))]
+    if refused:
+        raise CheckpointError(f"{where} was written with another configuration: {', '.join(refused)} changed; a "
+                              "resumed run may change only rounds and network.* settings; use a new --out directory "
+                              "for anything else")
+    if "rounds" in changed:
+        old_rounds, new_rounds = int(old["rounds"]), int(new["rounds"])
+        if completed_rounds >= old_rounds:
+            raise CheckpointError(f"{where}: the run finished all its {old_rounds} rounds (its audit log is closed); "
+                                  "start a new run to train further")
+        if new_rounds <= completed_rounds:
+            raise CheckpointError(f"{where}: rounds = {new_rounds}, but {completed_rounds} round(s) are already done")
+    return changed
+
+
 def _type_name(tp: Any) -> str:
     origin = get_origin(tp)
     if origin is Literal:

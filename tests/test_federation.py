@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import CLS2, SEG1, SEG9, resume_after_crash, site_cfg, tiny_server
+from conftest import CLS2, SEG1, SEG9, SimulatedCrash, resume_after_crash, site_cfg, tiny_server
 from fedbone_med.config import ExperimentConfig
+from fedbone_med.configtools import config_hash
+from fedbone_med.errors import CheckpointError
 from fedbone_med.experiments.federation import Federation, format_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -176,5 +178,42 @@ def test_resume_refuses_a_missing_checkpoint_or_another_configuration(tmp_path):
         Federation(cfg, tmp_path).run(resume=True, progress=False)
     Federation(cfg, tmp_path).run(progress=False)
     other = ExperimentConfig(**{**cfg.__dict__, "seed": 8})
-    with pytest.raises(CheckpointError, match="different configuration"):
+    with pytest.raises(CheckpointError, match="seed changed; a resumed run may change only rounds and network"):
         Federation(other, tmp_path).run(resume=True, progress=False)
+    longer = ExperimentConfig(**{**cfg.__dict__, "rounds": 3})  # the run is finished: its log is closed
+    with pytest.raises(CheckpointError, match="finished all its 1 rounds"):
+        Federation(longer, tmp_path).run(resume=True, progress=False)
+
+
+def test_an_unfinished_run_resumes_with_more_rounds_and_the_change_is_on_the_record(tmp_path):
+    """The operator extends a run that crashed after round 0: the new rounds run, the log says why its
+    configuration hash changed, and the closing record counts every round."""
+    cfg = _experiment(rounds=2, steps=2, n_train=16)
+    with pytest.raises(SimulatedCrash):
+        Federation(cfg, tmp_path).run(progress=False, on_round=_crash_after_round_0)
+    longer = ExperimentConfig(**{**cfg.__dict__, "rounds": 3})
+    resumed = Federation(longer, tmp_path)
+    results = resumed.run(resume=True, progress=False)
+    assert [r["round"] for r in results["rounds"]] == [0, 1, 2]
+    report = _verify(tmp_path)
+    change = [r["body"] for r in report.records if r["kind"] == "config_change"]
+    assert [(c["round"], c["changed_keys"]) for c in change] == [(1, ["rounds"])]
+    assert change[0]["config_hash_before"] == config_hash(cfg) and change[0]["config_hash_after"] == config_hash(longer)
+    rounds = [r["body"] for r in report.records if r["kind"] == "round"]
+    assert [(r["round"], r["config_hash"]) for r in rounds] == [(0, config_hash(cfg)), (1, config_hash(longer)),
+                                                                (2, config_hash(longer))]
+    assert report.ended == {resumed.run_id: 3}
+    # fewer rounds than are done is refused
+    with pytest.raises(CheckpointError, match="already done"):
+        _resume_with_rounds(cfg, tmp_path / "short", 1)
+
+
+def _crash_after_round_0(record: dict) -> None:
+    if record["round"] == 0:
+        raise SimulatedCrash
+
+
+def _resume_with_rounds(cfg, out, rounds):
+    with pytest.raises(SimulatedCrash):
+        Federation(cfg, out).run(progress=False, on_round=_crash_after_round_0)
+    Federation(ExperimentConfig(**{**cfg.__dict__, "rounds": rounds}), out).run(resume=True, progress=False)

@@ -28,9 +28,8 @@ from ..audit.ledger import FrameLedger, LedgerBook
 from ..audit.site_trail import SiteAuditTrail, ensure_site_key
 from ..checkpoint import file_sha256, load_checkpoint, save_checkpoint, write_json_atomic
 from ..config import ExperimentConfig
-from ..configtools import config_hash, to_plain
+from ..configtools import config_hash, resume_changes, to_plain
 from ..data.sources import load_site_data
-from ..errors import CheckpointError
 from ..privacy.errors import BudgetExceeded
 from ..server import Coordinator
 from ..server.audit_trail import ServerAuditTrail, ensure_server_key, module_hash
@@ -61,6 +60,8 @@ class Federation:
             cfg.server, run_id=self.run_id, seed=cfg.seed, config_hash=self.hash,
             embedding_fedavg=cfg.embedding_fedavg,
         )
+        self.coordinator.config_json = json.dumps(to_plain(cfg), sort_keys=True)
+        self._config_change: tuple[str, list[str]] | None = None  # (hash before, keys) when resumed with changes
         # Both ends book every exchange (as over gRPC), for the server's and each site's audit log.
         self.ledger = LedgerBook() if audit else None
         self.site_ledgers = {s.name: FrameLedger() for s in cfg.sites} if audit else {}
@@ -98,11 +99,10 @@ class Federation:
     def resume(self) -> int:
         """Load the last completed round's checkpoints; return the next round to run."""
         server = load_checkpoint(self.ckpt_dir / "server.pt", "server")
-        if server["config_hash"] != self.hash:
-            raise CheckpointError(
-                f"checkpoint in {self.ckpt_dir} was written for a different configuration "
-                f"(hash {server['config_hash'][:10]}, this run {self.hash[:10]}); use a new --out directory"
-            )
+        if server["config_hash"] != self.hash:  # only rounds (of an unfinished run) and network.* may change
+            changed = resume_changes(str(server.get("config_json", "")), self.cfg,
+                                     completed_rounds=int(server["round"]), where=f"checkpoint in {self.ckpt_dir}")
+            self._config_change = (str(server["config_hash"]), changed)
         self.coordinator.load_state_dict(server)
         self.run_id = self.coordinator.run_id = self.results["run_id"] = str(server["run_id"])
         for site in self.sites:
@@ -138,6 +138,8 @@ class Federation:
                     c = self.coordinator
                     self.audit.reconcile(start, file_sha256(self.ckpt_dir / "server.pt"),
                                          backbone_hash=module_hash(c.backbone), step=c.step)
+                    if self._config_change is not None:  # resumed with more or fewer rounds: on the record
+                        self.audit.config_changed(start, self._config_change[0], self.hash, self._config_change[1])
                 self._open_site_audits(start, resume)
             self.coordinator.take_events()  # the initial joins: start() recorded them
             for rnd in range(start, cfg.rounds):

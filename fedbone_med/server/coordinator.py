@@ -88,6 +88,8 @@ class Coordinator:
         self.cfg = cfg
         self.run_id = run_id
         self.config_hash = config_hash
+        # The owner's configuration as canonical JSON, kept in checkpoints so a resume can say what changed.
+        self.config_json = ""
         self.embedding_fedavg = embedding_fedavg
         self.wait_timeout = wait_timeout
         self.steps_per_round = steps_per_round
@@ -454,6 +456,7 @@ class Coordinator:
             "software_version": __version__,
             "run_id": self.run_id,
             "config_hash": self.config_hash,
+            "config_json": self.config_json,
             "round": self.round,
             "step": self.step,
             "backbone": self.backbone.state_dict(),

@@ -30,7 +30,7 @@ from .. import __version__
 from ..audit.ledger import LedgerBook
 from ..checkpoint import file_sha256, load_checkpoint, save_checkpoint, write_json_atomic
 from ..config import ServeConfig
-from ..configtools import config_hash, to_plain
+from ..configtools import config_hash, resume_changes, to_plain
 from ..crypto.kits import ServerKit
 from ..errors import CheckpointError, ConfigError, ProtocolError
 from ..transport.grpc_service import bound_port, serve
@@ -77,6 +77,8 @@ class NetworkedServer:
             min_sites=net.min_sites, step_deadline=net.step_deadline_s, round_deadline=net.round_deadline_s,
             wire_dtype=net.wire_dtype,
         )
+        self.coordinator.config_json = json.dumps(to_plain(cfg), sort_keys=True)
+        self._config_change: tuple[str, list[str]] | None = None  # (hash before, keys) when resumed with changes
         self.results: dict[str, Any] = {
             "experiment": cfg.name, "run_id": run_id, "config_hash": self.hash, "seed": cfg.seed,
             "software_version": __version__, "config": to_plain(cfg), "expected_sites": list(self.expected),
@@ -100,9 +102,10 @@ class NetworkedServer:
         if not self.ckpt_path.exists():
             raise CheckpointError(f"--resume: no server checkpoint at {self.ckpt_path}")
         state = load_checkpoint(self.ckpt_path, "server")
-        if state["config_hash"] != self.hash:
-            raise CheckpointError(f"{self.ckpt_path} was written for a different configuration "
-                                  f"(hash {state['config_hash'][:10]}, this one {self.hash[:10]})")
+        if state["config_hash"] != self.hash:  # only rounds (of an unfinished run) and network.* may change
+            changed = resume_changes(str(state.get("config_json", "")), self.cfg, completed_rounds=int(state["round"]),
+                                     where=str(self.ckpt_path))
+            self._config_change = (str(state["config_hash"]), changed)
         self.coordinator.load_state_dict(state)
         self.coordinator.run_id = self.results["run_id"] = str(state["run_id"])
         prior = self.out / "server-results.json"
@@ -149,6 +152,17 @@ class NetworkedServer:
         self._round_t0 = time.perf_counter()
         if rnd + 1 >= self.cfg.rounds:
             self._done.set()
+
+    def _record_config_change(self) -> None:
+        """Resumed with an edited configuration (rounds, network.*): say so in the log and the results."""
+        if self._config_change is None:
+            return
+        before, changed = self._config_change
+        if self.audit is not None:
+            self.audit.config_changed(self.coordinator.round, before, self.hash, changed)
+        self.results["events"].append({"event": "config_change", "round": self.coordinator.round,
+                                       "changed_keys": changed})
+        self._print(f"resumed with a changed configuration ({', '.join(changed)}); recorded in the audit log")
 
     def _rotate_audit_key(self, new_key: Path) -> None:
         """Recorded and signed by the old key; from then on the new key signs, and is the server's key."""
@@ -211,6 +225,8 @@ class NetworkedServer:
             if self.rotate_audit_key is not None:
                 self._rotate_audit_key(self.rotate_audit_key)
             self._audit_revocations()
+        self._record_config_change()
+        if self.audit is not None:
             self.audit.round_started(c.backbone)
         c.on_round_finished = self._round_finished
         server = serve(
