@@ -257,23 +257,28 @@ def test_a_restarted_server_resumes_and_ends_equal_to_an_uninterrupted_run(fed_f
     fed.wait_rounds(1)
     fed.procs["server"].send_signal(signal.SIGKILL)  # somewhere in round 1
     fed.procs["server"].wait()
-    # The operator restarts it with a longer step deadline (a network setting: allowed, and recorded)
+    # The operator restarts it with one more round and a longer step deadline (allowed, and recorded);
+    # the sites learn the new schedule when they join again.
     from fedbone_med.configtools import read_toml, to_toml
 
     server_cfg = read_toml(fed.server_toml)
+    server_cfg["rounds"] = 4
     server_cfg.setdefault("network", {})["step_deadline_s"] = 555.0
     fed.server_toml.write_text(to_toml(server_cfg))
     time.sleep(1.0)  # the sites notice and retry with backoff
     fed.start_server(resume=True)
     for name in ("server", *SITES):
         assert fed.wait(name) == 0, fed.logs()
-    assert [r["round"] for r in fed.server_rounds()] == [0, 1, 2]
+    assert [r["round"] for r in fed.server_rounds()] == [0, 1, 2, 3]
     from fedbone_med.audit import load_public_keys, verify_log
 
     log = verify_log(fed.tmp / "server" / "audit" / "server.jsonl",
                      load_public_keys([fed.tmp / "server" / "keys" / "server-audit-key.pub.pem"]), require_ended=True)
     changes = [e["body"] for e in log.records if e["kind"] == "config_change"]
-    assert [(c["round"], c["changed_keys"]) for c in changes] == [(1, ["network.step_deadline_s"])]
+    assert [(c["round"], c["changed_keys"]) for c in changes] == [(1, ["network.step_deadline_s", "rounds"])]
+    assert log.ended == {log.runs[0]: 4}
+    exp = tmp_path / "exp.toml"  # the same federation run uninterrupted for 4 rounds
+    exp.write_text(exp.read_text().replace("rounds = 3\n", "rounds = 4\n"))
     reconnects = [json.loads((fed.tmp / "sites" / n / "site-results.json").read_text())["reconnects"] for n in SITES]
     assert all(r >= 1 for r in reconnects)
     ref = _in_process(tmp_path / "exp.toml", tmp_path / "inproc")

@@ -206,6 +206,11 @@ class NetworkedSite:
                     if not _needs_rejoin(exc):
                         raise
                     rnd = self._recover(rnd, exc)
+                    assert rt.joined is not None and rt.joined.schedule is not None
+                    if rt.joined.schedule.rounds != sched.rounds:  # the server resumed with more (or fewer) rounds
+                        self._say(f"the server now runs {rt.joined.schedule.rounds} rounds (was {sched.rounds})")
+                        sched = rt.joined.schedule
+                        bar.total = sched.rounds * sched.steps_per_round
                     bar.n = rnd * sched.steps_per_round
                     bar.refresh()
         except KeyboardInterrupt:
