@@ -114,7 +114,7 @@ _lib: ctypes.CDLL | None = None
 _status = "not loaded yet"
 _tried = False
 _pool: ThreadPoolExecutor | None = None
-_pool_workers = 0
+_pool_key = (0, 0)  # (process id, workers): a forked child must not use its parent's (thread-less) pool
 
 
 def status() -> str:
@@ -199,13 +199,14 @@ def available() -> bool:
 
 
 def _executor(workers: int) -> ThreadPoolExecutor:
-    global _pool, _pool_workers
+    global _pool, _pool_key
+    key = (os.getpid(), workers)
     with _lock:
-        if _pool is None or _pool_workers != workers:
-            if _pool is not None:
+        if _pool is None or _pool_key != key:
+            if _pool is not None and _pool_key[0] == key[0]:
                 _pool.shutdown(wait=False)
             _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fedbone-gram")
-            _pool_workers = workers
+            _pool_key = key
         return _pool
 
 
