@@ -30,8 +30,10 @@ lint: setup
 	$(BIN)/ruff check fedbone_med tests benchmarks
 	$(BIN)/mypy fedbone_med
 
+# One torch thread per test process: the suite's models are small, and two threads on two cores
+# shared with any other job make torch's parallel regions wait on each other (runs 10x slower).
 test: lint
-	$(BIN)/python -m pytest
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest
 
 bench: setup
 	$(BIN)/python benchmarks/projection.py --out runs/bench/projection.json
