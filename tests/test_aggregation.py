@@ -725,3 +725,4 @@ def test_native_kernel_is_not_used_for_other_layouts_or_dtypes(native_kernel):
     strided = torch.randn(4, 6000)[:, ::2]
     assert torch.equal(agg_projection.gram_entries(strided, 0, 4, 1),
                        agg_projection.gram_entries(strided, 0, 4, 1, native=False))
+

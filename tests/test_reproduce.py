@@ -34,6 +34,7 @@ def _cfg(rounds: int = 2, steps: int = 2, seed: int = 0) -> ExperimentConfig:
         seed=seed,
         rounds=rounds,
         steps_per_round=steps,
+        embedding_fedavg=False,  # as the ophthalmic experiment: FedBone sites keep their embeddings
         server=tiny_server("projection", lr=2e-3),
         sites=(
             site_cfg("vessels", "vessels", "fundus", SEG1, size=32, n_train=12, n_val=8, batch=4),
@@ -87,6 +88,7 @@ def test_every_method_trains_with_the_same_step_budget(tmp_path):
 
 def test_fedavg_averages_backbones_and_embeddings_but_not_heads():
     cfg = _cfg(rounds=1, steps=2)
+    assert not cfg.embedding_fedavg  # FedAvg averages the full model whatever FedBone does with embeddings
     group = LocalGroup(cfg, _data(cfg), fedavg=True)
     before = {m.site.name: _flat(m.coordinator.backbone.state_dict()) for m in group.members}
     results = group.run()
@@ -176,8 +178,9 @@ def test_centralised_backbone_gradient_is_the_sum_over_every_site():
 # -- bytes ------------------------------------------------------------------------------------
 
 
-def test_fedbone_bytes_counted_match_tensor_sizes(tmp_path):
-    cfg = rep.with_method(_cfg(rounds=1, steps=2), "fedbone-mean", 0)
+@pytest.mark.parametrize("method", ["fedbone-mean", "fedbone-projection-avgemb"])
+def test_fedbone_bytes_counted_match_tensor_sizes(tmp_path, method):
+    cfg = rep.with_method(_cfg(rounds=1, steps=2), method, 0)
     results = rep.run_fedbone(cfg, tmp_path / "run", "inprocess", keep_checkpoints=False)
     backbone = build_backbone(cfg.server.backbone)
     # by hand: 32 px images, stride-2 stem -> z (16, 16, 16); 4 Swin stages -> F_l (16 * 2^l, 16 / 2^l, ...)
@@ -186,7 +189,8 @@ def test_fedbone_bytes_counted_match_tensor_sizes(tmp_path):
     for s in cfg.sites:
         m = results["rounds"][0]["sites"][s.name]
         n_val = results["sites"][s.name]["n_val"]
-        emb = sum(v.numel() * 4 for v in _embedding_state(cfg, s).values())
+        # embeddings go up and the modality's average comes down only in the averaged-embedding ablation
+        emb = sum(v.numel() * 4 for v in _embedding_state(cfg, s).values()) if cfg.embedding_fedavg else 0
         batch = s.train.batch_size
         want_sent = 2 * batch * (z + feats) + n_val * z + emb
         want_received = 2 * batch * (feats + z) + n_val * feats + emb  # both modalities have 2 sites
@@ -243,14 +247,14 @@ def test_outputs_are_written_and_consistent(reproduction):
     out, summary = reproduction
     for f in ("table.md", "results.csv", "costs.csv", "results.json", "report.md", "curves.png", "conflicts.png"):
         assert (out / f).is_file() and (out / f).stat().st_size > 0, f
-    for m in ("fedbone-mean", "fedbone-projection", "fedbone-projection-localemb"):
+    for m in ("fedbone-mean", "fedbone-projection", "fedbone-projection-avgemb"):
         for seed in (0, 1):
             log = out / "runs" / f"{m}-seed{seed}" / "audit" / "server.jsonl"
             assert log.is_file() and log.read_text().strip(), log
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["methods"] == list(rep.ALL_METHODS)
     assert set(on_disk["sites"]) == {"vessels", "dr", "layers", "edema"}
-    # fedbone-mean, -projection, -projection-localemb x 2 seeds: the server's log and each of the 4 sites' own
+    # fedbone-mean, -projection, -projection-avgemb x 2 seeds: the server's log and each of the 4 sites' own
     logs = on_disk["audit_logs"]
     assert sum(p.endswith("audit/server.jsonl") for p in logs) == 6
     assert sum(p.endswith("audit/site.jsonl") for p in logs) == 6 * 4 and len(logs) == 30
@@ -297,7 +301,7 @@ def test_report_statements_follow_the_numbers(reproduction):
     section = report.split("## Ablation")[1]
     for site, info in on_disk["sites"].items():
         key = info["primary_metric"]
-        diff = (on_disk["metrics"]["fedbone-projection-localemb"][site][key]["mean"]
+        diff = (on_disk["metrics"]["fedbone-projection-avgemb"][site][key]["mean"]
                 - on_disk["metrics"]["fedbone-projection"][site][key]["mean"])
         assert f"{site} {diff:+.3f}" in section
 
@@ -422,6 +426,7 @@ def test_profiles_describe_the_five_site_experiment():
         cfg = rep.load_experiment_file(p.experiment)
         assert {s.name for s in cfg.sites} == names, profile
         assert set(rep.METHODS) <= set(p.methods) <= set(rep.ALL_METHODS)
+        assert cfg.embedding_fedavg is False, profile  # the paper's FedBone: embeddings stay at the sites
         loaded[profile] = (p, cfg)
     assert loaded["default"][0].seeds == (0, 1, 2) and loaded["quick"][0].seeds == (0,)
     gpu = loaded["gpu"][1]
@@ -447,11 +452,28 @@ def test_gpu_profile_builds_swin_t_and_fits_every_site():
         build_site_model(replace(s, train=replace(s.train, device="cpu")), cut)
 
 
-def test_local_embedding_ablation_keeps_every_embedding_at_its_site(tmp_path):
-    cfg = rep.with_method(_cfg(rounds=1, steps=1), "fedbone-projection-localemb", 0)
+def test_fedbone_keeps_embeddings_local_and_the_ablation_averages_them(tmp_path):
+    base = _cfg(rounds=1, steps=1)
+    cfg = rep.with_method(base, "fedbone-projection", 0)
     assert cfg.server.aggregation.method == "projection" and cfg.embedding_fedavg is False
-    results = rep.run_fedbone(cfg, tmp_path / "r", "inprocess", keep_checkpoints=False)
+    results = rep.run_fedbone(cfg, tmp_path / "local", "inprocess", keep_checkpoints=False)
     for name, m in results["final"].items():
         assert m["fedavg_group"] == [name]
         assert m["bytes_detail"]["sent"].get("embedding", 0) == 0
         assert m["bytes_detail"]["received"].get("embedding", 0) == 0
+    ablation = rep.with_method(base, "fedbone-projection-avgemb", 0)
+    assert ablation.server.aggregation.method == "projection" and ablation.embedding_fedavg is True
+    results = rep.run_fedbone(ablation, tmp_path / "avg", "inprocess", keep_checkpoints=False)
+    groups = {"vessels": {"vessels", "dr"}, "dr": {"vessels", "dr"}, "layers": {"layers", "edema"},
+              "edema": {"layers", "edema"}}
+    for name, m in results["final"].items():
+        assert set(m["fedavg_group"]) == groups[name], (name, m["fedavg_group"])
+        assert m["bytes_detail"]["sent"]["embedding"] > 0 and m["bytes_detail"]["received"]["embedding"] > 0
+
+
+def test_retired_method_name_says_what_replaced_it(tmp_path):
+    with pytest.raises(ConfigError, match="fedbone-projection-avgemb"):
+        rep.reproduce(_cfg(rounds=1, steps=1), tmp_path, seeds=(0,), methods=("fedbone-projection-localemb",))
+    with pytest.raises(ConfigError, match="unknown method 'fedbone-nope'"):
+        rep.check_methods(["local", "fedbone-nope"])
+    assert not (tmp_path / "results.json").exists()

@@ -1,7 +1,7 @@
 """``fedbone reproduce``: FedBone against its baselines on a named experiment.
 
     fedbone reproduce ophthalmic [--quick | --profile NAME] [--data-root DIR] [--out DIR]
-                                 [--transport inprocess|grpc] [--seeds N]
+                                 [--transport inprocess|grpc] [--seeds N] [--methods a,b,...]
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ def add_parser(sub: Any) -> None:
     rep.add_argument("--seeds", type=int, help="number of seeds (0..N-1); default: the profile's")
     rep.add_argument("--methods",
                      help="comma-separated methods: local,fedavg,fedbone-mean,fedbone-projection,central, "
-                     "and the ablation fedbone-projection-localemb (no embedding FedAvg)")
+                     "and the ablation fedbone-projection-avgemb (FedBone projection with same-modality "
+                     "embeddings averaged each round); default: the profile's")
     rep.add_argument("--rounds", type=int, help="override the number of rounds")
     rep.add_argument("--steps", type=int, help="override steps per round")
     rep.add_argument("--no-memory", action="store_true", help="skip the step-memory measurement")

@@ -23,10 +23,10 @@ LABELS = {
     "fedbone-mean": "FedBone (mean)",
     "fedbone-projection": "FedBone (projection)",
     "central": "centralised",
-    "fedbone-projection-localemb": "FedBone (projection, local embeddings)",
+    "fedbone-projection-avgemb": "FedBone (projection, averaged embeddings)",
 }
 FEDBONE = "fedbone-projection"
-ABLATION = "fedbone-projection-localemb"
+ABLATION = "fedbone-projection-avgemb"
 CSV_FIELDS = ["method", "site", "metric", "primary", "mean", "std", "n_seeds", "values"]
 
 
@@ -330,7 +330,8 @@ def report_markdown(summary: dict[str, Any]) -> str:
     if "comparison_ablation" in summary:
         abl = summary["comparison_ablation"]
         lines += ["", f"## Ablation: {LABELS[ABLATION]}", "",
-                  "The same FedBone (projection) runs without the per-modality FedAvg of embeddings at round ends; "
+                  "The same FedBone (projection) runs with the embeddings of same-modality sites averaged (FedAvg, "
+                  "weighted by training samples) at every round's end; "
                   "primary metric, ablation minus FedBone (projection): "
                   + ", ".join(f"{n} {r['against'][FEDBONE]['diff']:+.3f}" for n, r in abl["sites"].items()) + ".",
                   "", *_goal_lines(abl["goals"], LABELS[ABLATION])]
