@@ -103,6 +103,12 @@ class CrossCheckReport:
     def agree(self) -> bool:
         return self.first_difference is None
 
+    def scope(self) -> str:
+        """What was compared: "N round(s)", plus "and the exchange after the last round" when a tail was."""
+        n_rounds = sum(not c.tail for c in self.rounds)
+        tail = " and the exchange after the last round" if any(c.tail for c in self.rounds) else ""
+        return f"{n_rounds} round(s){tail}"
+
 
 def _compare(run: str, rnd: int, server: Mapping[str, Any], site: Mapping[str, Any],
              site_fingerprint: str | None = None) -> list[Difference]:

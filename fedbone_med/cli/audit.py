@@ -131,9 +131,7 @@ def cmd_cross_check(args: argparse.Namespace) -> int:
         n = len(report.differences)
         raise AuditError(f"cross-check failed: {first.describe()}" + (f" (and {n - 1} more difference(s))"
                                                                      if n > 1 else ""), check="cross-check")
-    n_rounds = sum(not c.tail for c in report.rounds)
-    tail = " and the exchange after the last round" if any(c.tail for c in report.rounds) else ""
-    print(f"OK: server and site {report.site_id} agree on {n_rounds} round(s){tail}")
+    print(f"OK: server and site {report.site_id} agree on {report.scope()}")
     return 0
 
 

@@ -313,8 +313,6 @@ def verify_logs(cfg: ExperimentConfig, server_dir: Path, sites_dir: Path) -> dic
             summary["sites"][s.name] = f"does not verify: {exc}"
             continue
         first = report.first_difference
-        n_rounds = sum(not c.tail for c in report.rounds)
-        tail = " and the exchange after the last round" if any(c.tail for c in report.rounds) else ""
-        summary["sites"][s.name] = (f"agrees with the server on {n_rounds} round(s){tail}" if first is None
+        summary["sites"][s.name] = (f"agrees with the server on {report.scope()}" if first is None
                                     else f"differs: {first.describe()}")
     return summary
