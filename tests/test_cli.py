@@ -36,18 +36,23 @@ def test_serve_without_a_provisioning_directory_names_what_is_missing(tmp_path, 
     assert code == 2 and "bogus" in capsys.readouterr().err
 
 
-def test_fedbone_run_writes_results_and_prints_the_table(tmp_path, capsys):
-    exp = tmp_path / "exp.toml"
-    exp.write_text(
-        f"""
-name = "cli"
+# A one-round experiment on a tiny backbone; the caller appends its [[sites]].
+TINY_EXPERIMENT = """
+name = "{name}"
 rounds = 1
-steps_per_round = 2
+steps_per_round = {steps}
 [server.backbone]
 name = "swin-tiny"
 embed_dim = 16
 depths = [1, 1, 1, 1]
 num_heads = [1, 2, 2, 4]
+"""
+
+
+def test_fedbone_run_writes_results_and_prints_the_table(tmp_path, capsys):
+    exp = tmp_path / "exp.toml"
+    exp.write_text(
+        TINY_EXPERIMENT.format(name="cli", steps=2) + f"""
 [[sites]]
 config = "{ROOT / 'sites' / 'phantom-vessels.toml'}"
 [sites.data]
@@ -107,15 +112,7 @@ def test_fedbone_run_data_root_points_every_site_at_another_copy(tmp_path, capsy
         pytest.skip(f"RetinaMNIST is not at {shared} (see ../shared/data/README.md)")
     monkeypatch.setenv(DATA_ROOT_ENV, str(tmp_path / "not-used"))  # --data-root wins over the environment
     exp = tmp_path / "exp.toml"
-    exp.write_text(f"""
-name = "data-root"
-rounds = 1
-steps_per_round = 1
-[server.backbone]
-name = "swin-tiny"
-embed_dim = 16
-depths = [1, 1, 1, 1]
-num_heads = [1, 2, 2, 4]
+    exp.write_text(TINY_EXPERIMENT.format(name="data-root", steps=1) + f"""
 [[sites]]
 config = "{ROOT / 'sites' / 'retinamnist-dr.toml'}"
 [sites.data]

@@ -503,15 +503,7 @@ def _events(recs: list[dict[str, Any]], ctx: _Ctx) -> list[str]:
                     esc(e["body"]["log_last_round"])] for e in of("round_backfill", "site_round_backfill")])
     out.append("<h3>Run ends (the exchange after each run's last round)</h3>")
     out += _table(["line", "time", "run", "party", "rounds", "tail frames up / down (bytes)", "final backbone",
-                   "checkpoint"],
-                  [[ln(e), esc(e["time"]), esc(b["run_id"]), esc(party), str(b["rounds"]),
-                    esc("; ".join(f"{name}: {led['up']['frames']} / {led['down']['frames']} "
-                                  f"({led['up']['bytes']} / {led['down']['bytes']} B)" for name, led in tails)
-                        or "nothing exchanged"),
-                    _short(b.get("backbone_hash")), _short(b.get("checkpoint_hash"))]
-                   for e in of("run_end", "site_run_end") for b in [e["body"]]
-                   for party, tails in [("server", [(x["site_id"], x["ledger"]) for x in b["sites"]])
-                                        if e["kind"] == "run_end" else (b["site_id"], [(b["site_id"], b["ledger"])])]])
+                   "checkpoint"], [_run_end_row(e, ln(e)) for e in of("run_end", "site_run_end")])
     out.append("<h3>Skipped steps</h3>")
     out += _table(["line", "time", "round", "step", "reason", "sites"],
                   [[ln(e), esc(e["time"]), str(e["body"]["round"]), str(e["body"]["step"]), esc(e["body"]["reason"]),
@@ -534,6 +526,19 @@ def _events(recs: list[dict[str, Any]], ctx: _Ctx) -> list[str]:
                   [[ln(e), esc(e["time"]), str(e["body"]["round"]), esc(e["body"]["role"]),
                     _full(e["body"]["checkpoint_hash"])] for e in of("checkpoint_write")])
     return out
+
+
+def _run_end_row(e: dict[str, Any], line: str) -> list[str]:
+    """One row of the run-ends table: the server's run_end (a tail per site) or a site's site_run_end."""
+    b = e["body"]
+    if e["kind"] == "run_end":
+        party, tails = "server", [(x["site_id"], x["ledger"]) for x in b["sites"]]
+    else:
+        party, tails = b["site_id"], [(b["site_id"], b["ledger"])]
+    frames = "; ".join(f"{name}: {led['up']['frames']} / {led['down']['frames']} "
+                       f"({led['up']['bytes']} / {led['down']['bytes']} B)" for name, led in tails)
+    return [line, esc(e["time"]), esc(b["run_id"]), esc(party), str(b["rounds"]), esc(frames or "nothing exchanged"),
+            _short(b.get("backbone_hash")), _short(b.get("checkpoint_hash"))]
 
 
 def _checkpoints(recs: list[dict[str, Any]], ctx: _Ctx) -> list[str]:

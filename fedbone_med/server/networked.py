@@ -136,9 +136,9 @@ class NetworkedServer:
         self.results["events"].extend(events)
         digest = save_checkpoint(c.state_dict(), self.ckpt_path)
         write_json_atomic(self.results, self.out / "server-results.json")
+        # a site that left mid-round (e.g. its privacy budget was spent) reported its spend with the leave
+        departed, c.departed_privacy = c.departed_privacy, {}
         if self.audit is not None:
-            # a site that left mid-round (e.g. its privacy budget was spent) reported its spend with the leave
-            departed, c.departed_privacy = c.departed_privacy, {}
             privacy = {**departed, **{n: (r.extra.get("epsilon"), r.extra.get("delta")) for n, r in reports.items()}}
             self.audit.round_finished(rnd, c.backbone, usage, steps, self.cfg.server.aggregation.method, digest,
                                       privacy, ledgers=self.ledger.take_round(rnd),
