@@ -9,7 +9,7 @@ for K in {2, 4, 8, 16, 32} sites and P in {1M, 10M} parameters (``--quick``: P i
 gets fewer repeats at P = 10M because one run of it takes seconds.
 
 It also times one backward pass of the demo backbone (``build_backbone("swin-tiny")``,
-batch 16, z of 16 x 16) and the projection at K = 16 with P = that backbone's parameter
+batch 16, z of 32 x 32) and the projection at K = 16 with P = that backbone's parameter
 count, and reports projection time / backward time.
 
 The headline ``projection_fraction_of_backward_k16`` is the LATENCY AFTER THE LAST SLOT
@@ -17,8 +17,9 @@ ARRIVES over one backward: the coordinator calls ``ProjectionAggregator.prepare`
 site's gradient slot is written, so rows 0..K-2 are prepared first (timed separately, off the
 critical path: ``prepare_s_per_row``), then ``prepare(K - 1)`` + ``__call__`` is timed. The
 non-incremental aggregator call (no prepare: all K(K+1)/2 order-independent Gram entries)
-is ``projection_fraction_of_backward_k16_full``; ``project_conflicting`` (GEMM Gram) keeps
-its own keys in ``backbone``.
+is ``projection_fraction_of_backward_k16_full``; ``project_conflicting`` (the same Gram in one
+pass over the rows) keeps its own keys in ``backbone``. Backward passes and aggregation rounds
+alternate (15 of each, medians), so a drift in the machine's speed moves both alike.
 
 Site gradients are i.i.d. standard normal: in high dimension their pairwise cosines are
 ~0 with random sign, so about half the pairs conflict and the loop does a real update for
@@ -157,17 +158,6 @@ def bench_backbone(seed: int, repeats: int) -> dict[str, object]:
         raise TypeError(f"backbone.in_channels must be an int, got {type(in_channels).__name__}")
     z = torch.randn(BACKBONE_BATCH, in_channels, BACKBONE_HW, BACKBONE_HW)  # (B, C, H, W)
 
-    backward_times = []
-    for step in range(repeats + 1):  # the first pass is warm-up
-        backbone.zero_grad(set_to_none=True)
-        outputs = backbone(z)
-        loss = sum(f.float().pow(2).mean() for f in outputs)
-        start = time.perf_counter()
-        loss.backward()
-        if step:
-            backward_times.append(time.perf_counter() - start)
-    backward_s = statistics.median(backward_times)
-
     gen = torch.Generator().manual_seed(seed)
     grads = torch.randn(BACKBONE_K, num_params, generator=gen)  # (K, P) float32
     order = torch.randperm(BACKBONE_K, generator=gen).tolist()
@@ -177,9 +167,18 @@ def bench_backbone(seed: int, repeats: int) -> dict[str, object]:
     read_s, _ = timed(lambda: grads.sum(dim=1), repeats=5, warmup=1)
 
     # The aggregator as the coordinator drives it: prepare(row) as each slot lands, then the call.
+    # Backward passes and aggregation rounds alternate, so a drift in the machine's speed (a
+    # shared 2-core VM) affects numerator and denominator alike.
     agg = ProjectionAggregator(seed=seed)
-    prepare_times, after_last_times = [], []
+    backward_times, prepare_times, after_last_times = [], [], []
     for rep in range(repeats + 1):  # the first round is warm-up
+        backbone.zero_grad(set_to_none=True)
+        outputs = backbone(z)
+        loss = sum(f.float().pow(2).mean() for f in outputs)
+        start = time.perf_counter()
+        loss.backward()
+        if rep:
+            backward_times.append(time.perf_counter() - start)
         for row in range(BACKBONE_K - 1):
             start = time.perf_counter()
             agg.prepare(grads, row)
@@ -190,6 +189,7 @@ def bench_backbone(seed: int, repeats: int) -> dict[str, object]:
         agg(grads)  # ... and the step's aggregation runs
         if rep:
             after_last_times.append(time.perf_counter() - start)
+    backward_s = statistics.median(backward_times)
     after_last_s = statistics.median(after_last_times)
     full_s, full_all = timed(lambda: agg(grads), repeats=3, warmup=1)  # no prepare: every entry
     kernel = native.status()
@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
             row = f"{k:>4} {p:>11,} {case['fast_s']:>10.4f} {case['loop_s']:>10.4f} {case['speedup']:>8.1f}x"
             print(row, flush=True)
 
-    backbone = bench_backbone(args.seed, repeats=5)
+    backbone = bench_backbone(args.seed, repeats=15)
     print(
         f"backbone: {backbone['backbone']}, P = {backbone['num_params']:,}: backward "
         f"{backbone['backward_s']:.4f} s, projection K={BACKBONE_K} {backbone['projection_s']:.4f} s "

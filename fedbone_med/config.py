@@ -237,10 +237,22 @@ class OptimizerConfig:
 
 @dataclass(frozen=True)
 class AggregationConfig:
-    """How the server combines the sites' backbone gradients each step."""
+    """How the server combines the sites' backbone gradients each step.
+
+    ``project_every``: with ``method = "projection"``, project on every n-th step (steps 0, n,
+    2n, ...) and take the plain reduction on the others (1: every step, as in the paper).
+    """
 
     method: str = "projection"
     reduction: Literal["mean", "sum"] = "mean"
+    project_every: int = 1
+
+    def validate(self) -> list[str]:
+        out = _positive("project_every", self.project_every)
+        if self.project_every != 1 and self.method != "projection":
+            out.append(f"project_every: only applies to method = \"projection\" (method is {self.method!r}); "
+                       "remove it or set it to 1")
+        return out
 
 
 @dataclass(frozen=True)

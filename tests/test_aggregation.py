@@ -30,7 +30,7 @@ from fedbone_med.aggregation import (
 )
 from fedbone_med.aggregation import base as agg_base
 from fedbone_med.aggregation import projection as agg_projection
-from fedbone_med.errors import AggregationError, CheckpointError, RegistryError
+from fedbone_med.errors import AggregationError, CheckpointError, ConfigError, RegistryError
 
 U32 = 2.0**-24  # unit roundoff of float32
 
@@ -128,8 +128,23 @@ def test_coefficients_reproduce_result_and_gram_path(case):
     fast, stats = project_conflicting(grads, order=order, reduction=reduction, weights=weights)
     w = torch.tensor(stats.coefficients, dtype=torch.float64)
     torch.testing.assert_close(w @ grads, fast, rtol=0, atol=1e-12 * (1 + float(grads.abs().max())))
-    w_gram = project_from_gram(gram_matrix(grads), order, reduction, weights)
+    w_gram = project_from_gram(agg_projection.incremental_gram(grads), order, reduction, weights)
     torch.testing.assert_close(w_gram, w, rtol=0, atol=0)
+    # The BLAS Gram gives the same coefficients up to its rounding.
+    w_blas = project_from_gram(gram_matrix(grads), order, reduction, weights)
+    torch.testing.assert_close(w_blas, w, rtol=1e-9, atol=1e-12)
+
+
+@settings(max_examples=30, deadline=None)
+@given(projection_cases(), st.integers(0, 2**31 - 1))
+def test_project_conflicting_has_the_bits_of_the_aggregator(case, seed):
+    """One Gram definition: the function and the aggregator agree exactly for the same order."""
+    grads, _, reduction, weights = case
+    agg = ProjectionAggregator(seed=seed, reduction=reduction)
+    out, stats = agg(grads.clone(), weights=weights)
+    again, stats2 = project_conflicting(grads, order=stats.projection_order, reduction=reduction, weights=weights)
+    assert torch.equal(out, again)
+    assert stats.coefficients == stats2.coefficients and stats.site_norms == stats2.site_norms
 
 
 # ---------------------------------------------------------------------------- known answers
@@ -368,6 +383,39 @@ def test_projection_aggregator_reproducible_and_checkpointable():
         ProjectionAggregator(seed=1, reduction="sum").load_state_dict(state)
 
 
+def test_projection_every_n_steps_alternates_with_the_plain_mean_and_resumes_in_phase():
+    gen = torch.Generator().manual_seed(3)
+    grads = torch.randn(5, 300, generator=gen)
+    grads[1] = -0.5 * grads[0] + 0.1 * grads[1]  # a conflicting pair, so projection changes the result
+    every1 = ProjectionAggregator(seed=4)
+    agg = ProjectionAggregator(seed=4, every=3)
+    outs = [agg(grads.clone()) for _ in range(7)]
+    methods = [stats.method for _, stats in outs]
+    assert methods == ["projection", "mean", "mean", "projection", "mean", "mean", "projection"]
+    mean_out, mean_stats = mean_aggregate(grads)
+    for out, stats in outs:
+        if stats.method == "mean":
+            assert torch.equal(out, mean_out) and stats.projection_order is None and stats.projections_applied == 0
+            assert stats.conflicting_pairs == mean_stats.conflicting_pairs
+            assert stats.site_norms == mean_stats.site_norms
+        else:
+            assert stats.projections_applied > 0 and not torch.equal(out, mean_out)
+    # only projecting calls draw an order: they follow the every-step aggregator's sequence
+    assert [stats.projection_order for _, stats in outs if stats.method == "projection"] == _orders(every1, grads, 3)
+    # a checkpoint taken after call 4 resumes in phase (call 5 plain, call 6 projects with the next order)
+    agg2 = ProjectionAggregator(seed=4, every=3)
+    for _ in range(5):
+        agg2(grads.clone())
+    resumed = ProjectionAggregator(seed=4, every=3)
+    resumed.load_state_dict(agg2.state_dict())
+    rest = [resumed(grads.clone()) for _ in range(2)]
+    assert [stats.method for _, stats in rest] == ["mean", "projection"]
+    assert torch.equal(rest[1][0], outs[6][0]) and rest[1][1].projection_order == outs[6][1].projection_order
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ConfigError, match="every"):
+            ProjectionAggregator(seed=0, every=bad)
+
+
 def test_failed_round_does_not_consume_a_permutation():
     grads = torch.randn(6, 10, generator=torch.Generator().manual_seed(0))
     bad = grads.clone()
@@ -412,11 +460,14 @@ def test_average_state_dicts_mismatch_errors():
 _FIXTURE_OK = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture]  # gram_lanes is per test, not per example
 
 
-@pytest.fixture(params=[8, None], ids=["lanes8", "lanes-default"])
+@pytest.fixture(params=[(8, 3), None], ids=["lanes8-chunks3", "lanes-default"])
 def gram_lanes(request, monkeypatch):
-    """Run with the default lane count and with 8 lanes, so small P spans many lane blocks."""
+    """Run with the default layout and with 8 lanes in blocks of 3 chunks, so small P spans many
+    chunks and column blocks (a block count that is not a power of two, a short last block)."""
     if request.param is not None:
-        monkeypatch.setattr(agg_projection, "GRAM_LANES", request.param)
+        lanes, chunks = request.param
+        monkeypatch.setattr(agg_projection, "GRAM_LANES", lanes)
+        monkeypatch.setattr(agg_projection, "GRAM_BLOCK_CHUNKS", chunks)
     return request.param
 
 
@@ -617,6 +668,44 @@ def test_prepared_non_finite_rows_named():
     with pytest.raises(AggregationError, match="non-finite backbone gradient.*'c'"):
         agg(grads, ["a", "b", "c", "d"])
     assert agg.rounds == 0
+
+
+def _documented_gram_entry(x: list[float], v: list[float], lanes: int, chunks: int) -> float:
+    """gram_entries' summation tree, written out in Python floats (IEEE double) from its docstring."""
+    p, width = len(x), lanes * chunks
+    block_sums = []
+    for b0 in range(0, p, width):
+        acc = [0.0] * lanes
+        for t in range(b0, min(p, b0 + width)):  # increasing t: lane (t - b0) % lanes
+            acc[(t - b0) % lanes] += x[t] * v[t]  # float32 values: the double product is exact
+        w = lanes
+        while w > 1:
+            acc[: w // 2] = [acc[i] + acc[i + w // 2] for i in range(w // 2)]
+            w //= 2
+        block_sums.append(acc[0])
+    span = 1
+    while span < len(block_sums):
+        span *= 2
+    block_sums += [0.0] * (span - len(block_sums))
+    while span > 1:
+        block_sums[: span // 2] = [block_sums[i] + block_sums[i + span // 2] for i in range(span // 2)]
+        span //= 2
+    return block_sums[0]
+
+
+@pytest.mark.parametrize("use_native", [False, True], ids=["torch-path", "compiled"])
+@pytest.mark.parametrize("p", [1, 7, 24, 50, 97])
+def test_gram_entries_follow_the_documented_summation_tree(monkeypatch, use_native, p):
+    if use_native and not native.available():
+        pytest.skip(f"compiled kernel unavailable here ({native.status()}); the PyTorch path is checked")
+    monkeypatch.setattr(agg_projection, "GRAM_LANES", 8)
+    monkeypatch.setattr(agg_projection, "GRAM_BLOCK_CHUNKS", 3)
+    grads = torch.randn(3, p, generator=torch.Generator().manual_seed(p)) * torch.logspace(-3, 3, p)
+    lanes, chunks, _ = agg_projection.gram_layout(p)
+    got = agg_projection.gram_entries(grads, 0, 3, 1, native=use_native)
+    rows = [[float(a) for a in r] for r in grads.tolist()]
+    expected = [_documented_gram_entry(rows[i], rows[1], lanes, chunks) for i in range(3)]
+    assert got.tolist() == expected  # every bit
 
 
 def test_incremental_gram_is_float64_accurate(gram_lanes):

@@ -47,6 +47,17 @@ def test_network_settings_are_checked():
         from_mapping(NetworkConfig, {"wire_dtype": "float8"}, where="x")
 
 
+def test_project_every_is_checked():
+    from fedbone_med.config import ServerConfig
+
+    cfg = from_mapping(ServerConfig, {"aggregation": {"method": "projection", "project_every": 4}}, where="x")
+    assert cfg.aggregation.project_every == 4
+    with pytest.raises(ConfigError, match="project_every: must be > 0"):
+        from_mapping(ServerConfig, {"aggregation": {"project_every": 0}}, where="x")
+    with pytest.raises(ConfigError, match="project_every: only applies to method = \"projection\""):
+        from_mapping(ServerConfig, {"aggregation": {"method": "mean", "project_every": 2}}, where="x")
+
+
 def test_unknown_key_is_named_with_a_suggestion_and_the_allowed_keys():
     bad = {**SITE, "data": {**SITE["data"], "imge_size": 64}}
     with pytest.raises(ConfigError) as info:

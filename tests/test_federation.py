@@ -59,6 +59,17 @@ def test_short_federation_beats_chance_on_every_site(tmp_path):
     assert all(name in table for name in ("vessels", "layers", "edema"))
 
 
+def test_projection_every_n_steps_in_a_federation(tmp_path):
+    cfg = _experiment(rounds=2, steps=3, n_train=24)
+    agg = replace(cfg.server.aggregation, project_every=2)
+    cfg = replace(cfg, server=replace(cfg.server, aggregation=agg))
+    results = Federation(cfg, tmp_path).run(progress=False)
+    steps = results["aggregation"]
+    assert [s["step"] for s in steps] == list(range(6))
+    assert [s["method"] for s in steps] == ["projection", "mean"] * 3  # in phase across the round boundary
+    assert all(s["projection_order"] is None for s in steps[1::2])
+
+
 def _states(fed: Federation) -> dict[str, torch.Tensor]:
     out = {f"backbone.{k}": v for k, v in fed.coordinator.backbone.state_dict().items()}
     for site in fed.sites:

@@ -124,8 +124,11 @@ def _matrix_key(matrix: Tensor) -> tuple[Any, ...]:
 class ProjectionAggregator(Aggregator):
     """Conflicting-gradient projection (FedBone / PCGrad) with a seeded site order.
 
-    Owns one ``torch.Generator`` seeded once; each call draws a fresh permutation of
-    the K sites with ``torch.randperm``. A call that raises does not consume a draw.
+    Owns one ``torch.Generator`` seeded once; each projecting call draws a fresh permutation
+    of the K sites with ``torch.randperm``. A call that raises does not consume a draw.
+    ``every = n`` projects on calls 0, n, 2n, ... (counted by ``rounds``, which checkpoints
+    keep) and returns the plain reduction on the others, with that reduction's statistics
+    (``method`` "mean" or "sum", no order); 1 projects on every call.
 
     The Gram matrix is built with :func:`~.projection.gram_entries`, one row at a time, so
     :meth:`prepare` can compute a row's entries as its slot arrives and ``__call__`` only
@@ -138,11 +141,14 @@ class ProjectionAggregator(Aggregator):
 
     name = "projection"
 
-    def __init__(self, seed: int, reduction: str = "mean") -> None:
+    def __init__(self, seed: int, reduction: str = "mean", every: int = 1) -> None:
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ConfigError(f"projection aggregator seed must be an int, got {type(seed).__name__}")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ConfigError(f"projection aggregator: every must be an int >= 1, got {every!r}")
         self.seed = seed
         self.reduction = _check_reduction(reduction)
+        self.every = every
         self.generator = torch.Generator(device="cpu")
         self.generator.manual_seed(seed)
         self.rounds = 0
@@ -170,11 +176,11 @@ class ProjectionAggregator(Aggregator):
 
     def _workspace_for(self, matrix: Tensor) -> Tensor | None:
         """A reusable product buffer for float64 slots (float32 slots need none)."""
-        from .projection import gram_lanes
+        from .projection import gram_workspace_numel
 
         if matrix.dtype != torch.float64:
             return None
-        need = matrix.shape[0] * gram_lanes(matrix.shape[1])
+        need = gram_workspace_numel(matrix.shape[0], matrix.shape[1])
         ws = self._workspace
         if ws is None or ws.numel() < need or ws.device != matrix.device or ws.dtype != matrix.dtype:
             ws = self._workspace = torch.empty(need, dtype=matrix.dtype, device=matrix.device)
@@ -218,6 +224,7 @@ class ProjectionAggregator(Aggregator):
             check_order,
             check_site_names,
             incremental_gram,
+            plain_with_gram,
             project_with_gram,
             reduction_weights,
         )
@@ -225,17 +232,21 @@ class ProjectionAggregator(Aggregator):
         cache = self._take_cache(grads) if isinstance(grads, Tensor) else None
         num_sites = check_grads_shape(grads)
         saved = self.generator.get_state()
+        project = self.rounds % self.every == 0
         try:
             names = check_site_names(site_names, num_sites)
             r = reduction_weights(num_sites, self.reduction, weights)
-            order = check_order(torch.randperm(num_sites, generator=self.generator), num_sites)
+            order = check_order(torch.randperm(num_sites, generator=self.generator), num_sites) if project else []
             ws = self._workspace_for(grads)
             if cache is None:
                 gram = incremental_gram(grads, workspace=ws)
             else:
                 gram = incremental_gram(grads, cache.gram, cache.prepared, ws)
             gram = check_gram_finite(grads, gram, names)
-            out = project_with_gram(grads, gram, order, r, names)
+            if project:
+                out = project_with_gram(grads, gram, order, r, names)
+            else:
+                out = plain_with_gram(grads, gram, self.reduction, r, names)
         except BaseException:
             self.generator.set_state(saved)
             raise

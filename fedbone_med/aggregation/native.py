@@ -45,57 +45,187 @@ C_SOURCE = r"""
 #include <math.h>
 #include <stdint.h>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-/* an AVX2 version chosen at load time on CPUs that have it, the baseline otherwise (same bits) */
-__attribute__((target_clones("avx2", "default")))
+/* The Gram entries of gram_entries in projection.py, in two steps. (1) Block sums: the columns form
+   blocks of chunks * lanes; in block b, lane l accumulates (double) x[t] * (double) v[t] for t = b's
+   start + l, + lanes, ... in increasing t (from 0.0), and the block's lanes are summed by pairwise
+   halving into sums[r * nbp + b]. A group kernel does one block for R <= 4 rows, which share each
+   widened v value; their accumulators (R x lanes doubles, `acc`) stay in L1. (2) fb_gram_finish:
+   per row, the block sums padded with 0.0 to nbp (a power of two) are summed by pairwise halving. */
+#define FB_GRAM_GROUP(NAME, ATTR, R, MULADD)                                                          \
+ATTR static void NAME(const float *const *x, const float *restrict v, int64_t s0, int64_t end,     \
+                      int64_t lanes, double *restrict acc, double *restrict sums) {               \
+    const float *restrict x0 = x[0];                                                               \
+    const float *restrict x1 = x[R > 1 ? 1 : 0];                                                   \
+    const float *restrict x2 = x[R > 2 ? 2 : 0];                                                   \
+    const float *restrict x3 = x[R > 3 ? 3 : 0];                                                   \
+    double *restrict a0 = acc, *restrict a1 = acc + lanes, *restrict a2 = acc + 2 * lanes;         \
+    double *restrict a3 = acc + 3 * lanes;                                                         \
+    for (int64_t l = 0; l < R * lanes; ++l) acc[l] = 0.0;                                          \
+    for (int64_t s = s0; s < end; s += lanes) {                                                    \
+        const int64_t w = end - s < lanes ? end - s : lanes;                                       \
+        const float *restrict vs = v + s;                                                          \
+        const float *restrict y0 = x0 + s, *restrict y1 = x1 + s;                                  \
+        const float *restrict y2 = x2 + s, *restrict y3 = x3 + s;                                  \
+        for (int64_t l = 0; l < w; ++l) {                                                          \
+            const double vv = (double) vs[l];                                                      \
+            a0[l] = MULADD((double) y0[l], vv, a0[l]);                                                          \
+            if (R > 1) a1[l] = MULADD((double) y1[l], vv, a1[l]);                                               \
+            if (R > 2) a2[l] = MULADD((double) y2[l], vv, a2[l]);                                               \
+            if (R > 3) a3[l] = MULADD((double) y3[l], vv, a3[l]);                                               \
+        }                                                                                          \
+    }                                                                                              \
+    for (int64_t r = 0; r < R; ++r) {                                                              \
+        double *a = acc + r * lanes;                                                               \
+        for (int64_t width = lanes; width > 1; width /= 2) {                                       \
+            const int64_t half = width / 2;                                                        \
+            for (int64_t l = 0; l < half; ++l) a[l] += a[l + half];                                \
+        }                                                                                          \
+        sums[r] = a[0];                                                                            \
+    }                                                                                              \
+}
+
+/* a * b + c with the product rounded first (two operations): where there is no FMA instruction.
+   The product of two float32 values is exact in float64, so fma(a, b, c) rounds the same way. */
+#define FB_MUL_ADD(a, b, c) ((a) * (b) + (c))
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define FB_X86 1
+#define FB_AVX512 __attribute__((target("avx512f,avx512dq,avx512vl,avx2,fma")))
+#define FB_AVX2 __attribute__((target("avx2,fma")))
+FB_GRAM_GROUP(gram4_avx512, FB_AVX512, 4, fma)
+FB_GRAM_GROUP(gram2_avx512, FB_AVX512, 2, fma)
+FB_GRAM_GROUP(gram1_avx512, FB_AVX512, 1, fma)
+FB_GRAM_GROUP(gram4_avx2, FB_AVX2, 4, fma)
+FB_GRAM_GROUP(gram2_avx2, FB_AVX2, 2, fma)
+FB_GRAM_GROUP(gram1_avx2, FB_AVX2, 1, fma)
 #endif
-/* out = sum over L lanes (pairwise halving) of lane sums; lane l accumulates
-   (double) x[t] * (double) v[t] for t = l, l + L, ... in increasing t. acc: L doubles. */
-double fb_gram_dot_f32(const float *x, const float *v, int64_t p, int64_t lanes, double *acc) {
-    for (int64_t l = 0; l < lanes; ++l) acc[l] = 0.0;
-    for (int64_t start = 0; start < p; start += lanes) {
-        int64_t w = p - start < lanes ? p - start : lanes;
-        const float *xs = x + start;
-        const float *vs = v + start;
-        for (int64_t l = 0; l < w; ++l) acc[l] += (double) xs[l] * (double) vs[l];
+FB_GRAM_GROUP(gram4_base, , 4, FB_MUL_ADD)
+FB_GRAM_GROUP(gram2_base, , 2, FB_MUL_ADD)
+FB_GRAM_GROUP(gram1_base, , 1, FB_MUL_ADD)
+
+typedef void (*fb_gram_fn)(const float *const *, const float *, int64_t, int64_t, int64_t, double *, double *);
+
+/* Instruction set chosen once per call; every variant does the same IEEE operations in the same
+   order (no contraction: -ffp-contract=off), so they give the same bits. */
+static int fb_isa(void) {
+#ifdef FB_X86
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma"))
+        return 2;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
+#endif
+    return 0;
+}
+
+/* out[i] = Gram entry of row rows[i] of g (row stride `stride` floats) against v, i < nrows; rows are
+   taken four at a time (an entry does not depend on its group). */
+/* Block sums of blocks [b_lo, b_hi) for rows rows[0..nrows-1] of g (row stride `stride` floats) against
+   v: sums[i * nbp + b]. Blocks outer, groups of four rows inner, so a block of v is read from memory
+   once; a block sum does not depend on its group or on which thread computes it. acc: 4 * lanes. */
+void fb_gram_blocks_f32(const float *g, int64_t stride, const int64_t *rows, int64_t nrows, const float *v,
+                        int64_t p, int64_t lanes, int64_t chunks, int64_t b_lo, int64_t b_hi, double *acc,
+                        double *sums, int64_t nbp) {
+    fb_gram_fn f4 = gram4_base, f2 = gram2_base, f1 = gram1_base;
+#ifdef FB_X86
+    const int isa = fb_isa();
+    if (isa == 2) { f4 = gram4_avx512; f2 = gram2_avx512; f1 = gram1_avx512; }
+    else if (isa == 1) { f4 = gram4_avx2; f2 = gram2_avx2; f1 = gram1_avx2; }
+#endif
+    const int64_t q = lanes * chunks;
+    for (int64_t b = b_lo; b < b_hi; ++b) {
+        const int64_t s0 = b * q, end = (b + 1) * q < p ? (b + 1) * q : p;
+        for (int64_t i = 0; i < nrows; ) {
+            const float *x[4];
+            const int64_t r = nrows - i >= 4 ? 4 : (nrows - i >= 2 ? 2 : 1);
+            double out[4];
+            for (int64_t j = 0; j < r; ++j) x[j] = g + rows[i + j] * stride;
+            (r == 4 ? f4 : r == 2 ? f2 : f1)(x, v, s0, end, lanes, acc, out);
+            for (int64_t j = 0; j < r; ++j) sums[(i + j) * nbp + b] = out[j];
+            i += r;
+        }
     }
-    for (int64_t width = lanes; width > 1; width /= 2) {
-        int64_t half = width / 2;
-        for (int64_t l = 0; l < half; ++l) acc[l] += acc[l + half];
+}
+
+/* Block sums of blocks [b_lo, b_hi) for every pair i <= j of the k rows of g: pair (i, j) is row i
+   against v = row j (products commute, so it equals row j against row i), stored at
+   sums[(j * (j + 1) / 2 + i) * nbp + b]. Blocks outer: a block of all k rows is read from memory once. */
+void fb_gram_all_f32(const float *g, int64_t stride, int64_t k, int64_t p, int64_t lanes, int64_t chunks,
+                     int64_t b_lo, int64_t b_hi, double *acc, double *sums, int64_t nbp) {
+    fb_gram_fn f4 = gram4_base, f2 = gram2_base, f1 = gram1_base;
+#ifdef FB_X86
+    const int isa = fb_isa();
+    if (isa == 2) { f4 = gram4_avx512; f2 = gram2_avx512; f1 = gram1_avx512; }
+    else if (isa == 1) { f4 = gram4_avx2; f2 = gram2_avx2; f1 = gram1_avx2; }
+#endif
+    const int64_t q = lanes * chunks;
+    for (int64_t b = b_lo; b < b_hi; ++b) {
+        const int64_t s0 = b * q, end = (b + 1) * q < p ? (b + 1) * q : p;
+        for (int64_t j = 0; j < k; ++j) {
+            const float *v = g + j * stride;
+            double *dst = sums + (j * (j + 1) / 2) * nbp + b;
+            for (int64_t i = 0; i <= j; ) {
+                const float *x[4];
+                const int64_t left = j + 1 - i;
+                const int64_t r = left >= 4 ? 4 : (left >= 2 ? 2 : 1);
+                double out[4];
+                for (int64_t t = 0; t < r; ++t) x[t] = g + (i + t) * stride;
+                (r == 4 ? f4 : r == 2 ? f2 : f1)(x, v, s0, end, lanes, acc, out);
+                for (int64_t t = 0; t < r; ++t) dst[(i + t) * nbp] = out[t];
+                i += r;
+            }
+        }
     }
-    return acc[0];
+}
+
+/* out[i] = pairwise-halving sum of sums[i * nbp + 0..nbp-1], after setting the entries from nb on to 0.0. */
+void fb_gram_finish(double *sums, int64_t nrows, int64_t nb, int64_t nbp, double *out) {
+    for (int64_t i = 0; i < nrows; ++i) {
+        double *bl = sums + i * nbp;
+        for (int64_t b = nb; b < nbp; ++b) bl[b] = 0.0;
+        for (int64_t width = nbp; width > 1; width /= 2) {
+            const int64_t half = width / 2;
+            for (int64_t j = 0; j < half; ++j) bl[j] += bl[j + half];
+        }
+        out[i] = bl[0];
+    }
 }
 
 /* out[t] = c[0] * g[0][t], then out[t] = fma(g[j][t], c[j], out[t]) for j = 1..k-1, for t in [lo, hi):
-   float32, in column tiles that stay in L2 (one read of the k rows, one write of out). */
-#define FB_COMBINE_BODY                                                                  \
-    const int64_t tile = 16384;                                                          \
+   float32, one read of the k rows and one write of out. Column tiles that stay in L2. */
+#define FB_COMBINE_TILED                                                                 \
+    const int64_t tile = 16384;                                                           \
     for (int64_t s = lo; s < hi; s += tile) {                                            \
         const int64_t n = s + tile < hi ? tile : hi - s;                                 \
         float *restrict o = out + s;                                                     \
         const float *restrict x = g + s;                                                 \
         const float c0 = c[0];                                                           \
         for (int64_t i = 0; i < n; ++i) o[i] = x[i] * c0;                                \
-        for (int64_t j = 1; j < k; ++j) {                                                \
+        int64_t j = 1;                                                                   \
+        for (; j + 4 <= k; j += 4) { /* four rows per pass over the tile, same order */  \
+            const float *restrict xa = g + j * stride + s, *restrict xb = xa + stride;   \
+            const float *restrict xc = xb + stride, *restrict xd = xc + stride;          \
+            const float ca = c[j], cb = c[j + 1], cc = c[j + 2], cd = c[j + 3];          \
+            for (int64_t i = 0; i < n; ++i)                                              \
+                o[i] = fmaf(xd[i], cd, fmaf(xc[i], cc, fmaf(xb[i], cb, fmaf(xa[i], ca, o[i])))); \
+        }                                                                                \
+        for (; j < k; ++j) {                                                             \
             const float *restrict xj = g + j * stride + s;                               \
             const float cj = c[j];                                                       \
             for (int64_t i = 0; i < n; ++i) o[i] = fmaf(xj[i], cj, o[i]);                \
         }                                                                                \
     }
 
-static void combine_base(const float *restrict g, int64_t stride, int64_t k, const float *restrict c, int64_t lo,
-                         int64_t hi, float *restrict out) { FB_COMBINE_BODY }
-
-#if defined(__x86_64__) && defined(__GNUC__)
-/* the same source with AVX2 + FMA instructions (fmaf becomes vfmadd), used where the CPU has both */
-__attribute__((target("avx2,fma")))
-static void combine_fma(const float *restrict g, int64_t stride, int64_t k, const float *restrict c, int64_t lo,
-                        int64_t hi, float *restrict out) { FB_COMBINE_BODY }
+#define FB_COMBINE_ARGS const float *restrict g, int64_t stride, int64_t k, const float *restrict c, int64_t lo, \
+                        int64_t hi, float *restrict out
+static void combine_base(FB_COMBINE_ARGS) { FB_COMBINE_TILED }
+#ifdef FB_X86
+/* the same source with FMA instructions (fmaf becomes one vfmadd; without them it is a libm call) */
+FB_AVX2 static void combine_fma(FB_COMBINE_ARGS) { FB_COMBINE_TILED }
 #endif
 
 void fb_combine_f32(const float *g, int64_t stride, int64_t k, const float *c, int64_t lo, int64_t hi, float *out) {
-#if defined(__x86_64__) && defined(__GNUC__)
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+#ifdef FB_X86
+    if (fb_isa() > 0) {  /* AVX2 + FMA (also on AVX-512 machines: this loop is memory-bound) */
         combine_fma(g, stride, k, c, lo, hi, out);
         return;
     }
@@ -172,9 +302,19 @@ def _load() -> ctypes.CDLL | None:
                 _build(compiler, target)
             _check_private(target)
             lib = ctypes.CDLL(str(target))
-            fn = lib.fb_gram_dot_f32
-            fn.restype = ctypes.c_double
-            fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+            fn = lib.fb_gram_blocks_f32
+            fn.restype = None
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                           ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                           ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+            full = lib.fb_gram_all_f32
+            full.restype = None
+            full.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                             ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                             ctypes.c_int64]
+            fin = lib.fb_gram_finish
+            fin.restype = None
+            fin.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
             comb = lib.fb_combine_f32
             comb.restype = None
             comb.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
@@ -216,35 +356,78 @@ def supports(grads: Tensor) -> bool:
             and grads.stride(1) == 1 and available())
 
 
-def gram_entries_f32(grads: Tensor, lo: int, hi: int, row: int, lanes: int) -> Tensor:
+def gram_entries_f32(grads: Tensor, lo: int, hi: int, row: int, lanes: int, chunks: int) -> Tensor:
     """G[i, row] for i in lo..hi-1, float64 (hi - lo,), exactly as the PyTorch path computes them.
 
-    Rows are spread over ``torch.get_num_threads()`` threads (ctypes releases the GIL); each
-    entry is computed by one thread alone, so the split does not change any bit.
+    The column blocks are spread over ``torch.get_num_threads()`` threads (ctypes releases the
+    GIL); a block sum is a function of its two row segments alone, and the blocks are summed in
+    a fixed pairwise order afterwards, so neither the split nor the grouping changes any bit.
     """
     lib = _load()
     assert lib is not None and supports(grads)
-    fn = lib.fb_gram_dot_f32
     g = grads.detach()
     p = g.shape[1]
-    item = g.element_size()
-    base, stride = g.data_ptr(), g.stride(0) * item
-    vec = base + row * stride
-    rows = list(range(lo, hi))
-    workers = max(1, min(torch.get_num_threads(), len(rows)))
-    accs = torch.empty(workers, lanes, dtype=torch.float64)  # (workers, L) lane accumulators
-    out = [0.0] * len(rows)
+    blocks = -(-p // (lanes * chunks))
+    span = 1
+    while span < blocks:
+        span *= 2
+    n = hi - lo
+    rows = torch.arange(lo, hi, dtype=torch.int64)
+    workers = max(1, min(torch.get_num_threads(), blocks))
+    bounds = [blocks * w // workers for w in range(workers + 1)]
+    accs = torch.empty(workers, 4 * lanes, dtype=torch.float64)  # (workers, 4 L) lane accumulators
+    sums = torch.empty(n, span, dtype=torch.float64)  # (n, B padded to 2^k) block sums
+    out = torch.empty(n, dtype=torch.float64)
+    base, stride, vec = g.data_ptr(), g.stride(0), g[row].data_ptr()
 
     def work(w: int) -> None:
-        acc = accs[w].data_ptr()
-        for n in range(w, len(rows), workers):
-            out[n] = fn(base + rows[n] * stride, vec, p, lanes, acc)
+        lib.fb_gram_blocks_f32(base, stride, rows.data_ptr(), n, vec, p, lanes, chunks, bounds[w], bounds[w + 1],
+                               accs[w].data_ptr(), sums.data_ptr(), span)
 
     if workers == 1:
         work(0)
     else:
         list(_executor(workers).map(work, range(workers)))
-    return torch.tensor(out, dtype=torch.float64)
+    lib.fb_gram_finish(sums.data_ptr(), n, blocks, span, out.data_ptr())
+    return out
+
+
+def gram_all_f32(grads: Tensor, lanes: int, chunks: int) -> Tensor:
+    """The whole Gram matrix (K, K) float64, every entry with the bits of :func:`gram_entries_f32`.
+
+    One pass over the rows (column blocks outer, spread over ``torch.get_num_threads()``
+    threads), instead of one pass per row.
+    """
+    lib = _load()
+    assert lib is not None and supports(grads)
+    g = grads.detach()
+    k, p = g.shape
+    blocks = -(-p // (lanes * chunks))
+    span = 1
+    while span < blocks:
+        span *= 2
+    pairs = k * (k + 1) // 2
+    workers = max(1, min(torch.get_num_threads(), blocks))
+    bounds = [blocks * w // workers for w in range(workers + 1)]
+    accs = torch.empty(workers, 4 * lanes, dtype=torch.float64)
+    sums = torch.empty(pairs, span, dtype=torch.float64)  # (pairs, B padded to 2^k) block sums
+    flat = torch.empty(pairs, dtype=torch.float64)
+    base, stride = g.data_ptr(), g.stride(0)
+
+    def work(w: int) -> None:
+        lib.fb_gram_all_f32(base, stride, k, p, lanes, chunks, bounds[w], bounds[w + 1], accs[w].data_ptr(),
+                            sums.data_ptr(), span)
+
+    if workers == 1:
+        work(0)
+    else:
+        list(_executor(workers).map(work, range(workers)))
+    lib.fb_gram_finish(sums.data_ptr(), pairs, blocks, span, flat.data_ptr())
+    jj, ii = torch.tril_indices(k, k)  # row-major lower triangle: pair j * (j + 1) / 2 + i for i <= j
+    gram = torch.empty(k, k, dtype=torch.float64)
+    gram[ii, jj] = flat
+    gram[jj, ii] = flat
+    return gram
 
 
 def combine_f32(grads: Tensor, coeffs: list[float]) -> Tensor:

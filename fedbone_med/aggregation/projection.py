@@ -12,12 +12,15 @@ the whole procedure runs on the K x K Gram matrix G = grads @ grads.T (float64) 
 coefficients C; the P-dimensional data is touched twice: once for G, once for the final
 combination ``w @ grads`` with w = r @ C.
 
-Two Gram paths exist. :func:`gram_matrix` (used by :func:`project_conflicting` and the plain
-aggregators) is one float64 GEMM per column block: fast, but each entry's rounding depends on
-the BLAS kernel and on where the rows sit in the call. :func:`gram_entries` computes entries
-one new row at a time with a fixed element-wise recipe, so every entry is a function of its
-two rows alone; :class:`~.base.ProjectionAggregator` uses it to build the Gram matrix
-incrementally as site slots arrive, bit-identical whatever the arrival order.
+The Gram matrix has one definition, :func:`gram_entries`: a fixed element-wise recipe in
+float64 (exact products, a fixed summation tree), so every entry is a function of its two rows
+alone -- bit-identical whatever the arrival order of the slots, the thread count, or whether the
+compiled kernel of :mod:`.native` or the PyTorch path computed it.
+:class:`~.base.ProjectionAggregator` builds it incrementally as site slots arrive;
+:func:`project_conflicting` builds it in one pass (:func:`incremental_gram`), so both give the
+same bits for the same order. :func:`gram_matrix` (one float64 GEMM per column block, whose
+rounding depends on the BLAS kernel) only serves the plain aggregators' statistics where the
+compiled kernel is unavailable.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import operator
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -35,8 +39,12 @@ from .base import REDUCTIONS, AggregationStats
 # Columns per Gram chunk are chosen so one float64 chunk of K rows is about this size.
 GRAM_CHUNK_BYTES = 4 << 20
 # Lanes of the order-independent Gram (:func:`gram_entries`): a power of two, fixed, so an
-# entry's summation order depends only on the number of columns P.
-GRAM_LANES = 1 << 16
+# entry's summation order depends only on the number of columns P. 256 float64 accumulators per
+# row fit in registers/L1 in the compiled kernel; the PyTorch path stays fast by running every
+# column block at once (GRAM_BLOCK_CHUNKS sequential steps, not P / 256).
+GRAM_LANES = 256
+# Chunks of GRAM_LANES columns per column block: blocks are summed independently, then pairwise.
+GRAM_BLOCK_CHUNKS = 64
 # Columns per block of the final combination (one axpy per site per block).
 COMBINE_COLUMNS = 1 << 22
 # Dtypes whose products are exact in float64 (at most 24 significand bits each).
@@ -127,9 +135,18 @@ def gram_matrix(grads: Tensor, chunk_bytes: int = GRAM_CHUNK_BYTES) -> Tensor:
     return ((gram + gram.T) * 0.5).cpu()
 
 
-def _checked_gram(grads: Tensor, site_names: tuple[str, ...] | None) -> Tensor:
-    """Gram matrix of ``grads``; raises naming every site whose gradient is not finite."""
-    return check_gram_finite(grads, gram_matrix(grads), site_names)
+def _checked_gram(grads: Tensor, site_names: tuple[str, ...] | None, *, exact: bool) -> Tensor:
+    """Gram matrix of ``grads``; raises naming every site whose gradient is not finite.
+
+    ``exact``: always the order-independent Gram of :func:`incremental_gram` (the projection's
+    result then has the bits of :class:`~.base.ProjectionAggregator`'s). Otherwise (statistics
+    only) that Gram where the compiled kernel makes it the fast one, else :func:`gram_matrix`.
+    """
+    if exact or _native.supports(grads.detach()):
+        gram = incremental_gram(grads)
+    else:
+        gram = gram_matrix(grads)
+    return check_gram_finite(grads, gram, site_names)
 
 
 def check_gram_finite(grads: Tensor, gram: Tensor, site_names: Sequence[str] | None) -> Tensor:
@@ -158,53 +175,92 @@ def gram_lanes(num_params: int) -> int:
     return lanes
 
 
+def gram_layout(num_params: int) -> tuple[int, int, int]:
+    """(lanes L, chunks per block C, number of column blocks) of :func:`gram_entries` for P columns."""
+    lanes = gram_lanes(num_params)
+    chunks = max(1, int(GRAM_BLOCK_CHUNKS))
+    width = lanes * chunks
+    return lanes, chunks, -(-num_params // width)
+
+
+def gram_workspace_numel(rows: int, num_params: int) -> int:
+    """Elements of the product buffer :func:`gram_entries` needs for ``rows`` float64 rows."""
+    lanes, _, blocks = gram_layout(num_params)
+    return rows * blocks * lanes
+
+
+def _pairwise_halving(acc: Tensor, width: int) -> None:
+    """acc[..., 0] = the sum of acc[..., :width] (width a power of two) by fixed pairwise halving."""
+    while width > 1:
+        half = width // 2
+        acc[..., :half].add_(acc[..., half:width])
+        width = half
+
+
 def gram_entries(grads: Tensor, lo: int, hi: int, row: int, workspace: Tensor | None = None, *,
                  native: bool = True) -> Tensor:
     """Gram entries G[i, row] for i in lo..hi-1 (float64, shape (hi - lo,)).
 
     Each entry is a fixed function of rows i and ``row`` alone, whatever other rows are in the
-    call, which of the two is ``row``, where they sit, or how many threads run: with L =
-    :func:`gram_lanes` (P), lane l accumulates in float64 the products x_i[t] * x_row[t] for
-    t = l, l + L, l + 2L, ... in increasing t, then the L lanes are summed by pairwise halving.
-    Every step is an element-wise IEEE operation with one rounding: for float32 (also float16,
-    bfloat16) inputs the float64 products are exact, so a fused multiply-add rounds the same;
-    float64 inputs are multiplied, then added, as two operations. One pass over the rows costs
-    about 4x one float32 read of them (the float64 widening and the lane traffic; eager PyTorch
-    has no fused mixed-precision dot). ``workspace``: optional product buffer for float64 inputs
-    (same dtype and device, at least (hi - lo) * L elements), reused across calls.
+    call, which of the two is ``row``, where they sit, or how many threads run. With (L, C, B) =
+    :func:`gram_layout` (P), the columns form B blocks of C * L (the last may be short); in block
+    b, lane l accumulates in float64, from 0.0, the products x_i[t] * x_row[t] for
+    t = b*C*L + l, b*C*L + l + L, ... (inside the block, in increasing t); the L lanes of a block
+    are summed by pairwise halving, then the B block sums, padded with zeros to a power of two,
+    by pairwise halving. Every step is an element-wise IEEE operation with one rounding: for
+    float32 (also float16, bfloat16) inputs the float64 products are exact, so a fused
+    multiply-add rounds the same; float64 inputs are multiplied, then added, as two operations.
+    The PyTorch path runs every block at once (C steps over (n, B, L) slices). ``workspace``:
+    optional product buffer for float64 inputs (same dtype and device, at least
+    :func:`gram_workspace_numel` (hi - lo, P) elements), reused across calls.
 
     float32 rows on CPU go through the compiled kernel of :mod:`.native` when it is available
-    (one read of the rows; the same bits, see there); ``native=False`` forces the PyTorch path.
+    (one read of the rows, 256 accumulators per row in registers and L1; the same bits, see
+    there); ``native=False`` forces the PyTorch path.
     """
     if not (0 <= lo < hi <= grads.shape[0] and 0 <= row < grads.shape[0]):
         raise AggregationError(f"Gram entry rows {lo}..{hi - 1} or row {row} out of range for {grads.shape[0]} rows")
     g = grads.detach()
     n, p = hi - lo, g.shape[1]
-    lanes = gram_lanes(p)
+    lanes, chunks, blocks = gram_layout(p)
     if native and _native.supports(g):
-        return _native.gram_entries_f32(g, lo, hi, row, lanes)
-    acc = torch.zeros(n, lanes, dtype=torch.float64, device=g.device)  # (n, L)
-    block, vec = g[lo:hi], g[row]
-    if g.dtype in _EXACT_PRODUCT_DTYPES:
-        for start in range(0, p, lanes):
-            w = min(lanes, p - start)
-            # acc is float64, so the operands are widened (exactly) and the products are exact.
-            acc[:, :w].addcmul_(block[:, start : start + w], vec[start : start + w])
-    else:
-        if workspace is None or workspace.numel() < n * lanes or workspace.dtype != g.dtype:
-            workspace = torch.empty(n * lanes, dtype=g.dtype, device=g.device)
-        buf = workspace[: n * lanes].view(n, lanes)
-        for start in range(0, p, lanes):
-            w = min(lanes, p - start)
-            b = buf[:, :w]
-            torch.mul(block[:, start : start + w], vec[start : start + w], out=b)
-            acc[:, :w].add_(b)
-    width = lanes
-    while width > 1:  # fixed pairwise order over lanes
-        half = width // 2
-        acc[:, :half].add_(acc[:, half:width])
-        width = half
-    return acc[:, 0].cpu()
+        return _native.gram_entries_f32(g, lo, hi, row, lanes, chunks)
+    acc = torch.zeros(n, blocks, lanes, dtype=torch.float64, device=g.device)  # (n, B, L)
+    rows, vec = g[lo:hi], g[row]
+    width = lanes * chunks
+    full = p // width  # blocks of C whole chunks; a short last block is done chunk by chunk below
+    exact = g.dtype in _EXACT_PRODUCT_DTYPES
+    buf: Tensor | None = None
+    if not exact:
+        need = n * blocks * lanes
+        if workspace is None or workspace.numel() < need or workspace.dtype != g.dtype or workspace.device != g.device:
+            workspace = torch.empty(need, dtype=g.dtype, device=g.device)
+        buf = workspace[:need].view(n, blocks, lanes)
+
+    def accumulate(a: Tensor, x: Tensor, v: Tensor, b: Tensor | None) -> None:
+        if b is None:  # acc is float64: the operands are widened (exactly) and the products are exact
+            a.addcmul_(x, v)
+        else:
+            torch.mul(x, v, out=b)
+            a.add_(b)
+
+    if full:
+        xb = rows[:, : full * width].reshape(n, full, chunks, lanes)  # a view: rows are contiguous
+        vb = vec[: full * width].view(full, chunks, lanes)
+        for c in range(chunks):
+            accumulate(acc[:, :full], xb[:, :, c], vb[:, c], None if buf is None else buf[:, :full])
+    for start in range(full * width, p, lanes):  # the short last block
+        w = min(lanes, p - start)
+        accumulate(acc[:, full, :w], rows[:, start : start + w], vec[start : start + w],
+                   None if buf is None else buf[:, full, :w])
+    _pairwise_halving(acc, lanes)  # lanes of each block
+    span = 1
+    while span < blocks:
+        span *= 2
+    sums = torch.zeros(n, span, dtype=torch.float64, device=g.device)  # (n, B padded to 2^k)
+    sums[:, :blocks] = acc[:, :, 0]
+    _pairwise_halving(sums, span)  # then the blocks
+    return sums[:, 0].cpu()
 
 
 def incremental_gram(
@@ -221,6 +277,9 @@ def incremental_gram(
     """
     k = grads.shape[0]
     if gram is None or prepared is None:
+        if _native.supports(grads.detach()):  # one pass over the rows for every entry, the same bits
+            lanes, chunks, _ = gram_layout(grads.shape[1])
+            return _native.gram_all_f32(grads, lanes, chunks)
         gram = torch.zeros(k, k, dtype=torch.float64)
         prepared = [False] * k
     done = [bool(x) for x in prepared]
@@ -242,15 +301,20 @@ def _row_runs(rows: list[int], max_gap: int = 2) -> list[tuple[int, int]]:
 
 
 def add_gram_row(grads: Tensor, gram: Tensor, done: list[bool], row: int, workspace: Tensor | None = None) -> None:
-    """Fill G[row, i] = G[i, row] for ``row`` and every i with done[i]; then set done[row]."""
+    """Fill G[row, i] = G[i, row] for ``row`` and every i with done[i]; then set done[row].
+
+    ``gram``: a CPU float64 (K, K) tensor, written in place (through a NumPy view: the K x K
+    bookkeeping is on the latency path after the last slot arrives).
+    """
     done[row] = False
     rows = sorted([i for i, ok in enumerate(done) if ok] + [row])
+    table = gram.numpy()
     for lo, hi in _row_runs(rows):  # entries do not depend on how the rows are grouped
-        dots = gram_entries(grads, lo, hi, row, workspace)  # (hi - lo,)
-        idx = torch.tensor([i for i in rows if lo <= i < hi], dtype=torch.long)
+        dots = gram_entries(grads, lo, hi, row, workspace).numpy()  # (hi - lo,)
+        idx = np.array([i for i in rows if lo <= i < hi], dtype=np.int64)
         vals = dots[idx - lo]
-        gram[idx, row] = vals
-        gram[row, idx] = vals
+        table[idx, row] = vals
+        table[row, idx] = vals
     done[row] = True
 
 
@@ -259,23 +323,25 @@ def _projection_coefficients(gram: Tensor, order: list[int]) -> tuple[Tensor, in
 
     Each row C[i] evolves independently over ``order``, so the loop runs over j for all
     rows i at once: d_i = g_i' . g_j = C[i] @ G[:, j]; where d_i < 0 (i != j),
-    C[i, j] -= d_i / G[j, j].
+    C[i, j] -= d_i / G[j, j]. In NumPy: K steps on K x K arrays, where PyTorch's per-call
+    overhead would dominate (this runs after the last slot arrives).
     """
-    k = gram.shape[0]
-    coeffs = torch.eye(k, dtype=torch.float64)  # (K, K)
-    diag = gram.diagonal().tolist()
+    g = gram.detach().cpu().numpy()
+    k = g.shape[0]
+    coeffs = np.eye(k, dtype=np.float64)  # (K, K)
+    diag = np.diagonal(g).tolist()
     applied = 0
     for j in order:
         if diag[j] == 0.0:  # all-zero gradient: nothing to project against
             continue
-        d = coeffs @ gram[:, j]  # (K,)
+        d = coeffs @ g[:, j]  # (K,)
         d[j] = 0.0  # a site is never projected against itself
         conflict = d < 0
         n = int(conflict.sum())
         if n:
-            coeffs[:, j] -= torch.where(conflict, d / diag[j], torch.zeros_like(d))
+            coeffs[conflict, j] -= d[conflict] / diag[j]
             applied += n
-    return coeffs, applied
+    return torch.from_numpy(coeffs), applied
 
 
 def project_from_gram(
@@ -301,16 +367,17 @@ def project_from_gram(
 
 def _gram_stats(gram: Tensor) -> tuple[int, float | None, float | None, tuple[float, ...]]:
     """(conflicting_pairs, min_cosine, mean_cosine, site_norms) over unordered pairs i < j."""
-    k = gram.shape[0]
-    norms = gram.diagonal().clamp_min(0.0).sqrt()  # (K,)
-    iu, ju = torch.triu_indices(k, k, offset=1)
-    dots = gram[iu, ju]  # (K(K-1)/2,)
+    g = gram.detach().cpu().numpy()
+    k = g.shape[0]
+    norms = np.sqrt(np.clip(np.diagonal(g), 0.0, None))  # (K,)
+    iu, ju = np.triu_indices(k, 1)
+    dots = g[iu, ju]  # (K(K-1)/2,)
     denom = norms[iu] * norms[ju]
     safe = denom > 0
-    cos = torch.where(safe, dots / torch.where(safe, denom, torch.ones_like(denom)), torch.zeros_like(dots))
-    cos = cos.clamp(-1.0, 1.0)
+    cos = np.where(safe, dots / np.where(safe, denom, 1.0), 0.0)
+    cos = np.clip(cos, -1.0, 1.0)
     conflicting = int((dots < 0).sum())
-    if dots.numel() == 0:
+    if dots.size == 0:
         return conflicting, None, None, tuple(norms.tolist())
     return conflicting, float(cos.min()), float(cos.mean()), tuple(norms.tolist())
 
@@ -359,7 +426,7 @@ def project_conflicting(
     if order is not None and generator is not None:
         raise AggregationError("pass either a projection order or a generator, not both")
     perm = check_order(order if order is not None else torch.randperm(k, generator=generator), k)
-    gram = _checked_gram(grads, names)
+    gram = _checked_gram(grads, names, exact=True)
     return project_with_gram(grads, gram, perm, r, names)
 
 
@@ -390,20 +457,18 @@ def project_with_gram(
     return _combine(grads, w), stats
 
 
-def _plain_aggregate(
+def plain_with_gram(
     grads: Tensor,
+    gram: Tensor,
     reduction: str,
-    weights: Sequence[float] | Tensor | None,
-    site_names: Sequence[str] | None,
+    r: Tensor,
+    names: tuple[str, ...] | None,
 ) -> tuple[Tensor, AggregationStats]:
-    k = check_grads_shape(grads)
-    names = check_site_names(site_names, k)
-    r = reduction_weights(k, reduction, weights)
-    gram = _checked_gram(grads, names)
+    """The plain (weighted) reduction ``r @ grads`` with statistics from a checked Gram matrix."""
     pairs, min_cos, mean_cos, norms = _gram_stats(gram)
     stats = AggregationStats(
         method=reduction,
-        num_sites=k,
+        num_sites=grads.shape[0],
         conflicting_pairs=pairs,
         min_cosine=min_cos,
         mean_cosine=mean_cos,
@@ -414,6 +479,18 @@ def _plain_aggregate(
         site_names=names,
     )
     return _combine(grads, r), stats
+
+
+def _plain_aggregate(
+    grads: Tensor,
+    reduction: str,
+    weights: Sequence[float] | Tensor | None,
+    site_names: Sequence[str] | None,
+) -> tuple[Tensor, AggregationStats]:
+    k = check_grads_shape(grads)
+    names = check_site_names(site_names, k)
+    r = reduction_weights(k, reduction, weights)
+    return plain_with_gram(grads, _checked_gram(grads, names, exact=False), reduction, r, names)
 
 
 def mean_aggregate(

@@ -117,7 +117,9 @@ class Coordinator:
         self.optimizer = build_optimizer(o.name, self.params, o.lr, o.weight_decay, o.momentum)
         agg = cfg.aggregation
         # Only the projection aggregator draws random orders (seeded) and takes a reduction.
-        kwargs = {"seed": seed, "reduction": agg.reduction} if agg.method == "projection" else {}
+        kwargs: dict[str, Any] = (
+            {"seed": seed, "reduction": agg.reduction, "every": agg.project_every} if agg.method == "projection" else {}
+        )
         self.aggregator = get_aggregator(agg.method, **kwargs)
         self.cut = CutSpec.of(self.backbone, cfg.max_batch)
         self.step = 0  # the training step being collected
