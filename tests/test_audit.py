@@ -314,6 +314,54 @@ def test_reopen_continues_sequence(tmp_path: Path) -> None:
     assert verify_log(path, KEYS).count == before + 2
 
 
+@pytest.mark.parametrize("where", ["fsync", "bookkeeping"])
+def test_an_append_interrupted_after_its_write_does_not_reuse_a_sequence_number(tmp_path: Path, monkeypatch,
+                                                                              where: str) -> None:
+    """Ctrl-C (KeyboardInterrupt) or a failing fsync after the line reached the file: the record is
+    in the log, so the next append must follow it (seq, chain and Merkle root), not overwrite its number."""
+    import fedbone_med.audit.log as log_module
+
+    path = tmp_path / "a.jsonl"
+    with AuditLog(path, KEY, clock=fixed_clock()) as log:
+        log.append(R.run_start(run_id=RUN, config_hash=H, software_version="0.1.0", backbone_hash=H,
+                               aggregation_method="projection", sites=["site-a", "site-b"]))
+        log.append(_round(0))
+        real = log_module.os.fsync if where == "fsync" else log_module.sha256_hex
+        calls = {"n": 0}
+
+        def interrupted(*args: Any) -> Any:
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise KeyboardInterrupt
+            return real(*args)
+
+        if where == "fsync":
+            monkeypatch.setattr(log_module.os, "fsync", interrupted)
+        else:  # after the Merkle tree took the line, before seq and head moved
+            monkeypatch.setattr(log_module, "sha256_hex", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            log.append(_round(1))
+        monkeypatch.undo()
+        assert len(_lines(path)) == 3  # the interrupted record is in the file
+        assert log.seq == 3  # ... and accounted for
+        log.append(_round(2))
+        log.checkpoint()
+    report = verify_log(path, KEYS)
+    assert report.count == 5
+    assert [json.loads(line)["seq"] for line in _lines(path)] == [0, 1, 2, 3, 4]
+
+
+def test_a_torn_write_while_open_is_refused_at_the_next_append(tmp_path: Path) -> None:
+    path = _make_log(tmp_path / "a.jsonl", n=3)
+    with AuditLog(path, KEY, clock=fixed_clock()) as log:
+        with open(path, "ab") as f:  # what a cut write leaves behind
+            f.write(b'{"body":{"run_')
+        with pytest.raises(AuditError, match="incomplete line") as info:
+            log.append(_round(5))
+        assert info.value.check == "torn-line"
+    assert path.read_bytes().endswith(b'{"body":{"run_')
+
+
 def test_torn_line_refused_on_open_with_recovery_hint(tmp_path: Path) -> None:
     path = _make_log(tmp_path / "a.jsonl", n=3)
     good = path.read_bytes()

@@ -36,6 +36,17 @@ def test_every_shipped_site_and_experiment_loads():
     assert load_serve_config(ROOT / "pipelines" / "demo.toml") == ServeConfig.of(exp)
 
 
+def test_the_reproduction_variants_load_and_fit_their_backbones():
+    variants = sorted((ROOT / "pipelines" / "ophthalmic" / "variants").glob("*.toml"))
+    assert {p.stem for p in variants} >= {"cut-deeper", "cut-patch", "project-every4"}
+    for path in variants:
+        exp = load_experiment(path)
+        assert len(exp.sites) == 5, path.name
+        cut = CutSpec.of(build_backbone(exp.server.backbone))
+        for site in exp.sites:
+            build_site_model(site, cut)  # raises ModelError if the site does not fit the cut
+
+
 def test_network_settings_are_checked():
     from fedbone_med.config import NetworkConfig
 
@@ -102,7 +113,7 @@ def test_unknown_registry_names_list_the_known_ones():
     with pytest.raises(RegistryError, match="unknown backbone 'resnet9000'; known: swin-b, swin-s, swin-t, swin-tiny"):
         build_backbone("resnet9000")
     cfg = from_mapping(SiteConfig, {**SITE, "model": {"head": "segmentation", "embedding": "vit"}}, where="s")
-    with pytest.raises(RegistryError, match="unknown embedding 'vit'; known: conv-stem, patch"):
+    with pytest.raises(RegistryError, match="unknown embedding 'vit'; known: conv-stem, conv-stem-swin, patch"):
         build_site_model(cfg, CutSpec(16, (32, 64), (2, 4)))
 
 

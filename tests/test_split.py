@@ -76,6 +76,44 @@ def test_split_equals_monolithic_loss_and_every_gradient(cfg, channels):
     assert offset == coord.num_params and checked == len(site_params) + len(coord.params)
 
 
+def test_a_deeper_cut_is_exact_and_keeps_the_first_swin_stage_at_the_site():
+    """conv-stem-swin + a backbone that starts one stage later: the same split exactness."""
+    from dataclasses import replace
+
+    from conftest import TINY_BACKBONE
+    from fedbone_med.models import build_backbone
+
+    assert TINY_BACKBONE.embed_dim == 16 and TINY_BACKBONE.depths == (1, 1, 1, 1)
+    # the tiny backbone from its second stage on: input width 32, three stages
+    server = replace(tiny_server("mean"), backbone=replace(TINY_BACKBONE, embed_dim=32, depths=(1, 1, 1),
+                                                           num_heads=(2, 2, 4)))
+    cfg = site_cfg("vessels", "vessels", "fundus", SEG1)
+    cfg = replace(cfg, model=replace(cfg.model, embedding="conv-stem-swin", stride=4))
+    coord = Coordinator(server, run_id="t", seed=0)
+    coord.join(JoinRequest("placeholder", "fundus", "classification", 1, "test"))
+    data = _random_data(cfg.task, 3)
+    site = SiteRuntime(cfg, InProcessTransport(coord), data, seed=3)
+    site.join()
+    stage = site.model.embedding.stage
+    assert sum(p.numel() for p in stage.parameters()) > 0  # a Swin stage's weights, at the site
+    full = build_backbone(TINY_BACKBONE)
+    assert len(coord.backbone.stages) == len(full.stages) - 1
+    mono = FedBoneModel(copy.deepcopy(site.model), copy.deepcopy(coord.backbone))
+    x, y = data.train.images, data.train.targets
+    split_loss = site.forward_backward(x, y, round=0, step=0)
+    mono_loss = TaskLoss(cfg.task)(mono(x), y)
+    mono_loss.backward()
+    assert split_loss == pytest.approx(float(mono_loss.detach()), rel=1e-6)
+    site_params = dict(site.model.named_parameters())
+    for name, p in mono.site.named_parameters():
+        torch.testing.assert_close(site_params[name].grad, p.grad, rtol=1e-5, atol=1e-8, msg=f"site param {name}")
+    assert any(name.startswith("embedding.stage.") for name in site_params)
+    with pytest.raises(ModelError, match="conv-stem-swin"):
+        from fedbone_med.models.embeddings import ConvStemSwin
+
+        ConvStemSwin(3, 64, stride=1)
+
+
 def test_embedding_width_that_does_not_fit_the_backbone_is_refused_at_join():
     coord = Coordinator(tiny_server(), run_id="t", seed=0)
     cfg = site_cfg("bad", "dr_grade", "fundus", CLS5, embed_dim=99)

@@ -144,6 +144,7 @@ class AuditLog:
                 self._fsync_dir()
             else:
                 self._load_tail()
+            self._size = os.fstat(self._fd).st_size  # bytes accounted for in seq, head and the tree
         except BaseException:
             self.close()
             raise
@@ -203,17 +204,70 @@ class AuditLog:
     @property
     def seq(self) -> int:
         """The sequence number the next record will get (= records written so far)."""
-        return self._seq
+        with self._lock:
+            self._catch_up()
+            return self._seq
 
     @property
     def head(self) -> str:
         """SHA-256 of the last line written (64 zeros for an empty log)."""
-        return self._head
+        with self._lock:
+            self._catch_up()
+            return self._head
 
     @property
     def signed(self) -> bool:
         """True when every record written so far is covered by a signed checkpoint (or there are none)."""
-        return self._seq == 0 or self._last_kind == LOG_CHECKPOINT
+        with self._lock:
+            self._catch_up()
+            return self._seq == 0 or self._last_kind == LOG_CHECKPOINT
+
+    def _account(self, line: bytes, kind: str, body: dict[str, Any]) -> None:
+        """Take a line that is in the file into seq, head, size and the tree.
+
+        Idempotent up to the final assignment: the tree takes the line only if it does not hold
+        it yet, and the rest changes in one statement, so an exception anywhere in between
+        (KeyboardInterrupt from Ctrl-C, a failed fsync) leaves a state that :meth:`_catch_up`
+        completes from the file.
+        """
+        if self._tree.size == self._seq:
+            self._tree.add_line(line)
+        head = sha256_hex(line)
+        run_id = body.get("run_id", self._run_id)
+        self._seq, self._head, self._size, self._run_id, self._last_kind = (
+            self._seq + 1, head, self._size + len(line) + 1, run_id, kind)
+
+    def _catch_up(self) -> None:
+        """Account for lines this writer put in the file but did not finish recording.
+
+        The log is locked for this process alone, so any bytes past the accounted size are ours:
+        an append interrupted after its write (Ctrl-C between the write and the bookkeeping, an
+        fsync that raised). Without this, the next record would reuse a sequence number. A torn
+        last line (the write itself was cut) is refused, with the recovery steps.
+        """
+        if self._fd < 0:
+            return
+        size = os.fstat(self._fd).st_size
+        if size == self._size:
+            return
+        if size < self._size:
+            raise AuditError(f"audit log {self.path} is shorter than what was written to it ({size} < {self._size} "
+                             "bytes): it was truncated while open; run `fedbone-audit verify` on it",
+                             check="sequence", line=self._seq)
+        with open(self.path, "rb") as f:
+            f.seek(self._size)
+            extra = f.read(size - self._size)
+        if not extra.endswith(b"\n"):
+            raise AuditError(f"audit log {self.path} ends with an incomplete line {self._seq + 1} (torn write); "
+                             "refusing to append. To recover: " + recovery_hint(self.path, self._seq),
+                             check="torn-line", line=self._seq + 1)
+        for raw in extra[:-1].split(b"\n"):
+            env = self._parse(raw, self._seq + 1)
+            if env["seq"] != self._seq or env.get("prev") != self._head:
+                raise AuditError(f"audit log {self.path} line {self._seq + 1}: a line this writer did not account "
+                                 "for does not chain to the one before; run `fedbone-audit verify` on it",
+                                 check="hash-chain", line=self._seq + 1)
+            self._account(raw, str(env.get("kind")), env["body"])
 
     def append(self, record: Record) -> str:
         """Append one validated record; return the SHA-256 of the written line."""
@@ -228,6 +282,7 @@ class AuditLog:
         with self._lock:
             if self._fd < 0:
                 raise AuditError(f"audit log {self.path} is closed")
+            self._catch_up()
             env = {"v": VERSION, "seq": self._seq, "prev": self._head, "kind": kind,
                    "time": time if time is not None else iso_utc(self._clock()), "body": body}
             line = canonical_json(env)
@@ -236,11 +291,7 @@ class AuditLog:
                 raise AuditError(f"audit log {self.path}: short write ({written} of {len(line) + 1} bytes); the log "
                                  "now ends with a torn line. " + recovery_hint(self.path, self._seq))
             os.fsync(self._fd)
-            self._seq += 1
-            self._head = sha256_hex(line)
-            self._tree.add_line(line)
-            self._run_id = body.get("run_id", self._run_id)
-            self._last_kind = kind
+            self._account(line, kind, body)
             return self._head
 
     def checkpoint(self, run_id: str | None = None) -> str:
@@ -248,10 +299,11 @@ class AuditLog:
 
         ``run_id`` defaults to the run of the last record written.
         """
-        run = run_id or self._run_id
-        if self._seq == 0 or run is None:
-            raise AuditError("nothing to checkpoint: the audit log has no records yet")
         with self._lock:  # re-entrant: no record can slip in between signing and writing
+            self._catch_up()
+            run = run_id or self._run_id
+            if self._seq == 0 or run is None:
+                raise AuditError("nothing to checkpoint: the audit log has no records yet")
             count, head, root = self._seq, self._head, self._tree.root().hex()
             now = iso_utc(self._clock())  # the record's time, signed: no later line chains over the last one
             signature = self._key.sign(checkpoint_payload(count, head, self.key_id, run, root, now))

@@ -43,12 +43,15 @@ class MerkleAccumulator:
         self.size = 0
 
     def append(self, leaf: bytes) -> None:
+        # Built aside and swapped in with one statement: an exception (e.g. KeyboardInterrupt)
+        # in the middle leaves the accumulator as it was, never half-updated.
+        stack = list(self._stack)
         size, node = 1, leaf
-        while self._stack and self._stack[-1][0] == size:
-            left_size, left = self._stack.pop()
+        while stack and stack[-1][0] == size:
+            left_size, left = stack.pop()
             node, size = node_hash(left, node), size + left_size
-        self._stack.append((size, node))
-        self.size += 1
+        stack.append((size, node))
+        self._stack, self.size = stack, self.size + 1
 
     def add_line(self, line: bytes) -> None:
         self.append(leaf_hash(line))
