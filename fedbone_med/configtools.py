@@ -135,6 +135,31 @@ def flatten(plain: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+_NO_DEFAULT = object()
+
+
+def field_default(cls: Any, dotted: str) -> Any:
+    """The declared default of the dataclass field at ``dotted`` (e.g. "server.aggregation.project_every")
+    under the dataclass type ``cls``; a unique sentinel if there is none (or the path leaves the dataclasses)."""
+    parts = dotted.split(".")
+    for i, name in enumerate(parts):
+        if not dataclasses.is_dataclass(cls):
+            return _NO_DEFAULT
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if name not in fields:
+            return _NO_DEFAULT
+        f = fields[name]
+        if i == len(parts) - 1:
+            if f.default is not dataclasses.MISSING:
+                return f.default
+            if f.default_factory is not dataclasses.MISSING:
+                return f.default_factory()
+            return _NO_DEFAULT
+        cls = hints[name]
+    return _NO_DEFAULT
+
+
 def resume_changes(before_json: str, after: Any, *, completed_rounds: int, where: str) -> list[str]:
     """The keys that differ between a checkpoint's configuration and this one, if a resume may change them.
 
@@ -149,7 +174,10 @@ def resume_changes(before_json: str, after: Any, *, completed_rounds: int, where
                               "use a new --out directory")
     old, new = flatten(json.loads(before_json)), flatten(json.loads(json.dumps(to_plain(after), sort_keys=True)))
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k, "<absent>") != new.get(k, "<absent>"))
-    refused = [k for k in changed if not (k == "rounds" or k.startswith("network."))]
+    # An option added to this software after the checkpoint was written, left at its default, changes
+    # nothing the run did: it is reported (config_change) but not refused.
+    added = {k for k in changed if k not in old and to_plain(field_default(type(after), k)) == new[k]}
+    refused = [k for k in changed if not (k == "rounds" or k.startswith("network.") or k in added)]
     if refused:
         raise CheckpointError(f"{where} was written with another configuration: {', '.join(refused)} changed; a "
                               "resumed run may change only rounds and network.* settings; use a new --out directory "

@@ -69,6 +69,25 @@ def test_project_every_is_checked():
         from_mapping(ServerConfig, {"aggregation": {"method": "mean", "project_every": 2}}, where="x")
 
 
+def test_a_checkpoint_from_before_an_option_existed_resumes_if_the_option_is_at_its_default():
+    import json
+    from dataclasses import replace
+
+    from fedbone_med.configtools import field_default, resume_changes, to_plain
+    from fedbone_med.errors import CheckpointError
+
+    cfg = load_experiment(ROOT / "pipelines" / "demo.toml")
+    assert field_default(type(cfg), "server.aggregation.project_every") == 1
+    old = to_plain(cfg)
+    del old["server"]["aggregation"]["project_every"]  # written by a version without the option
+    before = json.dumps(old, sort_keys=True)
+    changed = resume_changes(before, cfg, completed_rounds=1, where="ckpt")
+    assert changed == ["server.aggregation.project_every"]  # reported, not refused
+    every3 = replace(cfg, server=replace(cfg.server, aggregation=replace(cfg.server.aggregation, project_every=3)))
+    with pytest.raises(CheckpointError, match="server.aggregation.project_every changed"):
+        resume_changes(before, every3, completed_rounds=1, where="ckpt")
+
+
 def test_unknown_key_is_named_with_a_suggestion_and_the_allowed_keys():
     bad = {**SITE, "data": {**SITE["data"], "imge_size": 64}}
     with pytest.raises(ConfigError) as info:
