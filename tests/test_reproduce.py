@@ -22,7 +22,7 @@ from fedbone_med.errors import ConfigError, DataError
 from fedbone_med.experiments import reproduce as rep
 from fedbone_med.experiments.accounting import fedavg_bytes_per_round, fedbone_bytes_per_round, site_costs
 from fedbone_med.experiments.baselines import Centralised, LocalGroup
-from fedbone_med.experiments.report import fmt
+from fedbone_med.experiments.report import LAST_ROUNDS, fmt
 from fedbone_med.models import build_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -304,6 +304,20 @@ def test_report_statements_follow_the_numbers(reproduction):
         diff = (on_disk["metrics"]["fedbone-projection-avgemb"][site][key]["mean"]
                 - on_disk["metrics"]["fedbone-projection"][site][key]["mean"])
         assert f"{site} {diff:+.3f}" in section
+    # the last-rounds check: each run's mean over its last 2 rounds, from the per-round records
+    tail = report.split(f"last {LAST_ROUNDS} rounds")[1].split("##")[0]
+    for m in rep.METHODS:
+        for site, info in on_disk["sites"].items():
+            per_seed = []
+            for run in (r for r in on_disk["runs"] if r["method"] == m):
+                values = [rec["sites"][site]["primary"] for rec in run["results"]["rounds"]][-LAST_ROUNDS:]
+                per_seed.append(sum(values) / len(values))
+            got = on_disk["metrics_last_rounds"][m][site][info["primary_metric"]]
+            assert got["values"] == pytest.approx(per_seed)
+    d = [on_disk["metrics_last_rounds"]["fedbone-projection"][s][i["primary_metric"]]["mean"]
+         - on_disk["metrics_last_rounds"]["fedbone-mean"][s][i["primary_metric"]]["mean"]
+         for s, i in on_disk["sites"].items()]
+    assert f"(mean difference of the primary metrics {sum(d) / len(d):+.3f})" in tail
 
 
 def test_costs_csv_matches_json(reproduction):
