@@ -112,6 +112,12 @@ def test_a_deeper_cut_is_exact_and_keeps_the_first_swin_stage_at_the_site():
         from fedbone_med.models.embeddings import ConvStemSwin
 
         ConvStemSwin(3, 64, stride=1)
+    # DP-SGD cannot take per-sample gradients through window attention: refused, naming the module
+    from fedbone_med.privacy.dpsgd_site import PrivateSiteModel
+    from fedbone_med.privacy.errors import PrivacyError
+
+    with pytest.raises(PrivacyError, match=r"site module embedding \(ConvStemSwin\) is not DP-SGD compatible"):
+        PrivateSiteModel(copy.deepcopy(site.model))
 
 
 def test_embedding_width_that_does_not_fit_the_backbone_is_refused_at_join():

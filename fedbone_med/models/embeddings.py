@@ -78,7 +78,9 @@ class ConvStemSwin(nn.Module):
     -> (B, embed_dim, H/stride, W/stride). The stage is what the first stage of the server's
     Swin backbone would be for a z of embed_dim / 2 channels (heads of 16 channels, window
     ``window_size``), so with a server backbone that starts one stage later the network is the
-    same, cut one stage deeper: those weights stay at the site.
+    same, cut one stage deeper: those weights stay at the site. Not for DP-SGD sites: Opacus has
+    no per-sample gradients for MONAI's window attention (its relative-position table), so a
+    site with ``privacy.enabled`` and this embedding is refused with that reason.
     """
 
     def __init__(self, in_channels: int, embed_dim: int, stride: int, depth: int = 2, window_size: int = 8) -> None:
