@@ -29,8 +29,8 @@ def _random_data(task, channels: int, n: int = 8, size: int = 32) -> SiteData:
     return SiteData(split, split)
 
 
-def _split_and_monolithic(cfg, channels):
-    coord = Coordinator(tiny_server("mean"), run_id="t", seed=0)
+def _split_and_monolithic(cfg, channels, server=None):
+    coord = Coordinator(server or tiny_server("mean"), run_id="t", seed=0)
     # A second joined site keeps the step open, so the first site's gradient slot stays readable.
     coord.join(JoinRequest("placeholder", "fundus", "classification", 1, "test"))
     data = _random_data(cfg.task, channels)
@@ -40,17 +40,35 @@ def _split_and_monolithic(cfg, channels):
     return coord, site, mono, data
 
 
+def _deeper_cut():
+    """A site with conv-stem-swin (the first Swin stage at the site) and the tiny backbone from its second
+    stage on (input width 32, three stages)."""
+    from dataclasses import replace
+
+    from conftest import TINY_BACKBONE
+
+    assert TINY_BACKBONE.embed_dim == 16 and TINY_BACKBONE.depths == (1, 1, 1, 1)
+    server = replace(tiny_server("mean"), backbone=replace(TINY_BACKBONE, embed_dim=32, depths=(1, 1, 1),
+                                                           num_heads=(2, 2, 4)))
+    cfg = site_cfg("vessels", "vessels", "fundus", SEG1)
+    return replace(cfg, model=replace(cfg.model, embedding="conv-stem-swin", stride=4)), server
+
+
+_DEEPER = _deeper_cut()
+
+
 @pytest.mark.parametrize(
-    "cfg,channels",
+    "cfg,channels,server",
     [
-        (site_cfg("grading", "dr_grade", "fundus", CLS5), 3),
-        (site_cfg("vessels", "vessels", "fundus", SEG1), 3),
-        (site_cfg("layers", "oct_layers", "oct", SEG9), 1),
+        (site_cfg("grading", "dr_grade", "fundus", CLS5), 3, None),
+        (site_cfg("vessels", "vessels", "fundus", SEG1), 3, None),
+        (site_cfg("layers", "oct_layers", "oct", SEG9), 1, None),
+        (_DEEPER[0], 3, _DEEPER[1]),
     ],
-    ids=["ordinal-classification", "binary-segmentation", "multiclass-segmentation"],
+    ids=["ordinal-classification", "binary-segmentation", "multiclass-segmentation", "deeper-cut-segmentation"],
 )
-def test_split_equals_monolithic_loss_and_every_gradient(cfg, channels):
-    coord, site, mono, data = _split_and_monolithic(cfg, channels)
+def test_split_equals_monolithic_loss_and_every_gradient(cfg, channels, server):
+    coord, site, mono, data = _split_and_monolithic(cfg, channels, server)
     x, y = data.train.images, data.train.targets
 
     split_loss = site.forward_backward(x, y, round=0, step=0)
@@ -76,46 +94,22 @@ def test_split_equals_monolithic_loss_and_every_gradient(cfg, channels):
     assert offset == coord.num_params and checked == len(site_params) + len(coord.params)
 
 
-def test_a_deeper_cut_is_exact_and_keeps_the_first_swin_stage_at_the_site():
-    """conv-stem-swin + a backbone that starts one stage later: the same split exactness."""
-    from dataclasses import replace
-
+def test_a_deeper_cut_keeps_the_first_swin_stage_at_the_site():
+    """conv-stem-swin + a backbone that starts one stage later (exactness: the parametrized test above)."""
     from conftest import TINY_BACKBONE
     from fedbone_med.models import build_backbone
-
-    assert TINY_BACKBONE.embed_dim == 16 and TINY_BACKBONE.depths == (1, 1, 1, 1)
-    # the tiny backbone from its second stage on: input width 32, three stages
-    server = replace(tiny_server("mean"), backbone=replace(TINY_BACKBONE, embed_dim=32, depths=(1, 1, 1),
-                                                           num_heads=(2, 2, 4)))
-    cfg = site_cfg("vessels", "vessels", "fundus", SEG1)
-    cfg = replace(cfg, model=replace(cfg.model, embedding="conv-stem-swin", stride=4))
-    coord = Coordinator(server, run_id="t", seed=0)
-    coord.join(JoinRequest("placeholder", "fundus", "classification", 1, "test"))
-    data = _random_data(cfg.task, 3)
-    site = SiteRuntime(cfg, InProcessTransport(coord), data, seed=3)
-    site.join()
-    stage = site.model.embedding.stage
-    assert sum(p.numel() for p in stage.parameters()) > 0  # a Swin stage's weights, at the site
-    full = build_backbone(TINY_BACKBONE)
-    assert len(coord.backbone.stages) == len(full.stages) - 1
-    mono = FedBoneModel(copy.deepcopy(site.model), copy.deepcopy(coord.backbone))
-    x, y = data.train.images, data.train.targets
-    split_loss = site.forward_backward(x, y, round=0, step=0)
-    mono_loss = TaskLoss(cfg.task)(mono(x), y)
-    mono_loss.backward()
-    assert split_loss == pytest.approx(float(mono_loss.detach()), rel=1e-6)
-    site_params = dict(site.model.named_parameters())
-    for name, p in mono.site.named_parameters():
-        torch.testing.assert_close(site_params[name].grad, p.grad, rtol=1e-5, atol=1e-8, msg=f"site param {name}")
-    assert any(name.startswith("embedding.stage.") for name in site_params)
-    with pytest.raises(ModelError, match="conv-stem-swin"):
-        from fedbone_med.models.embeddings import ConvStemSwin
-
-        ConvStemSwin(3, 64, stride=1)
-    # DP-SGD cannot take per-sample gradients through window attention: refused, naming the module
+    from fedbone_med.models.embeddings import ConvStemSwin
     from fedbone_med.privacy.dpsgd_site import PrivateSiteModel
     from fedbone_med.privacy.errors import PrivacyError
 
+    cfg, server = _deeper_cut()
+    coord, site, _, _ = _split_and_monolithic(cfg, 3, server)
+    assert sum(p.numel() for p in site.model.embedding.stage.parameters()) > 0  # a Swin stage, at the site
+    assert any(name.startswith("embedding.stage.") for name, _ in site.model.named_parameters())
+    assert len(coord.backbone.stages) == len(build_backbone(TINY_BACKBONE).stages) - 1
+    with pytest.raises(ModelError, match="conv-stem-swin"):
+        ConvStemSwin(3, 64, stride=1)
+    # DP-SGD cannot take per-sample gradients through window attention: refused, naming the module
     with pytest.raises(PrivacyError, match=r"site module embedding \(ConvStemSwin\) is not DP-SGD compatible"):
         PrivateSiteModel(copy.deepcopy(site.model))
 

@@ -43,6 +43,7 @@ from torch import Tensor
 
 C_SOURCE = r"""
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 
 /* The Gram entries of gram_entries in projection.py, in two steps. (1) Block sums: the columns form
@@ -117,32 +118,45 @@ static int fb_isa(void) {
     return 0;
 }
 
-/* out[i] = Gram entry of row rows[i] of g (row stride `stride` floats) against v, i < nrows; rows are
-   taken four at a time (an entry does not depend on its group). */
+typedef struct { fb_gram_fn f4, f2, f1; } fb_gram_fns;
+
+static fb_gram_fns fb_gram_pick(void) {
+    fb_gram_fns fn = {gram4_base, gram2_base, gram1_base};
+#ifdef FB_X86
+    const int isa = fb_isa();
+    if (isa == 2) { fn.f4 = gram4_avx512; fn.f2 = gram2_avx512; fn.f1 = gram1_avx512; }
+    else if (isa == 1) { fn.f4 = gram4_avx2; fn.f2 = gram2_avx2; fn.f1 = gram1_avx2; }
+#endif
+    return fn;
+}
+
+/* One block (columns [s0, end)) of n rows against v, four rows at a time: the sum of row t goes to
+   dst[t * dst_stride]. Row t is g + rows[t] * stride, or g + (first + t) * stride when rows is NULL. */
+static void fb_gram_block(const fb_gram_fns *fn, const float *g, int64_t stride, const int64_t *rows, int64_t first,
+                          int64_t n, const float *v, int64_t s0, int64_t end, int64_t lanes, double *acc,
+                          double *dst, int64_t dst_stride) {
+    for (int64_t i = 0; i < n; ) {
+        const float *x[4];
+        const int64_t r = n - i >= 4 ? 4 : (n - i >= 2 ? 2 : 1);
+        double out[4];
+        for (int64_t t = 0; t < r; ++t) x[t] = g + (rows ? rows[i + t] : first + i + t) * stride;
+        (r == 4 ? fn->f4 : r == 2 ? fn->f2 : fn->f1)(x, v, s0, end, lanes, acc, out);
+        for (int64_t t = 0; t < r; ++t) dst[(i + t) * dst_stride] = out[t];
+        i += r;
+    }
+}
+
 /* Block sums of blocks [b_lo, b_hi) for rows rows[0..nrows-1] of g (row stride `stride` floats) against
    v: sums[i * nbp + b]. Blocks outer, groups of four rows inner, so a block of v is read from memory
    once; a block sum does not depend on its group or on which thread computes it. acc: 4 * lanes. */
 void fb_gram_blocks_f32(const float *g, int64_t stride, const int64_t *rows, int64_t nrows, const float *v,
                         int64_t p, int64_t lanes, int64_t chunks, int64_t b_lo, int64_t b_hi, double *acc,
                         double *sums, int64_t nbp) {
-    fb_gram_fn f4 = gram4_base, f2 = gram2_base, f1 = gram1_base;
-#ifdef FB_X86
-    const int isa = fb_isa();
-    if (isa == 2) { f4 = gram4_avx512; f2 = gram2_avx512; f1 = gram1_avx512; }
-    else if (isa == 1) { f4 = gram4_avx2; f2 = gram2_avx2; f1 = gram1_avx2; }
-#endif
+    const fb_gram_fns fn = fb_gram_pick();
     const int64_t q = lanes * chunks;
     for (int64_t b = b_lo; b < b_hi; ++b) {
         const int64_t s0 = b * q, end = (b + 1) * q < p ? (b + 1) * q : p;
-        for (int64_t i = 0; i < nrows; ) {
-            const float *x[4];
-            const int64_t r = nrows - i >= 4 ? 4 : (nrows - i >= 2 ? 2 : 1);
-            double out[4];
-            for (int64_t j = 0; j < r; ++j) x[j] = g + rows[i + j] * stride;
-            (r == 4 ? f4 : r == 2 ? f2 : f1)(x, v, s0, end, lanes, acc, out);
-            for (int64_t j = 0; j < r; ++j) sums[(i + j) * nbp + b] = out[j];
-            i += r;
-        }
+        fb_gram_block(&fn, g, stride, rows, 0, nrows, v, s0, end, lanes, acc, sums + b, nbp);
     }
 }
 
@@ -151,29 +165,13 @@ void fb_gram_blocks_f32(const float *g, int64_t stride, const int64_t *rows, int
    sums[(j * (j + 1) / 2 + i) * nbp + b]. Blocks outer: a block of all k rows is read from memory once. */
 void fb_gram_all_f32(const float *g, int64_t stride, int64_t k, int64_t p, int64_t lanes, int64_t chunks,
                      int64_t b_lo, int64_t b_hi, double *acc, double *sums, int64_t nbp) {
-    fb_gram_fn f4 = gram4_base, f2 = gram2_base, f1 = gram1_base;
-#ifdef FB_X86
-    const int isa = fb_isa();
-    if (isa == 2) { f4 = gram4_avx512; f2 = gram2_avx512; f1 = gram1_avx512; }
-    else if (isa == 1) { f4 = gram4_avx2; f2 = gram2_avx2; f1 = gram1_avx2; }
-#endif
+    const fb_gram_fns fn = fb_gram_pick();
     const int64_t q = lanes * chunks;
     for (int64_t b = b_lo; b < b_hi; ++b) {
         const int64_t s0 = b * q, end = (b + 1) * q < p ? (b + 1) * q : p;
-        for (int64_t j = 0; j < k; ++j) {
-            const float *v = g + j * stride;
-            double *dst = sums + (j * (j + 1) / 2) * nbp + b;
-            for (int64_t i = 0; i <= j; ) {
-                const float *x[4];
-                const int64_t left = j + 1 - i;
-                const int64_t r = left >= 4 ? 4 : (left >= 2 ? 2 : 1);
-                double out[4];
-                for (int64_t t = 0; t < r; ++t) x[t] = g + (i + t) * stride;
-                (r == 4 ? f4 : r == 2 ? f2 : f1)(x, v, s0, end, lanes, acc, out);
-                for (int64_t t = 0; t < r; ++t) dst[(i + t) * nbp] = out[t];
-                i += r;
-            }
-        }
+        for (int64_t j = 0; j < k; ++j)
+            fb_gram_block(&fn, g, stride, NULL, 0, j + 1, g + j * stride, s0, end, lanes, acc,
+                          sums + (j * (j + 1) / 2) * nbp + b, nbp);
     }
 }
 
