@@ -290,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
         "projection_fraction_of_backward_k16": backbone["after_last_fraction_of_backward"],
         "projection_fraction_of_backward_k16_full": backbone["aggregator_full_fraction_of_backward"],
         "projection_fraction_of_backward_k16_torch_path": backbone["after_last_fraction_of_backward_torch_path"],
+        # the same latency in units of one read of the (K, P) slot matrix: what the memory-bound part costs
+        # whatever the host's memory bandwidth at the time (the floor is 2: the last Gram row, the combination)
+        "projection_after_last_in_slot_reads_k16": backbone["after_last_over_read_once"],
         "gram_kernel": backbone["gram_kernel"],
         "projection_fraction_of_step_backward_k16": backbone["projection_fraction_of_step_backward"],
         "allocator_tuned": tuned,
