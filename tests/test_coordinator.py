@@ -179,3 +179,35 @@ def test_the_server_records_revocations_once_per_run_and_audit_key_rotations(tmp
     assert len(rotations) == 1 and rotations[0]["new_key_id"] == new_id
     with pytest.raises(Exception, match="unknown key_id"):  # the new key alone cannot verify the old part
         verify_log(log, load_public_keys([keys / "server-audit-key.pub.pem"]))
+
+
+def test_stochastic_depth_masks_do_not_depend_on_arrival_order_or_the_global_rng():
+    """With drop_path_rate > 0 a site's training features depend only on (seed, step, site, z)."""
+    from dataclasses import replace
+
+    server = tiny_server("mean")
+    server = replace(server, backbone=replace(server.backbone, drop_path_rate=0.5))
+
+    def features(order: str, noise: int) -> dict[str, list[torch.Tensor]]:
+        c = Coordinator(server, run_id="r", seed=0, steps_per_round=SPR, rounds=3, wait_timeout=20,
+                        expected_sites=("a", "b"))
+        sites = {n: _Site(c, n) for n in "ab"}
+        for n in "ab":
+            _join(c, n)
+        torch.manual_seed(noise)  # whatever else the process drew before
+        out = {}
+        for n in order:
+            out[n] = [f.clone() for f in c.forward(sites[n].header(0, 0), sites[n].z)]
+        return out
+
+    ab, ba = features("ab", noise=1), features("ba", noise=2)
+    for n in "ab":
+        for x, y in zip(ab[n], ba[n], strict=True):
+            assert torch.equal(x, y), n
+    # and the masks are random: a site's features differ from an eval (no drop) forward
+    c = Coordinator(server, run_id="r", seed=0, steps_per_round=SPR, rounds=3, expected_sites=("a", "b"))
+    site = _Site(c, "a")
+    _join(c, "a")
+    _join(c, "b")
+    evaluated = c.forward(StepHeader("r", "a", 0, 0, 1, mode="eval"), site.z)
+    assert not all(torch.equal(x, y) for x, y in zip(evaluated, ab["a"], strict=True))

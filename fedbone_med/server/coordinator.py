@@ -26,9 +26,11 @@ Membership and failures (used by the networked server; the in-process runner nee
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,6 +112,11 @@ class Coordinator:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.backbone = build_backbone(cfg.backbone).to(self.device)
+        self.seed = seed
+        # Stochastic depth draws random masks in every training forward; they come from a generator
+        # seeded by (run seed, step, site), not the process-wide one, so they do not depend on the
+        # order in which sites' forwards arrive (networked) or on anything else the process drew.
+        self._stochastic = cfg.backbone.drop_path_rate > 0
         refuse_batchnorm(self.backbone)
         self.params = [p for p in self.backbone.parameters() if p.requires_grad]
         self.num_params = sum(p.numel() for p in self.params)
@@ -265,9 +272,22 @@ class Coordinator:
                 raise ProtocolError(f"site '{header.site}': a second training forward for step {header.step}")
             self.backbone.train()
             z_leaf = z.requires_grad_(True)
-            feats = self.backbone(z_leaf)
+            if self._stochastic:
+                with self._step_rng(header):
+                    feats = self.backbone(z_leaf)
+            else:
+                feats = self.backbone(z_leaf)
             session.pending = (header.step, z_leaf, feats)
             return [f.detach() for f in feats]
+
+    @contextlib.contextmanager
+    def _step_rng(self, header: StepHeader) -> Iterator[None]:
+        """The global RNG (CPU and this device's), seeded from (run seed, step, site), restored after."""
+        digest = hashlib.sha256(f"{self.seed}:{header.step}:{header.site}".encode()).digest()
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(int.from_bytes(digest[:8], "big") & (2**63 - 1))
+            yield
 
     def _wait_for_step(self, header: StepHeader) -> None:
         if header.step < self.step:
