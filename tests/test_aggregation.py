@@ -416,6 +416,22 @@ def test_projection_every_n_steps_alternates_with_the_plain_mean_and_resumes_in_
             ProjectionAggregator(seed=0, every=bad)
 
 
+@pytest.mark.parametrize("name", ["mean", "sum"])
+def test_plain_aggregators_prepare_their_statistics_as_slots_arrive(name):
+    """The coordinator's prepare calls change nothing in the result, only when the Gram work happens."""
+    grads = torch.randn(6, 5000, generator=torch.Generator().manual_seed(9))
+    fresh_out, fresh_stats = get_aggregator(name)(grads.clone())
+    agg = get_aggregator(name)
+    matrix = grads.clone()
+    for row in (3, 0, 5, 1, 4, 2):
+        agg.prepare(matrix, row)
+    out, stats = agg(matrix)
+    assert torch.equal(out, fresh_out) and stats == fresh_stats
+    reference = (mean_aggregate if name == "mean" else sum_aggregate)(grads)[0]
+    assert torch.equal(out, reference)  # the same combination as the pure function
+    assert agg._cache is None  # the call took the cache
+
+
 def test_failed_round_does_not_consume_a_permutation():
     grads = torch.randn(6, 10, generator=torch.Generator().manual_seed(0))
     bad = grads.clone()

@@ -121,37 +121,17 @@ def _matrix_key(matrix: Tensor) -> tuple[Any, ...]:
     return (matrix.data_ptr(), tuple(matrix.shape), tuple(matrix.stride()), matrix.dtype, matrix.device)
 
 
-class ProjectionAggregator(Aggregator):
-    """Conflicting-gradient projection (FedBone / PCGrad) with a seeded site order.
+class _IncrementalGram(Aggregator):
+    """The Gram matrix of the slot matrix, built row by row in :meth:`prepare` as slots arrive.
 
-    Owns one ``torch.Generator`` seeded once; each projecting call draws a fresh permutation
-    of the K sites with ``torch.randperm``. A call that raises does not consume a draw.
-    ``every = n`` projects on calls 0, n, 2n, ... (counted by ``rounds``, which checkpoints
-    keep) and returns the plain reduction on the others, with that reduction's statistics
-    (``method`` "mean" or "sum", no order); 1 projects on every call.
-
-    The Gram matrix is built with :func:`~.projection.gram_entries`, one row at a time, so
-    :meth:`prepare` can compute a row's entries as its slot arrives and ``__call__`` only
-    adds the missing ones. Every entry is a fixed function of its two rows, so the result is
-    bit-identical whether, and in which order, rows were prepared. The cache belongs to one
-    matrix object (same storage, shape, strides); another matrix, a write to the matrix not
-    followed by ``prepare`` of that row, or a call to ``__call__`` drops it. Not thread-safe:
-    the coordinator calls ``prepare`` and ``__call__`` under its lock.
+    Every entry is a fixed function of its two rows (:func:`~.projection.gram_entries`), so the
+    matrix is bit-identical whether, and in which order, rows were prepared. The cache belongs to
+    one matrix object (same storage, shape, strides); another matrix, a write to the matrix not
+    followed by ``prepare`` of that row, or a call to ``__call__`` drops it. Not thread-safe: the
+    coordinator calls ``prepare`` and ``__call__`` under its lock.
     """
 
-    name = "projection"
-
-    def __init__(self, seed: int, reduction: str = "mean", every: int = 1) -> None:
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ConfigError(f"projection aggregator seed must be an int, got {type(seed).__name__}")
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ConfigError(f"projection aggregator: every must be an int >= 1, got {every!r}")
-        self.seed = seed
-        self.reduction = _check_reduction(reduction)
-        self.every = every
-        self.generator = torch.Generator(device="cpu")
-        self.generator.manual_seed(seed)
-        self.rounds = 0
+    def __init__(self) -> None:
         self._cache: _GramCache | None = None
         self._workspace: Tensor | None = None
 
@@ -210,6 +190,46 @@ class ProjectionAggregator(Aggregator):
             raise
         cache.version = _version(matrix)
 
+    def _gram(self, grads: Tensor, cache: _GramCache | None, names: tuple[str, ...] | None) -> Tensor:
+        """The checked Gram matrix of ``grads``: the entries ``cache`` holds (from :meth:`_take_cache`,
+        which every call takes first) plus the missing ones."""
+        from .projection import check_gram_finite, incremental_gram
+
+        ws = self._workspace_for(grads)
+        if cache is None:
+            gram = incremental_gram(grads, workspace=ws)
+        else:
+            gram = incremental_gram(grads, cache.gram, cache.prepared, ws)
+        return check_gram_finite(grads, gram, names)
+
+
+class ProjectionAggregator(_IncrementalGram):
+    """Conflicting-gradient projection (FedBone / PCGrad) with a seeded site order.
+
+    Owns one ``torch.Generator`` seeded once; each projecting call draws a fresh permutation
+    of the K sites with ``torch.randperm``. A call that raises does not consume a draw.
+    ``every = n`` projects on calls 0, n, 2n, ... (counted by ``rounds``, which checkpoints
+    keep) and returns the plain reduction on the others, with that reduction's statistics
+    (``method`` "mean" or "sum", no order); 1 projects on every call.
+
+    The Gram matrix is built as the slots arrive (see :class:`_IncrementalGram`).
+    """
+
+    name = "projection"
+
+    def __init__(self, seed: int, reduction: str = "mean", every: int = 1) -> None:
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ConfigError(f"projection aggregator seed must be an int, got {type(seed).__name__}")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ConfigError(f"projection aggregator: every must be an int >= 1, got {every!r}")
+        self.seed = seed
+        self.reduction = _check_reduction(reduction)
+        self.every = every
+        super().__init__()
+        self.generator = torch.Generator(device="cpu")
+        self.generator.manual_seed(seed)
+        self.rounds = 0
+
     def __call__(
         self,
         grads: Tensor,
@@ -220,10 +240,8 @@ class ProjectionAggregator(Aggregator):
         # Imported here: projection.py imports this module for AggregationStats.
         from .projection import (
             check_grads_shape,
-            check_gram_finite,
             check_order,
             check_site_names,
-            incremental_gram,
             plain_with_gram,
             project_with_gram,
             reduction_weights,
@@ -237,12 +255,7 @@ class ProjectionAggregator(Aggregator):
             names = check_site_names(site_names, num_sites)
             r = reduction_weights(num_sites, self.reduction, weights)
             order = check_order(torch.randperm(num_sites, generator=self.generator), num_sites) if project else []
-            ws = self._workspace_for(grads)
-            if cache is None:
-                gram = incremental_gram(grads, workspace=ws)
-            else:
-                gram = incremental_gram(grads, cache.gram, cache.prepared, ws)
-            gram = check_gram_finite(grads, gram, names)
+            gram = self._gram(grads, cache, names)
             if project:
                 out = project_with_gram(grads, gram, order, r, names)
             else:
@@ -284,8 +297,9 @@ class ProjectionAggregator(Aggregator):
         self.rounds = int(state["rounds"])
 
 
-class _PlainAggregator(Aggregator):
-    """Plain (optionally weighted) reduction of the site gradients; no projection."""
+class _PlainAggregator(_IncrementalGram):
+    """Plain (optionally weighted) reduction of the site gradients; no projection. The Gram matrix
+    (for the statistics) is built as the slots arrive, like the projection's."""
 
     def __call__(
         self,
@@ -294,10 +308,13 @@ class _PlainAggregator(Aggregator):
         *,
         weights: Sequence[float] | Tensor | None = None,
     ) -> tuple[Tensor, AggregationStats]:
-        from . import projection
+        from .projection import check_grads_shape, check_site_names, plain_with_gram, reduction_weights
 
-        reduce = projection.mean_aggregate if self.name == "mean" else projection.sum_aggregate
-        return reduce(grads, weights=weights, site_names=site_names)
+        cache = self._take_cache(grads) if isinstance(grads, Tensor) else None
+        k = check_grads_shape(grads)
+        names = check_site_names(site_names, k)
+        r = reduction_weights(k, self.name, weights)
+        return plain_with_gram(grads, self._gram(grads, cache, names), self.name, r, names)
 
 
 class MeanAggregator(_PlainAggregator):
