@@ -6,12 +6,15 @@ costs about four reads of the slots, because float32 must be widened to float64 
 temporaries. This kernel reads each float32 value once and widens it in registers.
 
 What it computes is *bit-identical* to :func:`~.projection.gram_entries`' PyTorch path,
-which stays the reference and the fallback: lane l accumulates ``(double) x[t] * (double)
-v[t]`` for t = l, l + L, l + 2L, ... in increasing t (the product of two float32 values is
-exact in float64, so a fused multiply-add rounds the same as multiply-then-add), then the L
-lanes are summed by pairwise halving, in the same order as the PyTorch path. No fast-math,
-no reassociation; each row is computed by one thread, so the thread count changes nothing.
-``tests/test_aggregation.py`` checks the bits against the PyTorch path.
+which stays the reference and the fallback: in each column block of ``chunks * lanes``
+columns, lane l accumulates ``(double) x[t] * (double) v[t]`` for t = the block's start + l,
++ lanes, ... in increasing t (the product of two float32 values is exact in float64, so a
+fused multiply-add rounds the same as multiply-then-add), the lanes of a block are summed by
+pairwise halving, then the blocks (padded with zeros to a power of two) by pairwise halving,
+in the same order as the PyTorch path. No fast-math, no reassociation; a block sum is computed
+by one thread from its two row segments alone, so neither the thread count nor which rows
+share a call changes anything. ``tests/test_aggregation.py`` checks the bits against the
+PyTorch path and against the summation tree written out in Python.
 
 How: on first use the C source below is compiled with the system C compiler (``cc``, or
 ``$CC``) into ``$FEDBONE_NATIVE_CACHE`` (default ``~/.cache/fedbone-med``, created 0700),
@@ -19,8 +22,9 @@ under a name that hashes the source and flags, written to a temporary file and r
 into place (concurrent processes never load a half-written library), and loaded with
 ctypes -- only if neither the file nor its directory is writable by others or owned by
 another user (loading a library runs its code). Portable flags only (``-O3``, no
-``-march=native``; on x86-64 with GCC an AVX2 clone is picked at load time where the CPU
-has it), so a cache shared between machines of one architecture stays valid. No compiler,
+``-march=native``; on x86-64 with GCC, AVX-512 or AVX2 + FMA versions of the loops are picked
+at run time where the CPU has them), so a cache shared between machines of one architecture
+stays valid. No compiler,
 a failed build, another architecture or ``FEDBONE_NATIVE=0``: the PyTorch path runs, with
 the same results; the reason is kept in :func:`status`.
 """
