@@ -77,11 +77,14 @@ def _errors(out: str) -> list[str]:
     if not any(x.startswith("ERRORS (") for x in lines):
         return []
     start = next(i for i, x in enumerate(lines) if x.startswith("ERRORS ("))
-    block = []
+    block: list[str] = []
     for x in lines[start + 1 :]:
-        if not x.startswith("  - "):
+        if x.startswith("      ") and block:  # a continuation line of the item above
+            block[-1] += "\n" + x
+        elif x.startswith("  - "):
+            block.append(x)
+        else:
             break
-        block.append(x)
     return block
 
 
@@ -242,6 +245,8 @@ def test_pipeline_files_training_would_refuse_are_errors_alongside_file_checks(c
     assert any(e.startswith("data.pipeline:") and "no LoadSampled step" in e for e in errors), errors
     assert any(e.startswith("data.augment:") and "NoSuchTransform" in e for e in errors), errors
     assert any("mask missing" in e for e in errors)  # the data is still checked
+    # the TOML to paste keeps its lines, indented under the error
+    assert '\n      [[transform]]\n      name = "LoadSampled"\n' in out, out  # no blank lines inside an item
 
 
 def test_phantom_site_reports_task_and_counts(capsys):

@@ -67,9 +67,9 @@ class DataReport:
         elif s.get("dataset"):
             lines.append(f"  dataset '{s['dataset']}' ({s.get('kind')}), {s.get('files_checked', 0)} file(s) checked")
         lines.append(f"ERRORS ({len(self.errors)}):" if self.errors else "errors: none")
-        lines += [f"  - {e}" for e in self.errors]
+        lines += [_item(e) for e in self.errors]
         lines.append(f"WARNINGS ({len(self.warnings)}):" if self.warnings else "warnings: none")
-        lines += [f"  - {w}" for w in self.warnings]
+        lines += [_item(w) for w in self.warnings]
         for name, sp in s.get("splits", {}).items():
             if "volumes" in sp:
                 parts = [f"{sp.get('images', 0)} B-scans in {sp['volumes']} volumes"]
@@ -137,6 +137,12 @@ def check_site_data(cfg: SiteConfig, data_root: str | Path | None = None) -> Dat
     return report
 
 
+def _item(text: str) -> str:
+    """A list item; the lines after the first (e.g. a TOML snippet to paste) indented under it."""
+    first, *rest = text.splitlines() or [""]
+    return "\n".join([f"  - {first}", *(f"      {line}" for line in rest if line.strip())])
+
+
 def _check_chains(cfg: SiteConfig, report: DataReport) -> None:
     """The site's data.pipeline and data.augment files: the errors training would stop with."""
     from .pipeline import load_augment, load_pipeline, split_head
@@ -150,7 +156,7 @@ def _check_chains(cfg: SiteConfig, report: DataReport) -> None:
             chain = load(path)
             build_transforms(split_head(chain, path)[1] if key == "data.pipeline" else chain)
         except (ConfigError, DataError, OSError) as exc:
-            report.errors.append(f"{key}: {' '.join(str(exc).split())}")  # one line per problem
+            report.errors.append(f"{key}: {str(exc).strip()}")  # a TOML snippet to paste keeps its lines
 
 
 def _check_task(cfg: SiteConfig, m: Manifest, report: DataReport) -> None:
