@@ -319,3 +319,36 @@ def test_named_classes_must_match_the_site_task(tmp_path, monkeypatch):
     )
     with pytest.raises(ConfigError, match="provides classification, num_classes = 2; the \\[task\\] table says"):
         load_site_data(load_site(tmp_path / "site.toml"))
+
+
+def test_a_volume_whose_rows_name_different_subjects_is_that_volumes_problem(tmp_path):
+    """Reported per volume with its check: check-data lists it, skip_bad_files leaves only that volume
+    out, and training without skipping stops at it."""
+    root = tmp_path / "oct_edema"
+    _write_bscan_set(root, n_patients=2)
+    csv_path = root / "bscan_labels.csv"
+    header, *rows = csv_path.read_text().splitlines()
+    out = [header + ",patient"]
+    for row in rows:
+        volume = row.split(",")[0]
+        patient = volume.split("_")[0]
+        if row.startswith("P01_R.nii.gz,2,"):
+            patient = "P02"  # one of P01_R's rows names another patient
+        out.append(f"{row},{patient}")
+    csv_path.write_text("\n".join(out) + "\n")
+    text = BSCAN_MANIFEST.read_text().replace('classes = ["normal", "edema"]',
+                                              'classes = ["normal", "edema"]\nsubject_column = "patient"')
+    manifest_path = tmp_path / "bscans.toml"
+    manifest_path.write_text(text)
+    from fedbone_med.data.pipeline import load_manifest
+
+    m = load_manifest(manifest_path)
+    problems: list[str] = []
+    list_samples(m, data_root=tmp_path, problems=problems)
+    assert len(problems) == 1 and "subject: one volume's rows name different subjects (P01_R.nii.gz)" in problems[0]
+    skipped: list[tuple[str, str]] = []
+    samples = list_samples(m, data_root=tmp_path, skipped=skipped)
+    assert [c for c, _ in skipped] == ["subject"]
+    assert {s.image.name for s in samples} == {"P01_L.nii.gz", "P02_L.nii.gz", "P02_R.nii.gz"}
+    with pytest.raises(DataError, match="different subjects"):
+        list_samples(m, data_root=tmp_path)

@@ -484,8 +484,11 @@ def _volume_samples(m: Manifest, root: Path, report: Problems) -> list[Sample]:
             report(f"{f}: labels: the volume has no row in {labels_path.name}", check="labels")
             continue
         subjects = {r.subject for r in rs}
-        if len(subjects) > 1:
-            report(f"{labels_path}: rows {rs[0].row}..{rs[-1].row}: subject: one volume's rows name different subjects")
+        if len(subjects) > 1:  # this volume's rows are inconsistent: the volume (not the data set) is bad
+            report(f"{labels_path}: rows {rs[0].row}..{rs[-1].row}: subject: one volume's rows name different "
+                   f"subjects ({f.name})", check="subject")
+            if not report.keeps_flawed:
+                continue
         subject = rs[0].subject or _subject(f, spec.subject, report)
         if subject is None:
             continue
