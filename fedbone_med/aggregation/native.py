@@ -39,6 +39,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -358,73 +359,65 @@ def supports(grads: Tensor) -> bool:
             and grads.stride(1) == 1 and available())
 
 
-def gram_entries_f32(grads: Tensor, lo: int, hi: int, row: int, lanes: int, chunks: int) -> Tensor:
-    """G[i, row] for i in lo..hi-1, float64 (hi - lo,), exactly as the PyTorch path computes them.
+def _run(workers: int, work: Callable[[int], None]) -> None:
+    """``work(w)`` for w in range(workers): inline for one, on the shared pool otherwise."""
+    if workers == 1:
+        work(0)
+    else:
+        list(_executor(workers).map(work, range(workers)))
 
-    The column blocks are spread over ``torch.get_num_threads()`` threads (ctypes releases the
-    GIL); a block sum is a function of its two row segments alone, and the blocks are summed in
-    a fixed pairwise order afterwards, so neither the split nor the grouping changes any bit.
-    """
+
+def _block_sums(p: int, lanes: int, chunks: int, n: int,
+                fill: Callable[[int, int, int, int, int], None]) -> Tensor:
+    """Entries (n,) float64 from per-block sums: the column blocks are split over
+    ``torch.get_num_threads()`` threads, ``fill(b_lo, b_hi, acc_ptr, sums_ptr, span)`` writes block b
+    of entry i at ``sums[i * span + b]``, then every entry's blocks are summed pairwise (fb_gram_finish).
+    A block sum is a function of its two row segments alone, so the split changes no bit."""
     lib = _load()
-    assert lib is not None and supports(grads)
-    g = grads.detach()
-    p = g.shape[1]
+    assert lib is not None
     blocks = -(-p // (lanes * chunks))
     span = 1
     while span < blocks:
         span *= 2
-    n = hi - lo
-    rows = torch.arange(lo, hi, dtype=torch.int64)
     workers = max(1, min(torch.get_num_threads(), blocks))
     bounds = [blocks * w // workers for w in range(workers + 1)]
     accs = torch.empty(workers, 4 * lanes, dtype=torch.float64)  # (workers, 4 L) lane accumulators
     sums = torch.empty(n, span, dtype=torch.float64)  # (n, B padded to 2^k) block sums
     out = torch.empty(n, dtype=torch.float64)
-    base, stride, vec = g.data_ptr(), g.stride(0), g[row].data_ptr()
-
-    def work(w: int) -> None:
-        lib.fb_gram_blocks_f32(base, stride, rows.data_ptr(), n, vec, p, lanes, chunks, bounds[w], bounds[w + 1],
-                               accs[w].data_ptr(), sums.data_ptr(), span)
-
-    if workers == 1:
-        work(0)
-    else:
-        list(_executor(workers).map(work, range(workers)))
+    _run(workers, lambda w: fill(bounds[w], bounds[w + 1], accs[w].data_ptr(), sums.data_ptr(), span))
     lib.fb_gram_finish(sums.data_ptr(), n, blocks, span, out.data_ptr())
     return out
+
+
+def gram_entries_f32(grads: Tensor, lo: int, hi: int, row: int, lanes: int, chunks: int) -> Tensor:
+    """G[i, row] for i in lo..hi-1, float64 (hi - lo,), exactly as the PyTorch path computes them.
+
+    The column blocks are spread over ``torch.get_num_threads()`` threads (ctypes releases the
+    GIL); neither the split nor which rows share a call changes any bit.
+    """
+    lib = _load()
+    assert lib is not None and supports(grads)
+    g = grads.detach()
+    p = g.shape[1]
+    n = hi - lo
+    rows = torch.arange(lo, hi, dtype=torch.int64)
+    base, stride, vec = g.data_ptr(), g.stride(0), g[row].data_ptr()
+    return _block_sums(p, lanes, chunks, n, lambda b_lo, b_hi, acc, sums, span: lib.fb_gram_blocks_f32(
+        base, stride, rows.data_ptr(), n, vec, p, lanes, chunks, b_lo, b_hi, acc, sums, span))
 
 
 def gram_all_f32(grads: Tensor, lanes: int, chunks: int) -> Tensor:
     """The whole Gram matrix (K, K) float64, every entry with the bits of :func:`gram_entries_f32`.
 
-    One pass over the rows (column blocks outer, spread over ``torch.get_num_threads()``
-    threads), instead of one pass per row.
+    One pass over the rows (column blocks outer, spread over threads), instead of one pass per row.
     """
     lib = _load()
     assert lib is not None and supports(grads)
     g = grads.detach()
     k, p = g.shape
-    blocks = -(-p // (lanes * chunks))
-    span = 1
-    while span < blocks:
-        span *= 2
-    pairs = k * (k + 1) // 2
-    workers = max(1, min(torch.get_num_threads(), blocks))
-    bounds = [blocks * w // workers for w in range(workers + 1)]
-    accs = torch.empty(workers, 4 * lanes, dtype=torch.float64)
-    sums = torch.empty(pairs, span, dtype=torch.float64)  # (pairs, B padded to 2^k) block sums
-    flat = torch.empty(pairs, dtype=torch.float64)
     base, stride = g.data_ptr(), g.stride(0)
-
-    def work(w: int) -> None:
-        lib.fb_gram_all_f32(base, stride, k, p, lanes, chunks, bounds[w], bounds[w + 1], accs[w].data_ptr(),
-                            sums.data_ptr(), span)
-
-    if workers == 1:
-        work(0)
-    else:
-        list(_executor(workers).map(work, range(workers)))
-    lib.fb_gram_finish(sums.data_ptr(), pairs, blocks, span, flat.data_ptr())
+    flat = _block_sums(p, lanes, chunks, k * (k + 1) // 2, lambda b_lo, b_hi, acc, sums, span: lib.fb_gram_all_f32(
+        base, stride, k, p, lanes, chunks, b_lo, b_hi, acc, sums, span))
     jj, ii = torch.tril_indices(k, k)  # row-major lower triangle: pair j * (j + 1) / 2 + i for i <= j
     gram = torch.empty(k, k, dtype=torch.float64)
     gram[ii, jj] = flat
@@ -451,11 +444,5 @@ def combine_f32(grads: Tensor, coeffs: list[float]) -> Tensor:
     workers = max(1, min(torch.get_num_threads(), p // (1 << 16) + 1))
     bounds = [p * w // workers for w in range(workers + 1)]
 
-    def work(w: int) -> None:
-        lib.fb_combine_f32(base, stride, k, cp, bounds[w], bounds[w + 1], dst)
-
-    if workers == 1:
-        work(0)
-    else:
-        list(_executor(workers).map(work, range(workers)))
+    _run(workers, lambda w: lib.fb_combine_f32(base, stride, k, cp, bounds[w], bounds[w + 1], dst))
     return out
