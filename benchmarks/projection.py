@@ -15,7 +15,9 @@ count, and reports projection time / backward time.
 The headline ``projection_fraction_of_backward_k16`` is the LATENCY AFTER THE LAST SLOT
 ARRIVES over one backward: the coordinator calls ``ProjectionAggregator.prepare`` as each
 site's gradient slot is written, so rows 0..K-2 are prepared first (timed separately, off the
-critical path: ``prepare_s_per_row``), then ``prepare(K - 1)`` + ``__call__`` is timed. The
+critical path: ``prepare_s_per_row``), then the backward pass for the last site runs and
+``prepare(K - 1)`` + ``__call__`` right after it are timed (as in the coordinator: the
+aggregation starts while torch's threads are still busy from the backward). The
 non-incremental aggregator call (no prepare: all K(K+1)/2 order-independent Gram entries)
 is ``projection_fraction_of_backward_k16_full``; ``project_conflicting`` (the same Gram in one
 pass over the rows) keeps its own keys in ``backbone``. Backward passes and aggregation rounds
@@ -166,29 +168,38 @@ def bench_backbone(seed: int, repeats: int) -> dict[str, object]:
     # twice (Gram matrix, then the final combination), so it cannot beat ~2x this.
     read_s, _ = timed(lambda: grads.sum(dim=1), repeats=5, warmup=1)
 
-    # The aggregator as the coordinator drives it: prepare(row) as each slot lands, then the call.
-    # Backward passes and aggregation rounds alternate, so a drift in the machine's speed (a
-    # shared 2-core VM) affects numerator and denominator alike.
+    # The aggregator as the coordinator drives it: rows 0..K-2 are prepared as their slots land
+    # (while other sites compute), then the server's backward pass for the last site runs, and
+    # prepare(K - 1) + the call follow it at once -- as in Coordinator.backward, where the last
+    # site's backward is immediately followed by the aggregation (so the aggregation starts while
+    # torch's OpenMP threads are still spinning from the backward). Backward passes and aggregation
+    # rounds alternate, so a drift in the machine's speed (a shared 2-core VM) affects numerator and
+    # denominator alike.
     agg = ProjectionAggregator(seed=seed)
-    backward_times, prepare_times, after_last_times = [], [], []
-    for rep in range(repeats + 1):  # the first round is warm-up
-        backbone.zero_grad(set_to_none=True)
-        outputs = backbone(z)
-        loss = sum(f.float().pow(2).mean() for f in outputs)
-        start = time.perf_counter()
-        loss.backward()
-        if rep:
-            backward_times.append(time.perf_counter() - start)
-        for row in range(BACKBONE_K - 1):
+
+    def rounds(times: dict[str, list[float]]) -> None:
+        for rep in range(repeats + 1):  # the first round is warm-up
+            for row in range(BACKBONE_K - 1):
+                start = time.perf_counter()
+                agg.prepare(grads, row)
+                if rep:
+                    times["prepare"].append(time.perf_counter() - start)
+            backbone.zero_grad(set_to_none=True)
+            outputs = backbone(z)
+            loss = sum(f.float().pow(2).mean() for f in outputs)
             start = time.perf_counter()
-            agg.prepare(grads, row)
+            loss.backward()  # the last site's backward ...
+            mid = time.perf_counter()
+            agg.prepare(grads, BACKBONE_K - 1)  # ... its slot is in ...
+            agg(grads)  # ... and the step's aggregation runs
+            end = time.perf_counter()
             if rep:
-                prepare_times.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        agg.prepare(grads, BACKBONE_K - 1)  # the last slot arrives ...
-        agg(grads)  # ... and the step's aggregation runs
-        if rep:
-            after_last_times.append(time.perf_counter() - start)
+                times["backward"].append(mid - start)
+                times["after_last"].append(end - mid)
+
+    times: dict[str, list[float]] = {"prepare": [], "backward": [], "after_last": []}
+    rounds(times)
+    backward_times, prepare_times, after_last_times = times["backward"], times["prepare"], times["after_last"]
     backward_s = statistics.median(backward_times)
     after_last_s = statistics.median(after_last_times)
     full_s, full_all = timed(lambda: agg(grads), repeats=3, warmup=1)  # no prepare: every entry
@@ -198,15 +209,9 @@ def bench_backbone(seed: int, repeats: int) -> dict[str, object]:
     os.environ["FEDBONE_NATIVE"] = "0"
     native.reset()
     try:
-        torch_path_times = []
-        for rep in range(repeats + 1):
-            for row in range(BACKBONE_K - 1):
-                agg.prepare(grads, row)
-            start = time.perf_counter()
-            agg.prepare(grads, BACKBONE_K - 1)
-            agg(grads)
-            if rep:
-                torch_path_times.append(time.perf_counter() - start)
+        torch_times: dict[str, list[float]] = {"prepare": [], "backward": [], "after_last": []}
+        rounds(torch_times)
+        torch_path_times = torch_times["after_last"]
     finally:
         if saved is None:
             del os.environ["FEDBONE_NATIVE"]
@@ -301,10 +306,12 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_start,
         "load_average_at_end": list(os.getloadavg()),
         "method": {
-            "fast": "project_conflicting: Gram by float64 GEMM per column block (float32 slots widened), "
-            "then the (K,) @ (K, P) combination as per-site axpys in column blocks",
+            "fast": "project_conflicting: the order-independent Gram (gram_entries, all K(K+1)/2 entries in "
+            "one pass over the rows through the compiled kernel when available), then the (K,) @ (K, P) "
+            "combination (one read of the rows)",
             "incremental": "projection_fraction_of_backward_k16 = latency AFTER THE LAST SLOT ARRIVES "
-            "(ProjectionAggregator.prepare(K-1) + __call__, rows 0..K-2 prepared beforehand and timed "
+            "(ProjectionAggregator.prepare(K-1) + __call__ timed right after the last site's backward "
+            "pass, as the coordinator runs them; rows 0..K-2 prepared beforehand and timed "
             "separately as prepare_s_per_row) over one backbone backward; Gram entries by "
             "gram_entries (exact float64 products, fixed lane order), bit-identical for any arrival order; "
             "float32 slots through the compiled kernel of fedbone_med.aggregation.native when it is available "
@@ -314,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
             "loop": "project_conflicting_reference(dtype=float32): per-pair dot/axpy loop",
             "grads": "float32 i.i.d. standard normal, one fixed random site order per case",
             "timing": "time.perf_counter, median of repeats (fast: 5, 3 at P=10M; loop: 3, 2 at P=10M; "
-            "incremental: 5 rounds after 1 warm-up round; full aggregator call: 3)",
+            "incremental and backward: 15 rounds after 1 warm-up round; full aggregator call: 3)",
         },
         "cases": cases,
         "backbone": backbone,

@@ -20,6 +20,18 @@ import torch
 from .errors import CheckpointError
 
 
+def _interrupted(exc: BaseException) -> bool:
+    """Whether a KeyboardInterrupt is in ``exc``'s context chain."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, KeyboardInterrupt):
+            return True
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
 def _atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -29,9 +41,14 @@ def _atomic_write(path: Path, write) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if not isinstance(exc, KeyboardInterrupt) and _interrupted(exc):
+            # Ctrl-C inside the writer, then a second error while it unwound (torch.save's zip writer
+            # raises "unexpected pos" when interrupted mid-record): it is still an interruption, and the
+            # old file is intact.
+            raise KeyboardInterrupt(f"interrupted while writing {path.name}") from exc
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:

@@ -831,3 +831,87 @@ def test_native_kernel_is_not_used_for_other_layouts_or_dtypes(native_kernel):
     assert torch.equal(agg_projection.gram_entries(strided, 0, 4, 1),
                        agg_projection.gram_entries(strided, 0, 4, 1, native=False))
 
+
+
+def _kernel_outputs(grads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One Gram row, the whole Gram matrix and a combination, through whatever kernel is loaded."""
+    k = grads.shape[0]
+    lanes, chunks, _ = agg_projection.gram_layout(grads.shape[1])
+    row = native.gram_entries_f32(grads, 0, k, k - 1, lanes, chunks)
+    gram = native.gram_all_f32(grads, lanes, chunks)
+    coeffs = torch.linspace(-1.5, 2.0, k).tolist()
+    return row, gram, native.combine_f32(grads, coeffs)
+
+
+def _same_outputs(a, b) -> None:
+    for x, y in zip(a, b, strict=True):
+        assert x.dtype == y.dtype and torch.equal(x, y)
+
+
+@pytest.mark.parametrize("p", [1_000, 200_003])
+def test_native_kernel_gives_the_same_bits_on_every_instruction_set(native_kernel, monkeypatch, p):
+    grads = torch.randn(7, p, generator=torch.Generator().manual_seed(p)) * torch.logspace(-20, 20, p)
+    outputs, levels = {}, []
+    for isa in native.ISA_LEVELS:
+        monkeypatch.setenv("FEDBONE_NATIVE_ISA", isa)
+        native.reset()
+        assert native.available(), native.status()
+        levels.append(native.status())
+        outputs[isa] = _kernel_outputs(grads)
+    assert "; base;" in levels[0]  # the cap is applied (higher levels only where the CPU has them)
+    for isa in native.ISA_LEVELS[1:]:
+        _same_outputs(outputs["base"], outputs[isa])
+    ref = agg_projection.gram_entries(grads, 0, 7, 6, native=False)
+    assert torch.equal(outputs["base"][0], ref)  # and the PyTorch path's
+    monkeypatch.setenv("FEDBONE_NATIVE_ISA", "sse4")
+    native.reset()
+    assert not native.available() and "FEDBONE_NATIVE_ISA must be one of" in native.status()
+
+
+def test_native_openmp_team_and_thread_pool_give_the_same_bits(native_kernel, monkeypatch):
+    if "OpenMP team" not in native.status():
+        pytest.skip(f"this compiler builds the kernel without OpenMP ({native.status()}); the pool is tested")
+    grads = torch.randn(9, 300_007, generator=torch.Generator().manual_seed(5))
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(_kernel_outputs(grads))  # on torch's OpenMP team of n threads
+            monkeypatch.setattr(native, "_openmp", False)
+            results.append(_kernel_outputs(grads))  # on the Python thread pool
+            monkeypatch.setattr(native, "_openmp", True)
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        _same_outputs(results[0], other)
+
+
+def test_native_kernel_builds_without_openmp_when_the_compiler_lacks_it(tmp_path, monkeypatch):
+    real = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if real is None:
+        pytest.skip("no C compiler on this machine: the PyTorch Gram path is the one in use (tested above)")
+    log = tmp_path / "cc.log"
+    wrapper = tmp_path / "cc-without-openmp"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f'echo "$*" >> "{log}"\n'
+        'for a in "$@"; do [ "$a" = "-fopenmp" ] && { echo "unsupported option -fopenmp" >&2; exit 1; }; done\n'
+        f'exec "{real}" "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("CC", str(wrapper))
+    monkeypatch.setenv("FEDBONE_NATIVE_CACHE", str(tmp_path / "native"))
+    grads = torch.randn(5, 70_001, generator=torch.Generator().manual_seed(2))
+    try:
+        native.reset()
+        assert native.available(), native.status()
+        assert "thread pool" in native.status()
+        assert torch.equal(agg_projection.gram_entries(grads, 0, 5, 3),
+                           agg_projection.gram_entries(grads, 0, 5, 3, native=False))
+        assert len(log.read_text().splitlines()) == 2  # tried with OpenMP, then built without
+        native.reset()
+        assert native.available() and "thread pool" in native.status()
+        assert len(log.read_text().splitlines()) == 2  # the next process loads it: no new attempt
+    finally:
+        native.reset()

@@ -66,3 +66,37 @@ def test_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatc
         save_checkpoint({"kind": "server", "round": 2}, p)
     assert p.read_bytes() == before
     assert [f.name for f in tmp_path.iterdir()] == ["server.pt"], "no temporary file may be left behind"
+
+
+class _InterruptAfter:
+    """A file whose third write raises KeyboardInterrupt (Ctrl-C while a checkpoint is written)."""
+
+    def __init__(self, fh) -> None:
+        self.fh, self.writes = fh, 0
+
+    def write(self, data) -> int:
+        self.writes += 1
+        if self.writes == 3:
+            raise KeyboardInterrupt
+        return self.fh.write(data)
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
+def test_ctrl_c_while_a_checkpoint_is_written_is_an_interrupt_and_keeps_the_old_one(tmp_path, monkeypatch):
+    p = tmp_path / "site.pt"
+    save_checkpoint({"kind": "site", "w": torch.zeros(3)}, p)
+    before = p.read_bytes()
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, fh: real_save(obj, _InterruptAfter(fh)))
+    # torch's zip writer turns the interrupt into a RuntimeError ("unexpected pos") as it unwinds;
+    # the CLI must still see an interruption (exit 130), not a crash with a traceback
+    with pytest.raises(KeyboardInterrupt) as info:
+        save_checkpoint({"kind": "site", "w": torch.ones(100_000)}, p)
+    assert isinstance(info.value.__cause__, RuntimeError)
+    assert p.read_bytes() == before  # the previous checkpoint is untouched
+    assert sorted(os.listdir(tmp_path)) == ["site.pt"]  # no temporary file left behind
+    monkeypatch.setattr(torch, "save", lambda obj, fh: 1 / 0)
+    with pytest.raises(ZeroDivisionError):  # other errors are not turned into interrupts
+        save_checkpoint({"kind": "site"}, p)
