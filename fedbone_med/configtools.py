@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import re
 import sys
 import types
 import typing
@@ -126,12 +127,19 @@ RESUMABLE_KEYS = ("rounds", "network.")
 
 
 def flatten(plain: Any, prefix: str = "") -> dict[str, Any]:
-    """Dotted keys of a plain (``to_plain``) configuration; lists are values."""
+    """Dotted keys of a plain (``to_plain``) configuration. A list of tables (e.g. an experiment's
+    ``sites``) is flattened per item ("sites[1].train.lr"); other lists are values."""
     if not isinstance(plain, dict):
         return {prefix: plain}
     out: dict[str, Any] = {}
     for k, v in plain.items():
-        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            for i, item in enumerate(v):
+                out.update(flatten(item, f"{prefix}{k}[{i}]."))
+        else:
+            out[f"{prefix}{k}"] = v
     return out
 
 
@@ -142,21 +150,30 @@ def field_default(cls: Any, dotted: str) -> Any:
     """The declared default of the dataclass field at ``dotted`` (e.g. "server.aggregation.project_every")
     under the dataclass type ``cls``; a unique sentinel if there is none (or the path leaves the dataclasses)."""
     parts = dotted.split(".")
-    for i, name in enumerate(parts):
+    for i, part in enumerate(parts):
         if not dataclasses.is_dataclass(cls):
             return _NO_DEFAULT
+        item = re.fullmatch(r"(\w+)\[\d+\]", part)  # an item of a list of tables: "sites[2]"
+        name = item.group(1) if item else part
         hints = typing.get_type_hints(cls)
         fields = {f.name: f for f in dataclasses.fields(cls)}
         if name not in fields:
             return _NO_DEFAULT
         f = fields[name]
         if i == len(parts) - 1:
+            if item:
+                return _NO_DEFAULT
             if f.default is not dataclasses.MISSING:
                 return f.default
             if f.default_factory is not dataclasses.MISSING:
                 return f.default_factory()
             return _NO_DEFAULT
         cls = hints[name]
+        if item:  # tuple[X, ...] or list[X]: the item's type
+            args = [a for a in get_args(cls) if a is not Ellipsis]
+            if len(args) != 1:
+                return _NO_DEFAULT
+            cls = args[0]
     return _NO_DEFAULT
 
 

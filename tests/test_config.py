@@ -88,6 +88,35 @@ def test_a_checkpoint_from_before_an_option_existed_resumes_if_the_option_is_at_
         resume_changes(before, every3, completed_rounds=1, where="ckpt")
 
 
+def test_a_site_option_added_later_resumes_at_its_default_and_site_changes_are_named():
+    import json
+    from dataclasses import replace
+
+    from fedbone_med.configtools import field_default, resume_changes, to_plain
+    from fedbone_med.errors import CheckpointError
+
+    cfg = load_experiment(ROOT / "pipelines" / "demo.toml")
+    assert cfg.sites[1].train.eval_batch_size == field_default(type(cfg), "sites[1].train.eval_batch_size") == 64
+    old = to_plain(cfg)
+    del old["sites"][1]["train"]["eval_batch_size"]  # a site option this checkpoint's version did not have
+    before = json.dumps(old, sort_keys=True)
+    assert resume_changes(before, cfg, completed_rounds=1, where="ckpt") == ["sites[1].train.eval_batch_size"]
+    # a site's setting that did change is refused, by its own name (not "sites")
+    sites = list(cfg.sites)
+    sites[1] = replace(sites[1], train=replace(sites[1].train, eval_batch_size=32))
+    with pytest.raises(CheckpointError, match=r"ckpt was written with another configuration: "
+                                              r"sites\[1\]\.train\.eval_batch_size changed;"):
+        resume_changes(before, replace(cfg, sites=tuple(sites)), completed_rounds=1, where="ckpt")
+    sites[1] = replace(sites[1], train=replace(sites[1].train, eval_batch_size=64, lr=0.5))
+    with pytest.raises(CheckpointError, match=r"sites\[1\]\.train\.lr changed"):
+        resume_changes(json.dumps(to_plain(cfg), sort_keys=True), replace(cfg, sites=tuple(sites)),
+                       completed_rounds=1, where="ckpt")
+    # a site added or removed is refused too
+    with pytest.raises(CheckpointError, match=r"sites\[3\]\.name"):
+        resume_changes(json.dumps(to_plain(cfg), sort_keys=True), replace(cfg, sites=cfg.sites[:3]),
+                       completed_rounds=1, where="ckpt")
+
+
 def test_unknown_key_is_named_with_a_suggestion_and_the_allowed_keys():
     bad = {**SITE, "data": {**SITE["data"], "imge_size": 64}}
     with pytest.raises(ConfigError) as info:
