@@ -302,10 +302,10 @@ CFLAGS = ("-O3", "-fPIC", "-shared", "-std=c99", "-ffp-contract=off", "-fno-fast
 # Tried first: the same with OpenMP (the team entry points run on torch's OpenMP threads); a compiler
 # without OpenMP support gets CFLAGS, and the work is spread over a Python thread pool instead.
 CFLAGS_OPENMP = (*CFLAGS, "-fopenmp")
-MAX_TEAM_LANES = 1024
+MAX_TEAM_LANES = 1024  # the team entry points keep 4 * lanes doubles per thread on its stack
 # FEDBONE_NATIVE_ISA caps the instruction set the kernel picks (every level gives the same bits; the
 # tests check that on a machine that has them all): unset or "avx512" = the best the CPU has.
-ISA_LEVELS = ("base", "avx2", "avx512")  # the team entry points keep 4 * lanes doubles per thread on its stack
+ISA_LEVELS = ("base", "avx2", "avx512")
 _SUPPORTED_MACHINES = ("x86_64", "amd64", "aarch64", "arm64")
 
 _lock = threading.Lock()
