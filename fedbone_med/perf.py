@@ -41,3 +41,21 @@ def tune_allocator() -> bool:
     )
     _done = ok
     return ok
+
+
+def machine_info() -> dict[str, object]:
+    """Where a run ran, for its results.json: results depend on it. Besides the platform, torch's CPU
+    kernels reduce in an order that depends on the thread count, so the same seed gives other metrics
+    with 1 and with 2 torch threads; compare runs with the same ``torch_threads``."""
+    import platform
+
+    import torch
+
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+    }

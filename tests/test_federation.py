@@ -4,6 +4,7 @@ and a run resumed from its checkpoints ends exactly where an uninterrupted run e
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -47,6 +48,9 @@ def test_short_federation_beats_chance_on_every_site(tmp_path):
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert [r["round"] for r in on_disk["rounds"]] == [0, 1, 2, 3]
     assert len(on_disk["aggregation"]) == 160
+    # metrics depend on the torch thread count: the run records it, apart from the machine's cores
+    assert on_disk["machine"]["torch_threads"] == torch.get_num_threads()
+    assert on_disk["machine"]["cpu_cores"] == os.cpu_count()
     step0 = on_disk["aggregation"][0]
     assert step0["method"] == "projection" and sorted(step0["site_names"]) == ["edema", "layers", "vessels"]
     assert len(step0["projection_order"]) == 3 and len(step0["site_norms"]) == 3

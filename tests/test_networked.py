@@ -85,6 +85,7 @@ def test_three_site_processes_train_the_same_backbone_as_the_in_process_federati
     names = ("fundus-dr", "fundus-vessels", "oct-edema-private")
     results = run_networked(cfg, tmp_path / "net", quiet=True, timeout=600)
     assert results["transport"] == "grpc" and set(results["final"]) == set(names)
+    assert results["machine"]["torch_threads"] == results["machine"]["server_torch_threads"] == 1  # per process
     assert [r["round"] for r in results["rounds"]] == [0, 1]
     # the run ends as an auditor would: server log verified, every site's own log cross-checked against it
     assert "2 round(s)" in results["audit"]["server"]

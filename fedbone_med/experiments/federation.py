@@ -12,7 +12,6 @@ atomically after every round; ``resume=True`` continues from them).
 from __future__ import annotations
 
 import json
-import platform
 import sys
 import time
 from collections.abc import Callable
@@ -20,7 +19,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm import tqdm
 
 from .. import __version__
@@ -30,20 +28,12 @@ from ..checkpoint import file_sha256, load_checkpoint, save_checkpoint, write_js
 from ..config import ExperimentConfig
 from ..configtools import config_hash, resume_changes, to_plain
 from ..data.sources import load_site_data
+from ..perf import machine_info
 from ..privacy.errors import BudgetExceeded
 from ..server import Coordinator
 from ..server.audit_trail import ServerAuditTrail, ensure_server_key, module_hash
 from ..site import SiteRuntime, derive_seed
 from ..transport import InProcessTransport
-
-
-def _machine() -> dict[str, Any]:
-    return {
-        "platform": platform.platform(),
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "cpu_count": torch.get_num_threads(),
-    }
 
 
 class Federation:
@@ -84,7 +74,7 @@ class Federation:
             "config_hash": self.hash,
             "seed": cfg.seed,
             "software_version": __version__,
-            "machine": _machine(),
+            "machine": machine_info(),
             "config": to_plain(cfg),
             "sites": {site.name: site.describe() for site in self.sites},
             "backbone_parameters": self.coordinator.num_params,

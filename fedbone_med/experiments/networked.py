@@ -30,8 +30,9 @@ from ..checkpoint import write_json_atomic
 from ..config import ExperimentConfig, ServeConfig
 from ..configtools import config_hash, to_plain, to_toml
 from ..errors import FedboneError, ProtocolError
+from ..perf import machine_info
 from ..server.networked import wait_for_port
-from .federation import _machine, verify_logs
+from .federation import verify_logs
 
 
 class NetworkedRunError(FedboneError):
@@ -191,6 +192,8 @@ def run_networked(cfg: ExperimentConfig, out_dir: str | Path, *, resume: bool = 
         for f in log_files:
             f.close()
     results = merge_results(cfg, out)
+    results["machine"]["torch_threads"] = threads  # each site process's (this process did not train)
+    results["machine"]["server_torch_threads"] = server_threads or threads
     results["seconds"] = time.monotonic() - started
     results["audit"] = verify_logs(cfg, out / "server", out / "sites")  # raises AuditError if the server's fails
     write_json_atomic(results, out / "results.json")
@@ -228,7 +231,7 @@ def merge_results(cfg: ExperimentConfig, out: Path) -> dict[str, Any]:
         "config_hash": config_hash(cfg),
         "seed": cfg.seed,
         "software_version": __version__,
-        "machine": _machine(),
+        "machine": machine_info(),
         "transport": "grpc",
         "config": to_plain(cfg),
         "sites": {name: {k: res[k] for k in info_keys} for name, res in sites.items()},

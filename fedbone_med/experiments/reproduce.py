@@ -26,7 +26,6 @@ per-seed values per site and method), ``costs.csv``, ``table.md``, ``report.md``
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -44,6 +43,7 @@ from ..configtools import config_hash, read_toml, to_plain
 from ..data.sources import SiteData, load_site_data
 from ..errors import ConfigError, DataError
 from ..models import build_backbone
+from ..perf import machine_info
 from .accounting import ByteLedger, CountingTransport, fedbone_bytes_per_round, site_costs
 from .baselines import Centralised, LocalGroup
 from .federation import Federation
@@ -214,20 +214,6 @@ def run_method(method: str, cfg: ExperimentConfig, data: dict[str, SiteData], ru
     return results
 
 
-def _machine() -> dict[str, Any]:
-    import platform
-    import sys
-
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-    }
-
-
 def _progress_line(i: int, total: int, method: str, seed: int, results: dict[str, Any], seconds: float) -> str:
     parts = []
     for name, info in results["sites"].items():
@@ -296,7 +282,7 @@ def reproduce(
         "started": started.strftime("%Y-%m-%dT%H:%M:%SZ"),
         "seconds": time.perf_counter() - t_all,
         "software_version": __version__,
-        "machine": _machine(),
+        "machine": machine_info(),
     }
     summary = summarise(cfg, runs, costs, meta)
     write_outputs(summary, out)
