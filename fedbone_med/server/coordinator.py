@@ -319,10 +319,7 @@ class Coordinator:
             grads = [g.to(self.device) for g in grads]
             out = torch.autograd.grad(feats, [*self.params, z_leaf], grad_outputs=grads)
             row = self._slot_row(header.site)  # (P,), a row of the (K, P) slot matrix
-            offset = 0
-            for g in out[:-1]:
-                row[offset : offset + g.numel()].copy_(g.reshape(-1))
-                offset += g.numel()
+            torch.cat([g.reshape(-1) for g in out[:-1]], out=row)  # one op: this is on the step's latency path
             self.slots[header.site] = row
             # Gram entries of this slot against those already in, while the other sites still compute:
             # only the last arrival's entries and the combination remain after the step's last backward.
