@@ -274,6 +274,21 @@ def _convert(tp: Any, value: Any, where: str, problems: list[str]) -> Any:
     raise TypeError(f"unsupported configuration type {tp!r} at {where}")  # programming error
 
 
+def _suggest(key: str, known: list[str]) -> str | None:
+    """The known key a misspelt ``key`` most likely meant: one that starts like it ("stepz" ->
+    "steps_per_round", "lr_rate" -> "lr"), else the closest by difflib; None if nothing is close."""
+    low = key.lower()
+    for n in range(min(len(low), 6), 3, -1):  # a shared start of 6, 5 or 4 characters, longest first
+        starts = [k for k in known if k.lower().startswith(low[:n])]
+        if len(starts) == 1:
+            return starts[0]
+    prefix = [k for k in known if low.startswith(k.lower()) and len(k) >= 2]
+    if len(prefix) == 1:
+        return prefix[0]
+    close = difflib.get_close_matches(key, known, n=1)
+    return close[0] if close else None
+
+
 def _convert_dataclass(cls: Any, value: Any, where: str, problems: list[str]) -> Any:
     if not isinstance(value, dict):
         problems.append(f"{where}: expected a table, got {type(value).__name__}")
@@ -282,8 +297,8 @@ def _convert_dataclass(cls: Any, value: Any, where: str, problems: list[str]) ->
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     for key in value:
         if key not in fields:
-            close = difflib.get_close_matches(key, list(fields), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            close = _suggest(key, list(fields))
+            hint = f" (did you mean {close!r}?)" if close else ""
             problems.append(
                 f"{where}: unknown key {key!r}{hint}; allowed keys: {', '.join(sorted(fields))}"
             )

@@ -125,6 +125,22 @@ def test_unknown_key_is_named_with_a_suggestion_and_the_allowed_keys():
     assert "unknown key 'imge_size'" in msg and "did you mean 'image_size'" in msg and "allowed keys:" in msg
 
 
+@pytest.mark.parametrize(("typo", "meant"), [("lr_rate", "lr"), ("batchsize", "batch_size"), ("optimiser", "optimizer"),
+                                             ("eval_batch", "eval_batch_size")])
+def test_a_misspelt_key_suggests_the_key_it_starts_like(typo, meant):
+    bad = {**SITE, "train": {typo: 1}}
+    with pytest.raises(ConfigError, match=f"unknown key '{typo}' \\(did you mean '{meant}'\\?\\)"):
+        from_mapping(SiteConfig, bad, where="site.toml")
+
+
+def test_an_experiment_key_typo_suggests_the_right_key(tmp_path):
+    exp = tmp_path / "exp.toml"
+    site = ROOT / "sites" / "phantom-dr.toml"
+    exp.write_text(f'name = "x"\nseed = 0\nrounds = 1\nstepz = 3\n[[sites]]\nconfig = "{site}"\n')
+    with pytest.raises(ConfigError, match="unknown key 'stepz' \\(did you mean 'steps_per_round'\\?\\)"):
+        load_experiment(exp)
+
+
 def test_all_problems_are_reported_together():
     bad = {**SITE, "colour": "red", "train": {"batch_size": "sixteen", "lr": -1.0}, "task": {"type": "regression"}}
     with pytest.raises(ConfigError) as info:
