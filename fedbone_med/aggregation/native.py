@@ -426,7 +426,9 @@ def _load() -> ctypes.CDLL | None:
             _status = f"build or load failed ({exc}): using the PyTorch path"
             return None
         _lib, _openmp = lib, openmp
-        _status = f"compiled kernel in use ({target}; {isa}; {'OpenMP team' if openmp else 'thread pool'})"
+        threads = ("OpenMP team" if openmp
+                   else "thread pool: the compiler did not build it with OpenMP; delete the file to retry")
+        _status = f"compiled kernel in use ({target}; {isa}; {threads})"
         return lib
 
 
