@@ -340,11 +340,10 @@ def _build(compiler: str, target: Path, flags: tuple[str, ...]) -> None:
         os.replace(out, target)  # atomic: another process sees the old name absent or the whole file
 
 
-def _isa_cap() -> int:
+def _isa_cap() -> int | None:
+    """The level FEDBONE_NATIVE_ISA allows (index into ISA_LEVELS); None for an unknown name."""
     name = os.environ.get("FEDBONE_NATIVE_ISA", "avx512").strip().lower() or "avx512"
-    if name not in ISA_LEVELS:
-        raise OSError(f"FEDBONE_NATIVE_ISA must be one of {list(ISA_LEVELS)}, got {name!r}")
-    return ISA_LEVELS.index(name)
+    return ISA_LEVELS.index(name) if name in ISA_LEVELS else None
 
 
 def _check_private(target: Path) -> None:
@@ -367,6 +366,11 @@ def _load() -> ctypes.CDLL | None:
             return None
         if platform.machine().lower() not in _SUPPORTED_MACHINES:
             _status = f"not built on {platform.machine()}"
+            return None
+        cap = _isa_cap()
+        if cap is None:
+            _status = (f"FEDBONE_NATIVE_ISA must be one of {list(ISA_LEVELS)}, got "
+                       f"{os.environ.get('FEDBONE_NATIVE_ISA')!r}: using the PyTorch path")
             return None
         compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
         if not compiler:
@@ -420,7 +424,7 @@ def _load() -> ctypes.CDLL | None:
             lib.fb_set_isa_cap.argtypes = [cint]
             lib.fb_isa_level.restype = cint
             lib.fb_isa_level.argtypes = []
-            lib.fb_set_isa_cap(_isa_cap())
+            lib.fb_set_isa_cap(cap)
             isa = ISA_LEVELS[lib.fb_isa_level()]
         except (OSError, subprocess.SubprocessError) as exc:
             _status = f"build or load failed ({exc}): using the PyTorch path"
