@@ -340,6 +340,28 @@ def _build(compiler: str, target: Path, flags: tuple[str, ...]) -> None:
         os.replace(out, target)  # atomic: another process sees the old name absent or the whole file
 
 
+def _library_path(flags: tuple[str, ...]) -> Path:
+    """Where the library built from C_SOURCE with ``flags`` is cached (the name hashes both)."""
+    tag = hashlib.sha256((C_SOURCE + "|".join(flags) + platform.machine()).encode()).hexdigest()[:16]
+    return _cache_dir() / f"fedbone_gram_{tag}.so"
+
+
+def _built_library(compiler: str) -> Path:
+    """The cached library, built first if needed: with OpenMP, else (the compiler lacks it) without.
+    A library built without OpenMP earlier is taken as it is (the compiler lacked OpenMP then)."""
+    target, plain = _library_path(CFLAGS_OPENMP), _library_path(CFLAGS)
+    if target.exists():
+        return target
+    if plain.exists():
+        return plain
+    try:
+        _build(compiler, target, CFLAGS_OPENMP)
+        return target
+    except (OSError, subprocess.SubprocessError):
+        _build(compiler, plain, CFLAGS)
+        return plain
+
+
 def _isa_cap() -> int | None:
     """The level FEDBONE_NATIVE_ISA allows (index into ISA_LEVELS); None for an unknown name."""
     name = os.environ.get("FEDBONE_NATIVE_ISA", "avx512").strip().lower() or "avx512"
@@ -352,6 +374,30 @@ def _check_private(target: Path) -> None:
         st = path.stat()
         if st.st_mode & 0o022 or (hasattr(os, "getuid") and st.st_uid != os.getuid()):
             raise OSError(f"{path} is writable by others or owned by another user; not loading code from it")
+
+
+_I64, _PTR, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+# The C functions' signatures: name -> (return type, argument types).
+_SIGNATURES: dict[str, tuple[type | None, list[type]]] = {
+    "fb_gram_blocks_f32": (None, [_PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _I64, _I64, _I64, _PTR, _PTR, _I64]),
+    "fb_gram_all_f32": (None, [_PTR, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _PTR, _PTR, _I64]),
+    "fb_gram_finish": (None, [_PTR, _I64, _I64, _I64, _PTR]),
+    "fb_combine_f32": (None, [_PTR, _I64, _I64, _PTR, _I64, _I64, _PTR]),
+    "fb_gram_blocks_team": (None, [_PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _I64, _I64, _PTR, _I64, _INT]),
+    "fb_gram_all_team": (None, [_PTR, _I64, _I64, _I64, _I64, _I64, _I64, _PTR, _I64, _INT]),
+    "fb_combine_team": (None, [_PTR, _I64, _I64, _PTR, _I64, _PTR, _INT]),
+    "fb_openmp": (_INT, []),
+    "fb_set_isa_cap": (None, [_INT]),
+    "fb_isa_level": (_INT, []),
+}
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    """Give every C function its ctypes signature (a missing symbol raises AttributeError)."""
+    for name, (restype, argtypes) in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.restype = restype
+        fn.argtypes = argtypes
 
 
 def _load() -> ctypes.CDLL | None:
@@ -376,57 +422,16 @@ def _load() -> ctypes.CDLL | None:
         if not compiler:
             _status = "no C compiler (cc) found: using the PyTorch path"
             return None
-        def name(flags: tuple[str, ...]) -> Path:
-            tag = hashlib.sha256((C_SOURCE + "|".join(flags) + platform.machine()).encode()).hexdigest()[:16]
-            return _cache_dir() / f"fedbone_gram_{tag}.so"
-
-        target = name(CFLAGS_OPENMP)
+        target = _library_path(CFLAGS_OPENMP)
         try:
-            plain = name(CFLAGS)
-            if not target.exists() and plain.exists():  # built without OpenMP before: the compiler lacks it
-                target = plain
-            elif not target.exists():
-                try:
-                    _build(compiler, target, CFLAGS_OPENMP)
-                except (OSError, subprocess.SubprocessError):
-                    target = plain
-                    _build(compiler, target, CFLAGS)
+            target = _built_library(compiler)
             _check_private(target)
             lib = ctypes.CDLL(str(target))
-            fn = lib.fb_gram_blocks_f32
-            fn.restype = None
-            fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
-                           ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                           ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
-            full = lib.fb_gram_all_f32
-            full.restype = None
-            full.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                             ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-                             ctypes.c_int64]
-            fin = lib.fb_gram_finish
-            fin.restype = None
-            fin.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-            comb = lib.fb_combine_f32
-            comb.restype = None
-            comb.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
-                             ctypes.c_int64, ctypes.c_void_p]
-            i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-            lib.fb_gram_blocks_team.restype = None
-            lib.fb_gram_blocks_team.argtypes = [ptr, i64, ptr, i64, ptr, i64, i64, i64, i64, ptr, i64, cint]
-            lib.fb_gram_all_team.restype = None
-            lib.fb_gram_all_team.argtypes = [ptr, i64, i64, i64, i64, i64, i64, ptr, i64, cint]
-            lib.fb_combine_team.restype = None
-            lib.fb_combine_team.argtypes = [ptr, i64, i64, ptr, i64, ptr, cint]
-            lib.fb_openmp.restype = cint
-            lib.fb_openmp.argtypes = []
+            _declare(lib)
             openmp = bool(lib.fb_openmp())
-            lib.fb_set_isa_cap.restype = None
-            lib.fb_set_isa_cap.argtypes = [cint]
-            lib.fb_isa_level.restype = cint
-            lib.fb_isa_level.argtypes = []
             lib.fb_set_isa_cap(cap)
             isa = ISA_LEVELS[lib.fb_isa_level()]
-        except (OSError, subprocess.SubprocessError) as exc:
+        except (OSError, AttributeError, subprocess.SubprocessError) as exc:
             _status = f"build or load failed ({exc}): using the PyTorch path"
             return None
         _lib, _openmp = lib, openmp
