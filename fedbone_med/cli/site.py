@@ -52,13 +52,17 @@ def _train(args: argparse.Namespace) -> int:
     from ..config import load_site
     from ..crypto.kits import SiteKit
     from ..site.networked import NetworkedSite
+    from ..transport.grpc_client import check_kit_certificate
 
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.data_root:
         os.environ["FEDBONE_DATA_ROOT"] = str(Path(args.data_root).resolve())
     cfg = load_site(args.config)
-    site = NetworkedSite(cfg, SiteKit.load(args.kit), args.out, address=args.server,
+    kit = SiteKit.load(args.kit)
+    if not args.insecure_dev:  # an expired or mismatched kit stops here, before the data is loaded
+        check_kit_certificate(kit.ca_pem, kit.cert_pem, kit.key_pem)  # (the site warns of an expiry soon)
+    site = NetworkedSite(cfg, kit, args.out, address=args.server,
                          reconnect_timeout=args.reconnect_timeout, progress=not args.quiet,
                          server_name=args.server_name, insecure_dev=args.insecure_dev)
     results = site.run(resume=args.resume)
@@ -82,10 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--kit", required=True, help="this site's startup kit (from `fedbone-server provision`)")
     t.add_argument("--out", required=True, help="output directory: checkpoints/, site-results.json")
     t.add_argument("--server", help="HOST:PORT of the server (default: the kit's server-address.txt)")
-    t.add_argument("--server-name", default="localhost", help="the name in the server's certificate")
+    t.add_argument("--server-name", default="localhost",
+                   help="the name the server's certificate is for (`fedbone-server provision --server-name`; "
+                        "default localhost); a mismatch stops the site at once with the certificate's names")
     t.add_argument("--resume", action="store_true", help="start from this site's checkpoint in --out")
     t.add_argument("--reconnect-timeout", type=float, default=600.0,
-                   help="seconds to keep retrying an unreachable server (default 600)")
+                   help="seconds to keep retrying an unreachable server (default 600); a failed TLS "
+                        "certificate check is not retried: it stops the site at once (exit code 11)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     t.add_argument("--data-root", help="where relative dataset roots in manifests resolve "
