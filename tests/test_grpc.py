@@ -461,11 +461,10 @@ def test_an_oversized_streamed_frame_is_refused_before_it_is_buffered(pki, serve
     import struct
 
     _, port = served
-    channel, stub = _raw_stub(pki, port, *pki.kit("a"))
-    with channel:
+    with pki.transport("a", port) as t:  # a stream is read only from a site with a session
         first = pb.Chunk(site="a", data=struct.pack(">Q", 1 << 40) + b"x" * 16)  # declares 1 TiB
         with pytest.raises(grpc.RpcError) as err:
-            list(stub.ForwardStream(iter([first]), timeout=10))
+            list(t._stub.ForwardStream(iter([first]), timeout=10))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "declared length exceeds the limit" in err.value.details()
 

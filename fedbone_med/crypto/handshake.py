@@ -1,9 +1,11 @@
 """Per-session handshake: Ed25519-signed ephemeral X25519, keys from HKDF-SHA256 over the transcript.
 
-Two messages, client (site) hello -> server hello::
+Three messages: the server's challenge (fresh random bytes, asked for before each handshake), then
+client (site) hello -> server hello::
 
     hello = protocol version | role | ephemeral X25519 public key | peer's ephemeral key (server only)
-            | SHA-256 of the client hello (server only) | 32-byte fresh nonce | run id | site | Ed25519 signature
+            | SHA-256 of the client hello (server only) | 32-byte fresh nonce | server challenge
+            | run id | site | Ed25519 signature
 
 Each side signs its hello (domain-separated) with its long-term Ed25519 identity key and checks
 the other's signature against the public key it trusts (``peer_public_key``; certificates arrive
@@ -12,12 +14,15 @@ info=direction label)`` gives one 32-byte AES-GCM key per direction, held by a f
 :class:`~.envelope.Session`.
 
 Protects against: an impostor without the identity key (signature check); a tampering proxy (any
-changed byte breaks a signature); a replayed client hello (the server keeps a bounded per-process
-cache of client nonces; even after eviction the replayer cannot derive keys without the client's
-ephemeral secret); a replayed server hello (it is bound to this client hello's hash and ephemeral
-key); a hello for another run or site. Forward secrecy: ephemeral keys are discarded after use.
-Not protected: a stolen identity key (impersonation until the key is revoked), a compromised
-endpoint, and traffic analysis. All failures raise :class:`~.errors.HandshakeError`.
+changed byte breaks a signature); a replayed client hello, in the same server launch or after a
+restart (``serve --resume`` keeps the run id): the signed client hello carries a challenge that the
+server issued (:class:`ChallengeBook`), and each challenge is accepted once, for the site it was issued
+to, within ``CHALLENGE_TTL_S`` seconds, and never by another launch of the server (challenges live in
+the server process's memory only); a replayed server hello (it is bound to this client hello's hash
+and ephemeral key); a hello for another run or site. A refused hello changes no state: the caller
+keeps the session it had. Forward secrecy: ephemeral keys are discarded after use. Not protected:
+a stolen identity key (impersonation until the key is revoked), a compromised endpoint, and
+traffic analysis. All failures raise :class:`~.errors.HandshakeError`.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import os
 import struct
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,13 +43,16 @@ from .envelope import DEFAULT_MAX_PAYLOAD_BYTES, Session
 from .errors import HandshakeError
 from .frame import MAX_NAME_BYTES
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: the client hello carries the server's challenge
 ROLE_CLIENT, ROLE_SERVER = 1, 2
 NONCE_BYTES = 32
+CHALLENGE_BYTES = 32
+CHALLENGE_TTL_S = 120.0  # a challenge must be answered within this many seconds (server's monotonic clock)
+CHALLENGES_PER_SITE = 4  # outstanding challenges kept per site (oldest dropped first)
 MAX_HELLO_BYTES = 1024
-_SIGN_DOMAIN = b"fedbone-med handshake v1\x00"
+_SIGN_DOMAIN = b"fedbone-med handshake v2\x00"
 _INFO = {"site-to-server": b"fedbone-med v1 key site-to-server", "server-to-site": b"fedbone-med v1 key server-to-site"}
-_FIXED = struct.Struct(">BB32s32s32s32s")  # version, role, eph, peer eph, client-hello hash, nonce
+_FIXED = struct.Struct(">BB32s32s32s32s32s")  # version, role, eph, peer eph, client-hello hash, nonce, challenge
 _ZERO = bytes(32)
 
 
@@ -55,6 +64,7 @@ class _Hello:
     peer_ephemeral: bytes
     client_hello_hash: bytes
     nonce: bytes
+    challenge: bytes
     run_id: str
     site: str
 
@@ -70,7 +80,7 @@ def _names(run_id: str, site: str) -> bytes:
 
 
 def _build(h: _Hello, key: Ed25519PrivateKey) -> bytes:
-    body = _FIXED.pack(h.version, h.role, h.ephemeral, h.peer_ephemeral, h.client_hello_hash, h.nonce)
+    body = _FIXED.pack(h.version, h.role, h.ephemeral, h.peer_ephemeral, h.client_hello_hash, h.nonce, h.challenge)
     body += _names(h.run_id, h.site)
     return body + prim.ed25519_sign(key, _SIGN_DOMAIN + body)
 
@@ -78,6 +88,10 @@ def _build(h: _Hello, key: Ed25519PrivateKey) -> bytes:
 def _parse(msg: bytes, peer: Ed25519PublicKey, role: int) -> _Hello:
     """Verify the signature first, then parse; every failure is a HandshakeError."""
     msg = bytes(msg)
+    if msg[:1] and msg[0] != PROTOCOL_VERSION:  # before the length: another version has another layout
+        raise HandshakeError("version", f"hello speaks handshake protocol version {msg[0]}, this side "
+                                        f"speaks {PROTOCOL_VERSION}; run the same fedbone-med version at the site "
+                                        "and the server")
     if not _FIXED.size + 4 + prim.ED25519_SIGNATURE_BYTES <= len(msg) <= MAX_HELLO_BYTES:
         raise HandshakeError("malformed", "hello has an impossible length")
     body, sig = msg[:-prim.ED25519_SIGNATURE_BYTES], msg[-prim.ED25519_SIGNATURE_BYTES:]
@@ -85,7 +99,7 @@ def _parse(msg: bytes, peer: Ed25519PublicKey, role: int) -> _Hello:
         prim.ed25519_verify(peer, sig, _SIGN_DOMAIN + body)
     except InvalidSignature:
         raise HandshakeError("signature", "hello not signed by the trusted peer identity") from None
-    version, got_role, eph, peer_eph, ch_hash, nonce = _FIXED.unpack_from(body)
+    version, got_role, eph, peer_eph, ch_hash, nonce, challenge = _FIXED.unpack_from(body)
     pos, names = _FIXED.size, []
     for _ in range(2):
         if pos + 2 > len(body):
@@ -105,7 +119,7 @@ def _parse(msg: bytes, peer: Ed25519PublicKey, role: int) -> _Hello:
         raise HandshakeError("version", "unsupported handshake protocol version")
     if got_role != role:
         raise HandshakeError("role", "hello from the wrong role")
-    return _Hello(version, got_role, eph, peer_eph, ch_hash, nonce, names[0], names[1])
+    return _Hello(version, got_role, eph, peer_eph, ch_hash, nonce, challenge, names[0], names[1])
 
 
 class NonceCache:
@@ -131,6 +145,66 @@ class NonceCache:
 _PROCESS_NONCES = NonceCache()
 
 
+class ChallengeBook:
+    """The server's handshake challenges: fresh random bytes per handshake, each accepted at most once.
+
+    Protects against a replayed client hello. The nonce cache above remembers client nonces only in
+    this process and only up to its bound, so a hello captured on the wire would be accepted again by a
+    restarted server (``serve --resume`` keeps the run id) and would replace the genuine site's session.
+    Here the server speaks first: :meth:`issue` hands a site a challenge, the site signs it into its
+    hello, and :meth:`redeem` accepts it once, for that site, within ``ttl`` seconds of issuing (the
+    server's monotonic clock: no clock agreement with the sites is needed). A book lives in one server
+    process only, so no hello signed before a restart can be redeemed after it. Redeeming a challenge
+    also retires the site's older ones, so a hello held back on the path cannot displace a newer session.
+    Memory is bounded: at most ``per_site`` outstanding challenges per site, oldest dropped first (the
+    server issues them only to sites it has authenticated by certificate and that have a registered key).
+    """
+
+    def __init__(self, *, ttl: float = CHALLENGE_TTL_S, per_site: int = CHALLENGES_PER_SITE,
+                 clock: Callable[[], float] = time.monotonic,
+                 random_bytes: Callable[[int], bytes] = os.urandom) -> None:
+        if ttl <= 0 or per_site < 1:
+            raise ValueError("ttl and per_site must be positive")
+        self.ttl, self.per_site = ttl, per_site
+        self._clock, self._random = clock, random_bytes
+        self._open: dict[str, OrderedDict[bytes, float]] = {}  # site -> challenge -> issued at, oldest first
+        self._lock = threading.Lock()
+
+    def issue(self, site: str) -> bytes:
+        """A fresh challenge for ``site``'s next client hello."""
+        challenge = self._random(CHALLENGE_BYTES)
+        if len(challenge) != CHALLENGE_BYTES:
+            raise ValueError("random_bytes returned the wrong length")
+        now = self._clock()
+        with self._lock:
+            book = self._open.setdefault(site, OrderedDict())
+            for old in [c for c, at in book.items() if now - at > self.ttl]:
+                del book[old]
+            book[challenge] = now
+            while len(book) > self.per_site:
+                book.popitem(last=False)
+        return challenge
+
+    def redeem(self, site: str, challenge: bytes) -> None:
+        """Accept ``challenge`` for ``site`` once; raises :class:`HandshakeError` (reason ``challenge``)."""
+        now = self._clock()
+        with self._lock:
+            book = self._open.get(site)
+            issued = None if book is None else book.get(challenge)
+            if book is None or issued is None:
+                raise HandshakeError("challenge", "the client hello does not answer a challenge this server "
+                                                  "launch issued to this site (replayed, used already, or "
+                                                  "from before a restart); handshake again")
+            while book:  # this challenge and every older one of this site are spent
+                if book.popitem(last=False)[0] == challenge:
+                    break
+            if not book:
+                del self._open[site]
+        if now - issued > self.ttl:
+            raise HandshakeError("challenge", f"the client hello answers a challenge older than {self.ttl:g} s; "
+                                              "handshake again")
+
+
 def _derive(role: str, shared: bytes, transcript: bytes, run_id: str, site: str, max_payload_bytes: int) -> Session:
     salt = prim.sha256(transcript)
     keys = {d: prim.hkdf_sha256(shared, salt=salt, info=info, length=prim.AES_KEY_BYTES) for d, info in _INFO.items()}
@@ -150,8 +224,14 @@ class ClientHandshake:
     """The site's side: ``hello()`` -> send; receive the server hello -> ``finish(server_hello)`` -> Session."""
 
     def __init__(self, identity: Ed25519PrivateKey, peer_public_key: Ed25519PublicKey, run_id: str, site: str, *,
-                 random_bytes: Callable[[int], bytes] = os.urandom,
+                 challenge: bytes = _ZERO, random_bytes: Callable[[int], bytes] = os.urandom,
                  max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> None:
+        """``challenge``: the server's challenge for this handshake (a server with a :class:`ChallengeBook`
+        refuses a hello without the one it issued)."""
+        challenge = bytes(challenge)
+        if len(challenge) != CHALLENGE_BYTES:
+            raise HandshakeError("challenge", "the server sent no valid handshake challenge (an older "
+                                              "fedbone-med?); run the same version at the site and the server")
         self._identity, self._peer = identity, peer_public_key
         self.run_id, self.site, self._max = run_id, site, max_payload_bytes
         self._eph: prim.X25519PrivateKey | None = prim.x25519_generate()
@@ -159,8 +239,9 @@ class ClientHandshake:
         if len(nonce) != NONCE_BYTES:
             raise ValueError("random_bytes returned the wrong length")
         self._eph_pub = prim.x25519_public_bytes(self._eph)
-        self._hello = _build(_Hello(PROTOCOL_VERSION, ROLE_CLIENT, self._eph_pub, _ZERO, _ZERO, nonce, run_id, site),
-                             identity)
+        self._challenge = challenge
+        self._hello = _build(_Hello(PROTOCOL_VERSION, ROLE_CLIENT, self._eph_pub, _ZERO, _ZERO, nonce, challenge,
+                                    run_id, site), identity)
 
     def hello(self) -> bytes:
         """The client hello to send to the server."""
@@ -171,7 +252,8 @@ class ClientHandshake:
         if self._eph is None:
             raise HandshakeError("state", "this handshake was already finished")
         h = _parse(server_hello, self._peer, ROLE_SERVER)
-        if h.peer_ephemeral != self._eph_pub or h.client_hello_hash != prim.sha256(self._hello):
+        if (h.peer_ephemeral != self._eph_pub or h.client_hello_hash != prim.sha256(self._hello)
+                or h.challenge != self._challenge):
             raise HandshakeError("transcript", "server hello does not answer this client hello")
         if h.run_id != self.run_id or h.site != self.site:
             raise HandshakeError("mismatch", "server hello names another run or site")
@@ -184,21 +266,28 @@ class ServerHandshake:
     """The server's side for one expected site: ``respond(client_hello)`` -> (server hello, Session)."""
 
     def __init__(self, identity: Ed25519PrivateKey, peer_public_key: Ed25519PublicKey, run_id: str, site: str, *,
-                 replay_cache: NonceCache | None = None, random_bytes: Callable[[int], bytes] = os.urandom,
+                 challenges: ChallengeBook | None = None, replay_cache: NonceCache | None = None,
+                 random_bytes: Callable[[int], bytes] = os.urandom,
                  max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> None:
+        """``challenges``: the book whose challenge the client hello must answer (a networked server always
+        passes one; without it only the per-process nonce cache refuses replays, which a restart forgets)."""
         self._identity, self._peer = identity, peer_public_key
         self.run_id, self.site, self._max = run_id, site, max_payload_bytes
+        self._challenges = challenges
         self._cache = _PROCESS_NONCES if replay_cache is None else replay_cache
         self._random = random_bytes
 
     def respond(self, client_hello: bytes) -> tuple[bytes, Session]:
-        """Check the client hello (signature, run, site, fresh nonce); return the server hello and the Session."""
+        """Check the client hello (signature, run, site, challenge, fresh nonce); return the server hello and the
+        Session. Nothing is changed by a refused hello except that a challenge it answers is spent."""
         client_hello = bytes(client_hello)
         h = _parse(client_hello, self._peer, ROLE_CLIENT)
         if h.peer_ephemeral != _ZERO or h.client_hello_hash != _ZERO:
             raise HandshakeError("malformed", "client hello carries server fields")
         if h.run_id != self.run_id or h.site != self.site:
             raise HandshakeError("mismatch", "client hello names another run or site")
+        if self._challenges is not None:
+            self._challenges.redeem(self.site, h.challenge)
         self._cache.add(h.nonce)
         eph = prim.x25519_generate()
         shared = _exchange(eph, h.ephemeral)
@@ -206,5 +295,6 @@ class ServerHandshake:
         if len(nonce) != NONCE_BYTES:
             raise ValueError("random_bytes returned the wrong length")
         server_hello = _build(_Hello(PROTOCOL_VERSION, ROLE_SERVER, prim.x25519_public_bytes(eph), h.ephemeral,
-                                     prim.sha256(client_hello), nonce, self.run_id, self.site), self._identity)
+                                     prim.sha256(client_hello), nonce, h.challenge, self.run_id, self.site),
+                              self._identity)
         return server_hello, _derive("server", shared, client_hello + server_hello, self.run_id, self.site, self._max)

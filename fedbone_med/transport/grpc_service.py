@@ -4,15 +4,28 @@ Every call is authorised twice over. The TLS layer (``require_client_auth=True``
 a certificate signed by the project CA; then each RPC checks the peer certificate with
 :func:`~fedbone_med.crypto.identity.verify_peer` (CA, validity, clientAuth, CRL, registry fingerprint) to get
 the site name, and refuses a request whose ``site`` names anyone else (a site cannot speak for another).
-``Handshake`` then runs :class:`~fedbone_med.crypto.handshake.ServerHandshake` against the site's long-term
-Ed25519 identity key (``site_keys``: site -> public key, registered with the server by the operator; the
-site certificates will carry it in a later step) and keeps the resulting
-:class:`~fedbone_med.crypto.envelope.Session`. Every other RPC opens its sealed frame with that session
-(authenticated, replay-protected, typed: see :mod:`.wire`), calls the coordinator and seals the answer.
+``Handshake`` takes two calls: the first (no client hello) returns the run id and a fresh challenge (in
+``server_hello``) from the service's :class:`~fedbone_med.crypto.handshake.ChallengeBook`; the second runs
+:class:`~fedbone_med.crypto.handshake.ServerHandshake` on the client hello, which must be signed by the site's
+long-term Ed25519 identity key (``site_keys``: site -> public key, registered with the server by the
+operator) and answer that challenge, and keeps the resulting :class:`~fedbone_med.crypto.envelope.Session`.
+A hello that fails any check leaves the site's live session as it was; a hello captured on the wire cannot
+be used again, neither in this launch nor after a restart (the challenges live in this process only).
+Every other RPC opens its sealed frame with that session (authenticated, replay-protected, typed: see
+:mod:`.wire`), calls the coordinator and seals the answer.
+
+Worker threads are shared by all sites (``max_workers``), and a call can wait at the coordinator's barrier
+for up to its ``wait_timeout``. So that one site cannot occupy them all (and starve the others' handshakes),
+each site may have at most ``max_calls_per_site`` sealed calls in flight (default 2: a site makes one call
+at a time, plus one left waiting by a call it gave up on); a further one is refused at once with
+RESOURCE_EXHAUSTED. A streamed frame (``ForwardStream``, ``BackwardStream``) is admitted (certificate,
+session, the per-site bound) before a byte of it is read, so a revoked or unknown peer is refused in
+constant memory.
 
 Errors map to gRPC status codes with the error's message (never tensor values): identity and handshake
-failures -> PERMISSION_DENIED, no client certificate -> UNAUTHENTICATED, a refused frame
-(``InvalidMessage``) -> INVALID_ARGUMENT ``"invalid message: <reason>"``, ``ProtocolError`` ->
+failures -> PERMISSION_DENIED, no client certificate -> UNAUTHENTICATED, too many calls of one site in flight
+-> RESOURCE_EXHAUSTED, a refused frame (``InvalidMessage``) -> INVALID_ARGUMENT ``"invalid message: <reason>"``,
+``ProtocolError`` ->
 INVALID_ARGUMENT, a site that is no longer a member (dropped, or admitted from the next round) -> ABORTED,
 no session yet -> FAILED_PRECONDITION, other ``FedboneError`` -> FAILED_PRECONDITION,
 anything else -> INTERNAL with a generic message (details go to the server log only).
@@ -23,6 +36,7 @@ taken at its word for routing, but the Ed25519 handshake still authenticates it 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -38,7 +52,7 @@ from ..audit.ledger import LedgerBook
 from ..crypto.chunks import DEFAULT_MAX_BLOB_BYTES, join_chunks, split_chunks
 from ..crypto.envelope import Session
 from ..crypto.errors import HandshakeError, InvalidMessage
-from ..crypto.handshake import ServerHandshake
+from ..crypto.handshake import ChallengeBook, ServerHandshake
 from ..crypto.identity import IdentityError, fingerprint, load_certificate, load_crl, load_registry, verify_peer
 from ..errors import ConfigError, FedboneError, ProtocolError
 from ..server.coordinator import SiteDropped
@@ -55,6 +69,7 @@ DEFAULT_MAX_MESSAGE_BYTES = 256 << 20  # 256 MiB per gRPC message
 DEFAULT_MAX_FRAME_BYTES = 1 << 30  # 1 GiB per sealed frame (streamed in chunks above the message limit)
 FRAME_SLACK = 1 << 20  # the sealed header and the meta tensor around a frame's payload
 GRPC_OVERHEAD = 4096  # protobuf framing around the sealed blob
+DEFAULT_MAX_CALLS_PER_SITE = 2  # sealed calls of one site in flight at once (handshakes are not counted)
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 T = TypeVar("T")
 
@@ -87,11 +102,15 @@ class FederationService(pb_grpc.FederationServicer):
                  identity_key: Ed25519PrivateKey, site_keys: Mapping[str, Ed25519PublicKey],
                  max_message_bytes: int, insecure_dev: bool = False, ledger: LedgerBook | None = None,
                  peer_fingerprints: dict[str, str] | None = None, wire_dtype: torch.dtype | None = None,
-                 max_frame_bytes: int | None = None) -> None:
+                 max_frame_bytes: int | None = None, max_calls_per_site: int = DEFAULT_MAX_CALLS_PER_SITE) -> None:
+        if max_calls_per_site < 1:
+            raise ConfigError("max_calls_per_site must be at least 1")
         self.coordinator = coordinator
         # A sealed frame may be larger than one gRPC message: then it is streamed in chunks (ForwardStream,
         # BackwardStream). The session refuses any frame above max_frame_bytes.
         self.max_frame_bytes = max(max_frame_bytes or DEFAULT_MAX_FRAME_BYTES, max_message_bytes)
+        # Per request type, no larger frame is decrypted or buffered (derived from the cut: max_batch, max_z_side)
+        self.frame_limits = wire.request_frame_limits(coordinator.cut, self.max_frame_bytes)
         self.wire_dtype = wire_dtype  # features and input gradients travel as this (None: float32)
         self.ledger = ledger  # books every sealed frame per site, for the server's audit log
         self.peer_fingerprints = peer_fingerprints if peer_fingerprints is not None else {}
@@ -103,24 +122,39 @@ class FederationService(pb_grpc.FederationServicer):
         self.max_message_bytes = max_message_bytes
         self.insecure_dev = insecure_dev
         self._sessions: dict[str, Session] = {}
+        self._challenges = ChallengeBook()  # this launch's handshake challenges: a restart forgets them all
+        self.max_calls_per_site = max_calls_per_site
+        self._in_flight: dict[str, int] = {}  # site -> sealed calls being served
         self._lock = threading.Lock()
 
     # -- authorisation ---------------------------------------------------------------------------
-    def _peer(self, context: grpc.ServicerContext, claimed: str) -> str:
-        """The site this call comes from, by its certificate; must equal the site the request names."""
+    def _certified(self, context: grpc.ServicerContext) -> str | None:
+        """The site this call comes from, by its certificate (CA, validity, CRL, registry); ``None`` in
+        insecure_dev mode, where there is no certificate. Needs nothing from the request body."""
         if self.insecure_dev:
-            if not claimed:
-                raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "request names no site")
-            return claimed
+            return None
         pems = context.auth_context().get("x509_pem_cert")
         if not pems:
             raise _Refused(grpc.StatusCode.UNAUTHENTICATED, "no client certificate")
         name = verify_peer(pems[0], self.ca, self.crl, self.registry)
         self.peer_fingerprints[name] = fingerprint(pems[0])
-        if name != claimed:
-            raise _Refused(grpc.StatusCode.PERMISSION_DENIED,
-                           f"the certificate of site {name!r} cannot speak for site {claimed!r}")
         return name
+
+    @staticmethod
+    def _claim(certified: str | None, claimed: str) -> str:
+        """The site a request speaks for: the one its certificate names (a site cannot speak for another)."""
+        if certified is None:  # insecure_dev: taken at its word for routing; the handshake authenticates it
+            if not claimed:
+                raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "request names no site")
+            return claimed
+        if certified != claimed:
+            raise _Refused(grpc.StatusCode.PERMISSION_DENIED,
+                           f"the certificate of site {certified!r} cannot speak for site {claimed!r}")
+        return certified
+
+    def _peer(self, context: grpc.ServicerContext, claimed: str) -> str:
+        """The site this call comes from, by its certificate; must equal the site the request names."""
+        return self._claim(self._certified(context), claimed)
 
     def _session(self, site: str) -> Session:
         with self._lock:
@@ -128,6 +162,38 @@ class FederationService(pb_grpc.FederationServicer):
         if session is None:
             raise _Refused(grpc.StatusCode.FAILED_PRECONDITION, f"site {site!r}: no session; call Handshake first")
         return session
+
+    def _enter(self, site: str) -> None:
+        """Count a sealed call of ``site`` in flight, or refuse it when the site has too many already.
+
+        Protects against one site holding every worker thread: a call for a future step or round waits at
+        the coordinator's barrier (up to its wait timeout), so without a bound one authenticated site could
+        park ``max_workers`` calls there and the other sites' handshakes would queue until they time out.
+        """
+        with self._lock:
+            n = self._in_flight.get(site, 0)
+            if n >= self.max_calls_per_site:
+                raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"site {site!r}: {n} calls already in flight, the limit per site "
+                               f"(max_calls_per_site={self.max_calls_per_site}); a site makes one call at a time: "
+                               "wait for the earlier calls to finish (or time out), then retry")
+            self._in_flight[site] = n + 1
+
+    def _exit(self, site: str) -> None:
+        with self._lock:
+            n = self._in_flight.get(site, 0) - 1
+            if n > 0:
+                self._in_flight[site] = n
+            else:
+                self._in_flight.pop(site, None)
+
+    @contextlib.contextmanager
+    def _admitted(self, site: str) -> Iterator[None]:
+        self._enter(site)
+        try:
+            yield
+        finally:
+            self._exit(site)
 
     def _run(self, context: grpc.ServicerContext, fn: Callable[[], T]) -> T:
         code, message = grpc.StatusCode.INTERNAL, "internal server error"
@@ -159,12 +225,14 @@ class FederationService(pb_grpc.FederationServicer):
         def run() -> pb.HandshakeReply:
             site = self._peer(context, request.site)
             run_id = self.coordinator.run_id
-            if not request.client_hello:
-                return pb.HandshakeReply(run_id=run_id)
             key = self.site_keys.get(site)
             if key is None:
                 raise IdentityError("unregistered", f"site {site!r} has no registered handshake identity key")
-            hello, session = ServerHandshake(self.identity_key, key, run_id, site,
+            if not request.client_hello:  # the run id, and the challenge the site's signed hello must answer
+                return pb.HandshakeReply(run_id=run_id, server_hello=self._challenges.issue(site))
+            # Every check (signature, run, site, this launch's unspent challenge) comes before the session is
+            # touched: a refused or replayed hello raises here and the site's live session stays as it was.
+            hello, session = ServerHandshake(self.identity_key, key, run_id, site, challenges=self._challenges,
                                              max_payload_bytes=self.max_frame_bytes).respond(request.client_hello)
             with self._lock:
                 self._sessions[site] = session  # a new handshake re-keys; the old session is dropped
@@ -176,7 +244,8 @@ class FederationService(pb_grpc.FederationServicer):
                 handle: Callable[[str, Session], bytes]) -> pb.Sealed:
         def run() -> pb.Sealed:
             site = self._peer(context, request.site)
-            return pb.Sealed(site=site, sealed=handle(site, self._session(site)))
+            with self._admitted(site):
+                return pb.Sealed(site=site, sealed=handle(site, self._session(site)))
 
         return self._run(context, run)
 
@@ -199,7 +268,7 @@ class FederationService(pb_grpc.FederationServicer):
 
     def Join(self, request: pb.Sealed, context: grpc.ServicerContext) -> pb.Sealed:  # noqa: N802
         def handle(site: str, s: Session) -> bytes:
-            _, body, tensors = wire.open_message(s, request.sealed, "join")
+            _, body, tensors = wire.open_message(s, request.sealed, "join", max_bytes=self.frame_limits["join"])
             req = wire.join_request_from_json(body)
             if req.site != site or tensors:
                 raise ProtocolError(f"site {site!r}: join request names another site or carries tensors")
@@ -214,62 +283,89 @@ class FederationService(pb_grpc.FederationServicer):
             raise ProtocolError(f"site {site!r}: step header does not match the sealed frame")
         return step
 
-    def Forward(self, request: pb.Sealed, context: grpc.ServicerContext) -> pb.Sealed:  # noqa: N802
-        def handle(site: str, s: Session) -> bytes:
-            header, body, tensors = wire.open_message(s, request.sealed, "forward")
-            step = self._step(site, header, body)
-            if len(tensors) != 1:
-                raise ProtocolError(f"site {site!r}: forward carries {len(tensors)} tensors, expected 1")
-            self._book_request(site, request.sealed, "forward", step.round, step.step, step.mode)
-            feats = self.coordinator.forward(step, tensors[0])
-            reply = wire.seal_message(s, "features", None, list(feats), round=step.round, step=step.step,
-                                      wire_dtype=self.wire_dtype)
-            return self._book_reply(site, "forward", reply, "features", step.round, step.step, step.mode)
+    def _forward(self, site: str, s: Session, sealed: bytes) -> bytes:
+        header, body, tensors = wire.open_message(s, sealed, "forward", max_bytes=self.frame_limits["forward"])
+        step = self._step(site, header, body)
+        if len(tensors) != 1:
+            raise ProtocolError(f"site {site!r}: forward carries {len(tensors)} tensors, expected 1")
+        self._book_request(site, sealed, "forward", step.round, step.step, step.mode)
+        feats = self.coordinator.forward(step, tensors[0])
+        reply = wire.seal_message(s, "features", None, list(feats), round=step.round, step=step.step,
+                                  wire_dtype=self.wire_dtype)
+        return self._book_reply(site, "forward", reply, "features", step.round, step.step, step.mode)
 
-        return self._sealed(request, context, handle)
+    def _backward(self, site: str, s: Session, sealed: bytes) -> bytes:
+        header, body, tensors = wire.open_message(s, sealed, "backward", max_bytes=self.frame_limits["backward"])
+        step = self._step(site, header, body)
+        self._book_request(site, sealed, "backward", step.round, step.step, step.mode)
+        dz = self.coordinator.backward(step, tensors)
+        reply = wire.seal_message(s, "input-grad", None, [dz], round=step.round, step=step.step,
+                                  wire_dtype=self.wire_dtype)
+        return self._book_reply(site, "backward", reply, "input-grad", step.round, step.step, step.mode)
+
+    def Forward(self, request: pb.Sealed, context: grpc.ServicerContext) -> pb.Sealed:  # noqa: N802
+        return self._sealed(request, context, lambda site, s: self._forward(site, s, request.sealed))
 
     def Backward(self, request: pb.Sealed, context: grpc.ServicerContext) -> pb.Sealed:  # noqa: N802
-        def handle(site: str, s: Session) -> bytes:
-            header, body, tensors = wire.open_message(s, request.sealed, "backward")
-            step = self._step(site, header, body)
-            self._book_request(site, request.sealed, "backward", step.round, step.step, step.mode)
-            dz = self.coordinator.backward(step, tensors)
-            reply = wire.seal_message(s, "input-grad", None, [dz], round=step.round, step=step.step,
-                                      wire_dtype=self.wire_dtype)
-            return self._book_reply(site, "backward", reply, "input-grad", step.round, step.step,
-                                step.mode)
+        return self._sealed(request, context, lambda site, s: self._backward(site, s, request.sealed))
 
-        return self._sealed(request, context, handle)
+    def _admit_stream(self, context: grpc.ServicerContext, chunks: Iterator[pb.Chunk]) -> tuple[str, pb.Chunk | None]:
+        """Who streams, checked before any chunk is read: (site, the first chunk if it had to be read).
+
+        Protects against a peer without a valid certificate or a session making the server buffer a frame
+        (up to ``max_frame_bytes``, on each of the worker threads) only to refuse it afterwards: the
+        certificate (revoked, unregistered, wrong CA...) and the session are checked from the call's TLS
+        context, before the first chunk is taken from the stream, so the refusal costs constant memory.
+        In insecure_dev mode (no certificate) the first chunk names the site; it is one gRPC message.
+        """
+        site = self._certified(context)
+        first = None
+        if site is None:
+            first = next(chunks, None)
+            site = self._claim(None, first.site if first is not None else "")
+        self._session(site)
+        self._enter(site)
+        return site, first
 
     def _stream(self, chunks: Iterator[pb.Chunk], context: grpc.ServicerContext,
-                unary: Callable[[pb.Sealed, grpc.ServicerContext], pb.Sealed]) -> Iterator[pb.Chunk]:
-        """A frame streamed in chunks: join (bounded before buffering), handle as the unary call, stream back."""
-        sites: list[str] = []
+                handle: Callable[[str, Session, bytes], bytes]) -> Iterator[pb.Chunk]:
+        """A frame streamed in chunks: admit the peer, join (bounded before buffering), handle, stream back."""
+        chunks = iter(chunks)
+        site, first = self._run(context, lambda: self._admit_stream(context, chunks))
+        try:
+            def pieces() -> Iterator[bytes]:
+                if first is not None:
+                    yield first.data
+                for chunk in chunks:
+                    if chunk.site != site:
+                        if not self.insecure_dev:
+                            self._claim(site, chunk.site)  # refused: a site cannot speak for another
+                        raise InvalidMessage("chunking", "chunks of one frame name different sites")
+                    yield chunk.data
 
-        def pieces() -> Iterator[bytes]:
-            for chunk in chunks:
-                if not sites:
-                    sites.append(chunk.site)
-                elif chunk.site != sites[0]:
-                    raise InvalidMessage("chunking", "chunks of one frame name different sites")
-                yield chunk.data
+            def run() -> bytes:
+                session = self._session(site)
+                blob = join_chunks(pieces(), max_bytes=max(self.frame_limits["forward"], self.frame_limits["backward"]))
+                return handle(site, session, blob)
 
-        blob = self._run(context, lambda: join_chunks(pieces(), max_bytes=self.max_frame_bytes + FRAME_SLACK))
-        reply = unary(pb.Sealed(site=sites[0] if sites else "", sealed=blob), context)
-        for piece in split_chunks(reply.sealed, self.max_message_bytes):
-            yield pb.Chunk(site=reply.site, data=piece)
+            reply = self._run(context, run)
+            for piece in split_chunks(reply, self.max_message_bytes):
+                yield pb.Chunk(site=site, data=piece)
+        finally:  # also when the client goes away mid-stream (the generator is closed)
+            self._exit(site)
 
     def ForwardStream(self, request_iterator: Iterator[pb.Chunk],  # noqa: N802
                       context: grpc.ServicerContext) -> Iterator[pb.Chunk]:
-        yield from self._stream(request_iterator, context, self.Forward)
+        yield from self._stream(request_iterator, context, self._forward)
 
     def BackwardStream(self, request_iterator: Iterator[pb.Chunk],  # noqa: N802
                        context: grpc.ServicerContext) -> Iterator[pb.Chunk]:
-        yield from self._stream(request_iterator, context, self.Backward)
+        yield from self._stream(request_iterator, context, self._backward)
 
     def RoundEnd(self, request: pb.Sealed, context: grpc.ServicerContext) -> pb.Sealed:  # noqa: N802
         def handle(site: str, s: Session) -> bytes:
-            header, body, tensors = wire.open_message(s, request.sealed, "round-end")
+            header, body, tensors = wire.open_message(s, request.sealed, "round-end",
+                                                      max_bytes=self.frame_limits["round-end"])
             report = wire.round_report_from_wire(body, tensors)
             if report.site != site or report.round != header.round:
                 raise ProtocolError(f"site {site!r}: round report does not match the sealed frame")
@@ -282,7 +378,8 @@ class FederationService(pb_grpc.FederationServicer):
 
     def RoundSync(self, request: pb.Sealed, context: grpc.ServicerContext) -> pb.Sealed:  # noqa: N802
         def handle(site: str, s: Session) -> bytes:
-            header, body, tensors = wire.open_message(s, request.sealed, "round-sync")
+            header, body, tensors = wire.open_message(s, request.sealed, "round-sync",
+                                                      max_bytes=self.frame_limits["round-sync"])
             _require_no_payload(site, "round-sync", body, tensors)
             self._book_request(site, request.sealed, "round-sync", header.round)
             result = self.coordinator.round_sync(site, header.round)
@@ -294,7 +391,7 @@ class FederationService(pb_grpc.FederationServicer):
 
     def Leave(self, request: pb.Sealed, context: grpc.ServicerContext) -> pb.Sealed:  # noqa: N802
         def handle(site: str, s: Session) -> bytes:
-            _, body, tensors = wire.open_message(s, request.sealed, "leave")
+            _, body, tensors = wire.open_message(s, request.sealed, "leave", max_bytes=self.frame_limits["leave"])
             _require_no_payload(site, "leave", None, tensors)
             self.coordinator.leave(site, wire.leave_privacy_from_wire(site, body))
             answer = wire.seal_message(s, "ok", None, [])
@@ -311,7 +408,7 @@ def serve(coordinator: Coordinator, *, address: str, server_key_pem: bytes, serv
           max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, insecure_dev: bool = False,
           max_workers: int = 32, ledger: LedgerBook | None = None,
           peer_fingerprints: dict[str, str] | None = None, wire_dtype: torch.dtype | None = None,
-          max_frame_bytes: int | None = None) -> grpc.Server:
+          max_frame_bytes: int | None = None, max_calls_per_site: int = DEFAULT_MAX_CALLS_PER_SITE) -> grpc.Server:
     """Start serving ``coordinator`` on ``address`` (``host:port``; port 0 picks a free one, see :func:`bound_port`).
 
     The CA, CRL and registry are read once here: restart the server after a revocation.
@@ -324,7 +421,7 @@ def serve(coordinator: Coordinator, *, address: str, server_key_pem: bytes, serv
     service = FederationService(coordinator, ca_pem=ca_pem, registry_dir=registry_dir, identity_key=identity_key,
                                 site_keys=site_keys, max_message_bytes=max_message_bytes, insecure_dev=insecure_dev,
                                 ledger=ledger, peer_fingerprints=peer_fingerprints, wire_dtype=wire_dtype,
-                                max_frame_bytes=max_frame_bytes)
+                                max_frame_bytes=max_frame_bytes, max_calls_per_site=max_calls_per_site)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="fedbone-grpc"),
                          options=grpc_options(max_message_bytes))
     pb_grpc.add_FederationServicer_to_server(service, server)
