@@ -166,11 +166,15 @@ def test_schema_file_is_current_and_describes_records(tmp_path: Path) -> None:
                     R.checkpoint_write(run_id=RUN, round=2, role="server", checkpoint_hash=H),
                     R.round_backfill(run_id=RUN, round=2, reason="recovered", checkpoint_hash=H, step=6,
                                      log_last_round=1),
+                    R.round_interrupted(run_id=RUN, round=3, checkpoint_hash=H, backbone_hash=H, step=6,
+                                        reason="resumed"),
                     R.round_record(**{**_round(3).body, "sites": [R.SiteRound("site-a", 1, 1, ledger=LEDGER)]}),
                     R.site_run_start(run_id=RUN, site_id="site-a", round=0, software_version="0.1.0"),
                     R.site_round(run_id=RUN, site_id="site-a", round=0, steps=2, samples=16, ledger=LEDGER,
                                  epsilon=0.5, delta=1e-5, checkpoint_hash=H),
                     R.site_round_backfill(run_id=RUN, site_id="site-a", round=1, reason="recovered"),
+                    R.site_round_interrupted(run_id=RUN, site_id="site-a", round=2, rejoined_round=2,
+                                             ledgers={2: LEDGER}, reason="server restarted"),
                     R.run_end(run_id=RUN, rounds=4, sites={"site-a": LEDGER}, backbone_hash=H, checkpoint_hash=H),
                     R.site_run_end(run_id=RUN, site_id="site-a", rounds=2, ledger=LEDGER)):
             a.append(rec)

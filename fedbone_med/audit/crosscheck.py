@@ -24,8 +24,21 @@ record (one ledger per site) and the site's ``site_run_end``; they are compared 
 that a server ``run_end`` listing nothing for the site (it had stopped or left before the end)
 needs no ``site_run_end``.
 
+A server restart (``--resume``) loses the server's in-memory ledgers of the attempt under way;
+the resumed server says so in a ``round_interrupted`` record (round ``c``), and a site that
+abandoned booked frames to join again says what they were in a ``site_round_interrupted``
+record. Each restart is listed as a check of status ``interrupted``: "an attempt interrupted by
+a server restart: the site booked N frames the server could not". It is not a difference (the
+round is then trained again and compared as usual) but it is not agreement either: those frames
+are on the site's word alone, and :meth:`CrossCheckReport.scope` says so. Abandoned frames of
+ledger round ``t`` are explained by a restart at ``c`` when ``c <= t <= c + 1`` (what the server
+had open at round ``c``: that round, and the replies to its reports); abandoned frames no restart
+explains are a difference (field ``interrupted``): the server did not restart, so its round
+record holds what it saw of them.
+
 What agreement does *not* prove: that the frames' contents were correct (only that both
-ends saw the same bytes), nor anything about rounds that only one log covers.
+ends saw the same bytes), nor anything about rounds that only one log covers, nor the frames
+of an interrupted attempt (only the site booked them).
 """
 
 from __future__ import annotations
@@ -66,7 +79,7 @@ class Difference:
 class RoundCheck:
     run_id: str
     round: int
-    status: str  # "agree" | "differ" | "backfilled"
+    status: str  # "agree" | "differ" | "backfilled" | "interrupted" (a server restart: up/down = the site's frames)
     differences: list[Difference] = field(default_factory=list)
     up: dict[str, Any] | None = None
     down: dict[str, Any] | None = None
@@ -79,8 +92,23 @@ class RoundCheck:
             assert self.up is not None and self.down is not None
             return (head + f"agree (up {self.up['frames']} frames / {self.up['bytes']} B, "
                     f"down {self.down['frames']} frames / {self.down['bytes']} B)")
+        if self.status == "interrupted":
+            return head + self.interruption()
         return head + ("; ".join(f"{d.field}: server {d.server!r}, site {d.site!r}" for d in self.differences)
                        if self.differences else self.status)
+
+    @property
+    def frames(self) -> int:
+        """Frames in ``up`` and ``down`` (for an interrupted attempt: what the site booked in it)."""
+        return sum(d["frames"] for d in (self.up, self.down) if d is not None)
+
+    def interruption(self) -> str:
+        text = "an attempt interrupted by a server restart"
+        if not self.frames:
+            return text + ": the site booked no frame in it"
+        assert self.up is not None and self.down is not None
+        return (text + f": the site booked {self.frames} frame(s) the server could not (up {self.up['frames']} "
+                f"frames / {self.up['bytes']} B, down {self.down['frames']} frames / {self.down['bytes']} B)")
 
 
 @dataclass
@@ -103,11 +131,20 @@ class CrossCheckReport:
     def agree(self) -> bool:
         return self.first_difference is None
 
+    @property
+    def interrupted(self) -> list[RoundCheck]:
+        """The server restarts in the compared runs (status ``interrupted``), with what the site booked in each."""
+        return [c for c in self.rounds if c.status == "interrupted"]
+
     def scope(self) -> str:
-        """What was compared: "N round(s)", plus "and the exchange after the last round" when a tail was."""
-        n_rounds = sum(not c.tail for c in self.rounds)
+        """What was compared: "N round(s)", plus "and the exchange after the last round" when a tail was,
+        plus one "; round r: an attempt interrupted by a server restart, ..." per restart (not compared)."""
+        n_rounds = sum(not c.tail and c.status != "interrupted" for c in self.rounds)
         tail = " and the exchange after the last round" if any(c.tail for c in self.rounds) else ""
-        return f"{n_rounds} round(s){tail}"
+        runs = {c.run_id for c in self.rounds}
+        notes = "".join(f"; {'run ' + c.run_id + ' ' if len(runs) > 1 else ''}round {c.round}: {c.interruption()}"
+                        for c in self.interrupted)
+        return f"{n_rounds} round(s){tail}{notes}"
 
 
 def _compare(run: str, rnd: int, server: Mapping[str, Any], site: Mapping[str, Any],
@@ -161,10 +198,14 @@ def cross_check(server_log: str | Path, site_log: str | Path, *,
     srv: dict[tuple[str, int], dict[str, Any] | None] = {}  # None: round back-filled on the server
     srv_end: dict[str, dict[str, Any]] = {}  # run -> run_end body
     loc_end: dict[str, dict[str, Any]] = {}  # run -> site_run_end body
+    restarts: dict[str, list[int]] = {}  # run -> rounds the server resumed at
+    abandoned: dict[str, list[tuple[int, dict[str, Any]]]] = {}  # run -> (ledger round, ledger) the site abandoned
     for e in server.records:
         b = e["body"]
         if e["kind"] == "run_end":
             srv_end[b["run_id"]] = b
+        if e["kind"] == "round_interrupted":
+            restarts.setdefault(b["run_id"], []).append(b["round"])
         if e["kind"] == "round":
             srv[(b["run_id"], b["round"])] = next((s for s in b["sites"] if s["site_id"] == site_id), {})
         elif e["kind"] == "round_backfill":
@@ -177,6 +218,8 @@ def cross_check(server_log: str | Path, site_log: str | Path, *,
             starts.setdefault(b["run_id"], []).append((b["round"], b["cert_fingerprint"]))
         if e["kind"] == "site_run_end":
             loc_end[b["run_id"]] = b
+        if e["kind"] == "site_round_interrupted":
+            abandoned.setdefault(b["run_id"], []).extend((x["round"], x["ledger"]) for x in b["ledgers"])
         if e["kind"] == "site_round":
             loc[(b["run_id"], b["round"])] = b
         elif e["kind"] == "site_round_backfill":
@@ -217,11 +260,37 @@ def cross_check(server_log: str | Path, site_log: str | Path, *,
         tail = _compare_tails(run, site_id, srv_end.get(run), loc_end.get(run))
         if tail is not None:
             checks.append(tail)
+        checks += _interruptions(run, restarts.get(run, []), abandoned.get(run, []))
     if not checks:
         raise AuditError(f"{site_log}: no round of site {site_id} to compare with {server_log} "
                          "(no site_round records, or none for a run in the server log)", check="cross-check")
-    checks.sort(key=lambda c: (server.runs.index(c.run_id) if c.run_id in server.runs else -1, c.round))
+    checks.sort(key=lambda c: (server.runs.index(c.run_id) if c.run_id in server.runs else -1, c.round,
+                               c.status != "interrupted"))
     return CrossCheckReport(site_id, server, site, checks)
+
+
+def _interruptions(run: str, restarts: list[int], abandoned: list[tuple[int, dict[str, Any]]]) -> list[RoundCheck]:
+    """One ``interrupted`` check per server restart, with the site's abandoned frames it explains; a difference
+    for abandoned frames no restart explains (ledger round ``t`` is explained by a restart at ``c <= t <= c + 1``)."""
+    booked: dict[int, list[dict[str, Any]]] = {c: [] for c in restarts}
+    unexplained: dict[int, list[dict[str, Any]]] = {}
+    for t, led in abandoned:
+        c = max((c for c in restarts if c <= t <= c + 1), default=None)
+        (booked[c] if c is not None else unexplained.setdefault(t, [])).append(led)
+    out = []
+    for c, ledgers in sorted(booked.items()):
+        up, down = _total(ledgers, "up"), _total(ledgers, "down")
+        out.append(RoundCheck(run, c, "interrupted", up=up, down=down))
+    for t, ledgers in sorted(unexplained.items()):
+        n = sum(_total(ledgers, d)["frames"] for d in DIRECTIONS)
+        out.append(RoundCheck(run, t, "differ", [Difference(run, t, "interrupted", "no server restart at this round",
+                                                            f"abandoned an exchange of {n} frame(s)")]))
+    return out
+
+
+def _total(ledgers: list[dict[str, Any]], direction: str) -> dict[str, Any]:
+    return {"frames": sum(led[direction]["frames"] for led in ledgers),
+            "bytes": sum(led[direction]["bytes"] for led in ledgers)}
 
 
 def _compare_tails(run: str, site_id: str, server_end: Mapping[str, Any] | None,

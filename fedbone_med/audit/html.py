@@ -56,6 +56,8 @@ CHECK_MEANING = {
     "signature": "a checkpoint's signature is invalid or made by a key that was not given",
     "merkle": "a checkpoint's signed Merkle root is not the tree hash of the lines before it",
     "rounds": "a round is missing or recorded twice within a run",
+    "backbone": "a round, resume or run end does not continue from the backbone the previous record ended with",
+    "checkpoint-hash": "a resume or run end names another checkpoint file than the one the last round recorded",
     "run-end": "a run's closing record does not match its rounds, is repeated, or rounds follow it",
     "unsigned-tail": "records follow the last signed checkpoint (truncated log or interrupted run)",
 }
@@ -487,6 +489,18 @@ def _participants(recs: list[dict[str, Any]], ctx: _Ctx) -> list[str]:
                       "last δ", "join / leave / dropout / revocation events"], rows, numeric=range(2, 7)))
 
 
+def _interruption_row(e: dict[str, Any], line: str) -> list[str]:
+    b = e["body"]
+    if e["kind"] == "round_interrupted":
+        return [line, esc(e["time"]), esc(b["run_id"]), "server", str(b["round"]),
+                f"resumed from its checkpoint (step {esc(b['step'])}): {esc(b['reason'])}", "—",
+                _short(b["checkpoint_hash"]), _short(b["backbone_hash"])]
+    frames = "<br>".join(f"round {x['round']}: {x['ledger']['up']['frames']} ({x['ledger']['up']['bytes']} B) / "
+                         f"{x['ledger']['down']['frames']} ({x['ledger']['down']['bytes']} B)" for x in b["ledgers"])
+    return [line, esc(e["time"]), esc(b["run_id"]), esc(b["site_id"]), str(b["round"]),
+            f"rejoined at round {b['rejoined_round']}: {esc(b['reason'])}", frames, "—", "—"]
+
+
 def _events(recs: list[dict[str, Any]], ctx: _Ctx) -> list[str]:
     def of(*kinds: str) -> list[dict[str, Any]]:
         return [e for e in recs if e["kind"] in kinds]
@@ -501,6 +515,10 @@ def _events(recs: list[dict[str, Any]], ctx: _Ctx) -> list[str]:
                     str(e["body"]["round"]), esc(e["body"]["reason"]), _short(e["body"]["checkpoint_hash"]),
                     _short(e["body"].get("backbone_hash")), esc(e["body"].get("step")),
                     esc(e["body"]["log_last_round"])] for e in of("round_backfill", "site_round_backfill")])
+    out.append("<h3>Restarts and abandoned exchanges (frames the server could not book)</h3>")
+    out += _table(["line", "time", "run", "party", "round", "what", "frames up / down (bytes)", "checkpoint",
+                   "backbone"],
+                  [_interruption_row(e, ln(e)) for e in of("round_interrupted", "site_round_interrupted")])
     out.append("<h3>Run ends (the exchange after each run's last round)</h3>")
     out += _table(["line", "time", "run", "party", "rounds", "tail frames up / down (bytes)", "final backbone",
                    "checkpoint"], [_run_end_row(e, ln(e)) for e in of("run_end", "site_run_end")])

@@ -38,7 +38,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from .canonical import canonical_json, sha256_hex
 from .errors import AuditError
@@ -148,6 +148,11 @@ class AuditLog:
         except BaseException:
             self.close()
             raise
+
+    @property
+    def public_key(self) -> Ed25519PublicKey:
+        """The public key of the signing key (what verifies this writer's checkpoints)."""
+        return self._key.public_key()
 
     # -- opening an existing log --
     def _load_tail(self) -> None:

@@ -13,9 +13,11 @@ choosing pseudonymous identifiers remains the operator's duty.
 
 Server-log kinds: run_start, join, leave, dropout, round (per site: steps, samples, ε/δ, the
 frame-ledger summary and, optionally, the site's self-reported training loss), round_backfill,
-step_skipped, config_change, key_rotation, revocation, checkpoint_write, run_end (the run's last
-record: what each site exchanged after the last round closed). Site-log kinds: site_run_start,
-site_round, site_round_backfill, site_run_end (and leave). Both: log_checkpoint (signed; carries
+step_skipped, config_change, key_rotation, revocation, checkpoint_write, round_interrupted (a resume:
+the checkpoint and backbone it starts from, and that the interrupted attempt's frames are not booked),
+run_end (the run's last record: what each site exchanged after the last round closed). Site-log kinds:
+site_run_start, site_round, site_round_backfill, site_round_interrupted (frames of an exchange the site
+abandoned to join again), site_run_end (and leave). Both: log_checkpoint (signed; carries
 the RFC 6962 merkle_root).
 
 The same field table generates ``audit/schema.json`` (JSON Schema draft 2020-12), so the
@@ -106,6 +108,12 @@ KINDS: dict[str, dict[str, Spec]] = {
     # (crash between the checkpoint write and the round record). Flagged as recovered: no per-site data.
     "round_backfill": {"run_id": "str", "round": "int", "checkpoint_hash": "hash?", "backbone_hash": "hash?",
                        "step": "int?", "log_last_round": "int?", "reason": "str"},
+    # Written by ServerAuditTrail.resume() at every --resume, after the log was verified and the checkpoint
+    # found to be the one it recorded: the attempt of `round` under way when the previous launch stopped is
+    # not booked (its frame ledgers, for ledger rounds `round` and `round` + 1, were in memory only); the round
+    # restarts from this checkpoint and backbone, which verify checks against the last round record.
+    "round_interrupted": {"run_id": "str", "round": "int", "step": "int?", "checkpoint_hash": "hash",
+                          "backbone_hash": "hash", "reason": "str"},
     # The run's closing record, once all of its rounds are complete: `rounds` rounds were trained
     # (ledger round `rounds` is the tail after the last round), the final backbone and checkpoint.
     "run_end": {"run_id": "str", "rounds": "int", "sites": ("list", RUN_END_SITE), "backbone_hash": "hash",
@@ -117,6 +125,11 @@ KINDS: dict[str, dict[str, Spec]] = {
                    "epsilon": "float?", "delta": "float?", "ledger": LEDGER, "checkpoint_hash": "hash?"},
     "site_round_backfill": {"run_id": "str", "site_id": "str", "round": "int", "checkpoint_hash": "hash?",
                             "log_last_round": "int?", "reason": "str"},
+    # Written when the site abandons an exchange (the connection failed, e.g. the server restarted) and joins
+    # again: `round` = the round it was in, `rejoined_round` = the round the server admitted it to, `ledgers` =
+    # what it had booked and will not put in any site_round (per ledger round). cross-check shows them.
+    "site_round_interrupted": {"run_id": "str", "site_id": "str", "round": "int", "rejoined_round": "int",
+                               "ledgers": ("list", {"round": "int", "ledger": LEDGER}), "reason": "str"},
     # The site's closing record: its side of the run_end tail (compared by cross-check).
     "site_run_end": {"run_id": "str", "site_id": "str", "rounds": "int", "ledger": LEDGER},
     # merkle_root: RFC 6962 tree hash of the `count` lines before the checkpoint (see merkle.py); signed too.
@@ -471,6 +484,19 @@ def round_backfill(*, run_id: str, round: int, reason: str, checkpoint_hash: str
                    log_last_round: int | None = None) -> Record:
     return make("round_backfill", run_id=run_id, round=round, checkpoint_hash=checkpoint_hash,
                 backbone_hash=backbone_hash, step=step, log_last_round=log_last_round, reason=reason)
+
+
+def round_interrupted(*, run_id: str, round: int, checkpoint_hash: str, backbone_hash: str, reason: str,
+                      step: int | None = None) -> Record:
+    return make("round_interrupted", run_id=run_id, round=round, step=step, checkpoint_hash=checkpoint_hash,
+                backbone_hash=backbone_hash, reason=reason)
+
+
+def site_round_interrupted(*, run_id: str, site_id: str, round: int, rejoined_round: int,
+                           ledgers: Mapping[int, Mapping[str, Any]], reason: str) -> Record:
+    """``ledgers``: ledger round -> frame-ledger summary of what the site booked in the abandoned exchange."""
+    return make("site_round_interrupted", run_id=run_id, site_id=site_id, round=round, rejoined_round=rejoined_round,
+                ledgers=[{"round": r, "ledger": led} for r, led in sorted(ledgers.items())], reason=reason)
 
 
 def site_run_start(*, run_id: str, site_id: str, round: int, software_version: str, config_hash: str | None = None,

@@ -80,6 +80,8 @@ def _details(body: dict[str, Any]) -> str:
     def text(v: Any) -> str:
         if isinstance(v, list) and all(isinstance(x, dict) and set(x) == {"site_id", "ledger"} for x in v):
             return ", ".join(f"{x['site_id']}: {_ledger_text(x['ledger'])}" for x in v)  # run_end tails
+        if isinstance(v, list) and all(isinstance(x, dict) and set(x) == {"round", "ledger"} for x in v):
+            return ", ".join(f"round {x['round']}: {_ledger_text(x['ledger'])}" for x in v)  # abandoned exchanges
         if isinstance(v, dict) and set(v) == {"up", "down"}:
             return _ledger_text(v)
         return ",".join(map(str, v)) if isinstance(v, list) else "null" if v is None else str(v)

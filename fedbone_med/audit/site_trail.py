@@ -8,6 +8,7 @@ cross-check SERVER_LOG SITE_LOG`` then shows both sides agree, round by round.
 
 Records (see ``audit/schema.json``): ``site_run_start`` once per launch, ``site_round`` once
 per round followed by a signed ``log_checkpoint``, ``leave`` when the site stops early,
+``site_round_interrupted`` when it abandons an exchange to join again (what it had booked),
 ``site_run_end`` once the last round is complete (what was exchanged after it), and
 ``site_round_backfill`` written by :meth:`SiteAuditTrail.reconcile` after a crash between
 the site checkpoint and the round record. Never patient data: identifiers, counts, hashes.
@@ -22,6 +23,8 @@ Wiring (site runtime)::
                          epsilon=..., delta=..., checkpoint_hash=...)
     trail.run_finished(rounds, ledger=ledger.take(rounds))  # after the last round, before Leave
     trail.left(round, reason); trail.close()
+    # after a failure, once joined again and before the ledger is replaced:
+    trail.attempt_abandoned(round, admitted, ledger, reported, cause=exc.code)
 
 ``ensure_site_key(key_dir, site_id)`` creates the site's key pair (private 0600) if absent; the
 site gives ``site-<id>-audit-key.pub.pem`` to its auditor.
@@ -29,7 +32,7 @@ site gives ``site-<id>-audit-key.pub.pem`` to its auditor.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +41,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from .. import __version__
 from . import records
 from .keys import generate_key, load_private_key, save_private_key, save_public_key
+from .ledger import FrameLedger
 from .log import AuditLog, backfill_reason, last_round, rounds_to_backfill
 from .records import SITE_ROUND_KINDS, Clock, utc_now
 
@@ -100,6 +104,42 @@ class SiteAuditTrail:
         """
         self.log.append(records.site_run_end(run_id=self.run_id, site_id=self.site_id, rounds=rounds, ledger=ledger))
         self.log.checkpoint(run_id=self.run_id)
+
+    def attempt_abandoned(self, round: int, rejoined_round: int, ledger: FrameLedger,
+                          reported: MutableMapping[int, dict[str, Any]], *, cause: str) -> dict[int, dict[str, Any]]:
+        """The site gives up an exchange and joins again: put what it booked in it on the record; return that.
+
+        Call after joining again and before ``ledger`` is replaced by a fresh one. ``round`` = the
+        round the site was in; ``rejoined_round`` = the round the server admitted it to; ``reported``
+        = the site's summaries of rounds it reported but has not recorded yet (``FrameLedger.take`` after
+        its end-of-round report), updated here; ``cause`` = what failed (a status name such as
+        ``UNAVAILABLE``). What the site booked goes where it belongs:
+
+        - admitted to ``round + 1`` after sending its report: the server completed ``round`` (with the
+          report, or the sync fetched next fails and the site was dropped): the frames booked under
+          ``round`` stay for the site's ``site_round`` of it (moved into ``reported`` when the failure
+          came before the report's reply, e.g. the server died right after closing the round);
+        - admitted to ``round``: the round is trained again: its reported summary, if any, is abandoned;
+        - everything else booked (the exchange after the report, a validation, a partial round) is
+          abandoned: written in one ``site_round_interrupted`` record (signed at once), unless empty.
+
+        A server that restarted lost its own ledgers of the attempt (it writes ``round_interrupted``):
+        without this record those frames would be in no signed record at either end.
+        """
+        if (rejoined_round == round + 1 and round not in reported and round in ledger.open_rounds()
+                and ledger.summary(round)["up"]["types"].get("round_end")):  # its report was sent
+            reported[round] = ledger.take(round)
+        books = {r: ledger.summary(r) for r in ledger.open_rounds()}
+        if rejoined_round == round and round in reported:
+            books[round] = reported.pop(round)
+        books = {r: led for r, led in books.items() if led["up"]["frames"] or led["down"]["frames"]}
+        if books:
+            self.log.append(records.site_round_interrupted(
+                run_id=self.run_id, site_id=self.site_id, round=round, rejoined_round=rejoined_round, ledgers=books,
+                reason=f"the exchange failed ({cause}) and the site joined again, at round {rejoined_round}; these "
+                       "frames are in no site_round record"))
+            self.log.checkpoint(run_id=self.run_id)
+        return books
 
     def left(self, round: int, reason: str) -> None:
         """The site stops taking part (e.g. privacy budget spent); signed at once."""

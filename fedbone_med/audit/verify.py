@@ -74,6 +74,7 @@ class VerifyReport:
     backfilled: dict[str, list[int]] = field(default_factory=dict)
     site_rounds: dict[str, list[int]] = field(default_factory=dict)  # site logs: run -> rounds with a site_round
     ended: dict[str, int] = field(default_factory=dict)  # run -> rounds, for runs closed by run_end / site_run_end
+    interrupted: dict[str, list[int]] = field(default_factory=dict)  # run -> rounds a resumed server restarted
     signatures_checked: bool = True
 
     @property
@@ -95,8 +96,10 @@ class VerifyReport:
         unsigned = "" if self.signatures_checked else " [signatures NOT checked: no public key given]"
         rounds = f", {n_rounds} round(s){back}" if n_rounds or not n_site else ""
         ended = f" ({len(self.ended)} closed by run_end)" if self.ended else ""
+        n_int = sum(len(r) for r in self.interrupted.values())
+        restarts = f", {n_int} round(s) restarted after an interruption" if n_int else ""
         return (f"{self.count} records, {self.signed_checkpoints} signed checkpoints, {len(self.runs)} run(s){ended}"
-                f"{rounds}{site}, {len(self.sites)} site(s){tail}; head {self.head}{unsigned}")
+                f"{rounds}{restarts}{site}, {len(self.sites)} site(s){tail}; head {self.head}{unsigned}")
 
 
 def _fail(path: Path, line: int, check: str, detail: str) -> AuditError:
@@ -238,6 +241,7 @@ def _verify_lines(p: Path, lines: list[bytes], public_keys: Mapping[str, Ed25519
     n_checkpoints = 0
     last_round: dict[str, int] = {}
     ended: dict[tuple[str, str], int] = {}  # (run, "" for the server or site id) -> line of its closing record
+    state: dict[str, _Boundary] = {}  # run -> the backbone and checkpoint at its last round boundary
     tree = MerkleAccumulator()
     for n, raw in enumerate(lines, start=1):
         env = _parse(p, raw, n)
@@ -273,6 +277,8 @@ def _verify_lines(p: Path, lines: list[bytes], public_keys: Mapping[str, Ed25519
                         "and re-chained)")
                 raise _fail(p, n, "rounds", f"run {run}: round {rnd} follows round {before}: {what}")
             last_round[run] = rnd
+        if env["kind"] in CONTINUITY_CHECKED:
+            _check_continuity(p, n, env, last_round, state)
         records.append(env)
         prev = sha256_hex(raw)
         tree.add_line(raw)
@@ -287,7 +293,64 @@ def _verify_lines(p: Path, lines: list[bytes], public_keys: Mapping[str, Ed25519
     return report
 
 
-RUN_END_CHECKED = frozenset(("run_end", "site_run_end", *SERVER_ROUND_KINDS, *SITE_ROUND_KINDS))
+RUN_END_CHECKED = frozenset(("run_end", "site_run_end", "round_interrupted", "site_round_interrupted",
+                             *SERVER_ROUND_KINDS, *SITE_ROUND_KINDS))
+CONTINUITY_CHECKED = frozenset(("run_start", "round", "round_backfill", "round_interrupted", "run_end"))
+
+
+@dataclass
+class _Boundary:
+    """What a server log says about one run at its last round boundary (None: not recorded there)."""
+
+    backbone: str | None
+    checkpoint: str | None
+    line: int
+    what: str
+
+
+def _check_continuity(p: Path, n: int, env: dict[str, Any], last_round: dict[str, int],
+                      state: dict[str, _Boundary]) -> None:
+    """Backbone (and checkpoint) continuity of one run across its round boundaries and resumes.
+
+    Each round starts from the backbone the previous round (or run_start, or the resume record) ended
+    with; a ``round_interrupted`` (written at a resume) names the checkpoint file and backbone the server
+    restarted from, which must be those the last round record (or back-fill) recorded; ``run_end`` names
+    the final ones. A back-filled round without a backbone hash leaves the backbone unknown until the next
+    record that names one. A mismatch means the server resumed from another state than the one it
+    recorded (e.g. a modified checkpoint), or records were altered by the key holder.
+    """
+    kind, body = env["kind"], env["body"]
+    run = body["run_id"]
+    prev = state.get(run)
+    if kind == "run_start":
+        state[run] = _Boundary(body["backbone_hash"], None, n, "run_start")
+        return
+    if kind == "round_interrupted":
+        last = last_round.get(run)
+        if last is not None and body["round"] != last + 1:
+            raise _fail(p, n, "rounds", f"run {run}: the server resumed at round {body['round']} but the log's last "
+                        f"round is {last} (it should resume at round {last + 1})")
+    starts, what = {"round": (body.get("backbone_hash_before"), f"round {body.get('round')} starts from"),
+                    "round_interrupted": (body.get("backbone_hash"), f"the resume at round {body.get('round')} loaded"),
+                    "run_end": (body.get("backbone_hash"), "run_end names as the final")}.get(kind, (None, ""))
+    if prev is not None and prev.backbone is not None and starts is not None and starts != prev.backbone:
+        raise _fail(p, n, "backbone", f"run {run}: {what} backbone {starts[:16]}…, but {prev.what} on line "
+                    f"{prev.line} ended with {prev.backbone[:16]}… (the server continued from another state than the "
+                    "one it recorded, e.g. a modified checkpoint, or a record was altered)")
+    ckpt = body.get("checkpoint_hash")
+    if (kind in ("round_interrupted", "run_end") and prev is not None and prev.checkpoint is not None
+            and ckpt is not None and ckpt != prev.checkpoint):
+        what = "the server resumed from" if kind == "round_interrupted" else "run_end names"
+        raise _fail(p, n, "checkpoint-hash", f"run {run}: {what} checkpoint {ckpt[:16]}…, but {prev.what} on line "
+                    f"{prev.line} recorded checkpoint {prev.checkpoint[:16]}… (a modified or replaced checkpoint)")
+    if kind == "round":
+        state[run] = _Boundary(body["backbone_hash_after"], body["checkpoint_hash"], n, f"round {body['round']}")
+    elif kind == "round_backfill":
+        state[run] = _Boundary(body["backbone_hash"], body["checkpoint_hash"], n,
+                               f"the back-filled round {body['round']}")
+    elif kind == "round_interrupted":
+        state[run] = _Boundary(body["backbone_hash"], body["checkpoint_hash"], n,
+                               f"the resume at round {body['round']}")
 
 
 def _check_run_end(p: Path, n: int, env: dict[str, Any], last_round: dict[str, int],
@@ -295,7 +358,7 @@ def _check_run_end(p: Path, n: int, env: dict[str, Any], last_round: dict[str, i
     """A run is closed once per party, after its last round, and nothing of that party's rounds follows."""
     kind, body = env["kind"], env["body"]
     run = body["run_id"]
-    party = "" if kind in ("run_end", *SERVER_ROUND_KINDS) else body["site_id"]
+    party = body["site_id"] if kind.startswith("site_") else ""
     closed = ended.get((run, party))
     if closed is not None:
         what = "closed again" if kind.endswith("run_end") else f"given a {kind} record"
@@ -321,6 +384,8 @@ def _summarise(report: VerifyReport) -> None:
             report.rounds.setdefault(run, []).append(body["round"])
         if env["kind"] == "round_backfill":
             report.backfilled.setdefault(run, []).append(body["round"])
+        if env["kind"] == "round_interrupted":
+            report.interrupted.setdefault(run, []).append(body["round"])
         if env["kind"] == "round":
             for s in body["sites"]:
                 sites.add(s["site_id"])

@@ -6,7 +6,8 @@
 Markdown summary, or with ``--out FILE.html`` one self-contained HTML page (written for a
 failing log too, showing the failure; exit 8 then); ``export`` verifies and writes one CSV
 row per record; ``cross-check`` verifies a server log and a site log and compares, round by
-round, what each side says was exchanged (exit 0 when they agree, exit 8 naming the first round and field that differ);
+round, what each side says was exchanged (exit 0 when they agree, exit 8 naming the first round and field that differ;
+a round interrupted by a server restart is listed with the frames only the site booked, which are not compared);
 ``prove`` writes an RFC 6962 inclusion proof for one record or a consistency proof between
 two signed checkpoints, and ``check-proof`` checks one with nothing but the public key.
 """
@@ -132,6 +133,10 @@ def cmd_cross_check(args: argparse.Namespace) -> int:
         raise AuditError(f"cross-check failed: {first.describe()}" + (f" (and {n - 1} more difference(s))"
                                                                      if n > 1 else ""), check="cross-check")
     print(f"OK: server and site {report.site_id} agree on {report.scope()}")
+    if report.interrupted:
+        print(f"note: {len(report.interrupted)} attempt(s) interrupted by a server restart: the frames exchanged in "
+              "them are booked by the site only (the server lost its ledgers), so they are not compared",
+              file=sys.stderr)
     return 0
 
 
@@ -167,7 +172,7 @@ def cmd_check_proof(args: argparse.Namespace) -> int:
         bundle = json.loads(Path(args.proof).read_text(encoding="utf-8"))
     except OSError as exc:
         raise AuditError(f"cannot read proof {args.proof}: {exc.strerror}", check="proof") from None
-    except ValueError:
+    except (ValueError, RecursionError):
         raise AuditError(f"{args.proof} is not JSON", check="proof") from None
     if not isinstance(bundle, dict):
         raise AuditError(f"{args.proof} is not a proof bundle", check="proof")

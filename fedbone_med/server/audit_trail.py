@@ -13,9 +13,14 @@ API and where to call it (all methods append fsync'd records; ``round_finished``
 ``start``, ``reconcile``, ``rotate_key`` and ``sign`` also append a signed checkpoint):
 
 * ``start(backbone, aggregation, sites, seed, round)`` -- fresh run only;
-* ``reconcile(next_round, checkpoint_hash, backbone_hash=None, step=None)`` -- on resume, right
-  after loading the server checkpoint and *before* the first new round: back-fills
-  ``round_backfill`` records for rounds the checkpoint holds but the log lacks;
+* ``resume(next_round, checkpoint, checkpoint_hash, backbone_hash=, step=, key_dir=)`` -- on
+  ``--resume``, right after loading the server checkpoint and *before* anything else is appended:
+  verifies the whole log with the server's public keys (refused: AuditError naming the check), checks
+  the checkpoint file against the hash the log recorded for it (refused: CheckpointError), back-fills
+  the crash window (``reconcile``) and writes ``round_interrupted`` (the restart, with the checkpoint
+  and backbone it starts from; the interrupted attempt's frames are not booked);
+* ``reconcile(next_round, checkpoint_hash, backbone_hash=None, step=None)`` -- the back-fill alone
+  (``resume`` calls it): ``round_backfill`` records for rounds the checkpoint holds but the log lacks;
 * ``site_joined(site, round, cert_fingerprint=None)`` -- a site's Join accepted (its
   fingerprint then fills ``cert_fingerprint`` in that site's round entries);
 * ``site_left(site, round, reason)`` -- orderly Leave; ``site_dropped(site, round, reason)``
@@ -52,9 +57,12 @@ from torch import nn
 
 from .. import __version__
 from ..audit import AggregationSummary, AuditLog, SiteRound, iso_utc, records
-from ..audit.keys import generate_key, key_id, load_private_key, save_private_key, save_public_key
+from ..audit.errors import AuditError
+from ..audit.keys import generate_key, key_id, load_private_key, load_public_keys, save_private_key, save_public_key
 from ..audit.log import backfill_reason, last_round, rounds_to_backfill
 from ..audit.records import SERVER_ROUND_KINDS, Clock, utc_now
+from ..audit.verify import VerifyReport, verify_log
+from ..errors import CheckpointError
 
 
 def module_hash(module: nn.Module) -> str:
@@ -223,6 +231,110 @@ class ServerAuditTrail:
                 backbone_hash=backbone_hash if latest else None, step=step if latest else None))
         self.sign()
         return missing
+
+    @_locked
+    def resume(self, next_round: int, checkpoint: str | Path, checkpoint_hash: str, *, backbone_hash: str,
+               step: int | None = None, key_dir: str | Path | None = None) -> list[int]:
+        """Continue this run's log after a restart; return the rounds back-filled (see :meth:`reconcile`).
+
+        ``next_round`` = the loaded checkpoint's ``round``; ``checkpoint`` its path and
+        ``checkpoint_hash`` its SHA-256; ``backbone_hash`` = ``module_hash(backbone)`` after loading;
+        ``key_dir``: the server's key directory, whose ``retired/*.pub.pem`` (keys rotated out) verify
+        older checkpoints of the log. Before anything is appended:
+
+        1. the whole log verifies (hash chain, every signature, rounds, backbone continuity) with the
+           signing key's own public key and the retired ones; it has a signed checkpoint, a
+           ``run_start`` for this run, and after its last signed checkpoint no more than a crash between
+           a round record and its signature leaves (events, at most one ``round``, back-fills). Otherwise
+           AuditError naming the check: signing over a re-chained log would vouch for it;
+        2. the checkpoint is the one the log recorded last for this run (``round`` / ``round_backfill`` /
+           ``round_interrupted``), or exactly one round ahead of the log's last round (the crash window
+           between the checkpoint write and the round record, which is then back-filled). Otherwise
+           CheckpointError naming both hashes and the path.
+
+        Then the crash window is back-filled and a signed ``round_interrupted`` record says that round
+        ``next_round`` restarts from this checkpoint and backbone and that the interrupted attempt's
+        frames (in memory only) are not booked.
+        """
+        report = self._verify_for_resume(key_dir)
+        self._check_checkpoint(report, next_round, Path(checkpoint), checkpoint_hash)
+        missing = self.reconcile(next_round, checkpoint_hash, backbone_hash=backbone_hash, step=step)
+        self.log.append(records.round_interrupted(
+            run_id=self.run_id, round=next_round, step=step, checkpoint_hash=checkpoint_hash,
+            backbone_hash=backbone_hash,
+            reason="the server restarted from its checkpoint; the frames of the interrupted attempt (ledger rounds "
+                   f"{next_round} and {next_round + 1} before the restart) are in no server record"))
+        self.log.checkpoint(run_id=self.run_id)
+        return missing
+
+    def _verify_for_resume(self, key_dir: str | Path | None) -> VerifyReport:
+        path = self.log.path
+        keys = {self.log.key_id: self.log.public_key}
+        retired: list[str | Path] = []
+        if key_dir is not None:
+            retired += sorted((Path(key_dir) / "retired").glob("*.pub.pem"))
+        if retired:
+            keys = {**load_public_keys(retired), **keys}
+        advice = (f"Keep {path} unchanged as evidence; restore the log from a backup (or compare it with the sites' "
+                  "own logs), or start a new run in a new output directory")
+        if not path.stat().st_size:
+            raise AuditError(f"--resume: the audit log {path} is missing or empty, but the checkpoint belongs to run "
+                             f"{self.run_id}, which wrote one: a resumed run only extends the log of its first "
+                             f"launch. {advice}", check="empty", line=0)
+        try:
+            report = verify_log(path, keys, require_complete=False)
+        except AuditError as exc:
+            raise AuditError(f"--resume: the audit log fails verification, so it will not be extended and signed "
+                             f"over: {exc}. {advice}", check=exc.check, line=exc.line) from None
+        if not report.signed_checkpoints:
+            raise AuditError(f"--resume: the audit log {path} has no signed checkpoint (every launch signs one at "
+                             "its start): its checkpoints were removed and the chain rebuilt, or it is not this "
+                             f"server's log. {advice}", check="unsigned-tail", line=1)
+        if not any(e["kind"] == "run_start" and e["body"]["run_id"] == self.run_id for e in report.records):
+            raise AuditError(f"--resume: the audit log {path} has no run_start record for run {self.run_id} (the "
+                             f"checkpoint's run). {advice}", check="resume")
+        tail = report.records[report.count - report.unsigned_tail:]
+        kinds = [e["kind"] for e in tail]
+        bad = sorted({k for k in kinds if k in ("run_start", "run_end", "key_rotation")})
+        if bad or kinds.count("round") > 1:
+            what = (f"{', '.join(bad)} record(s)" if bad else f"{kinds.count('round')} round records")
+            first = report.count - report.unsigned_tail + 1
+            raise AuditError(f"--resume: the audit log {path} holds {what} after its last signed checkpoint (lines "
+                             f"{first}..{report.count}): more than a crash between a round record and its signature "
+                             "leaves unsigned, as when signed checkpoints were removed and the chain rebuilt. "
+                             f"Refusing to sign over them. {advice}", check="unsigned-tail", line=first)
+        return report
+
+    def _check_checkpoint(self, report: VerifyReport, next_round: int, checkpoint: Path, actual: str) -> None:
+        last: int | None = None
+        recorded: tuple[str, int, str] | None = None  # (hash, line, what) of the last checkpoint the log names
+        for e in report.records:
+            b = e["body"]
+            if b["run_id"] != self.run_id:
+                continue
+            if e["kind"] in (*SERVER_ROUND_KINDS, "round_interrupted"):
+                last = b["round"] if e["kind"] in SERVER_ROUND_KINDS else last
+                what = f"round {b['round']}" if e["kind"] == "round" else f"{e['kind']} of round {b['round']}"
+                digest = b["checkpoint_hash"]
+                recorded = (digest, e["seq"] + 1, what) if digest is not None else None
+        expected = 0 if last is None else last + 1
+        if next_round == expected + 1:
+            return  # the crash window: the checkpoint of round `expected` was written, its record was not
+        if next_round > expected + 1:
+            raise CheckpointError(
+                f"--resume: the server checkpoint {checkpoint} has completed {next_round} round(s), but the audit log "
+                f"{self.log.path} records rounds up to {last}: more than the one round a crash between a checkpoint "
+                "and its round record can leave unrecorded. Refusing to back-fill rounds the log never saw; restore "
+                "the checkpoint that matches the log (a backup), or start a new run")
+        if next_round < expected or recorded is None:
+            return  # a log ahead of the checkpoint is refused by reconcile; no recorded hash: nothing to compare
+        digest, line, what = recorded
+        if digest != actual:
+            raise CheckpointError(
+                f"--resume: the server checkpoint {checkpoint} has SHA-256 {actual}, but the signed audit log "
+                f"{self.log.path} recorded {digest} for it ({what}, line {line}): the checkpoint was modified or "
+                "replaced after it was written. Refusing to resume from it. Keep both files as evidence; restore "
+                "the checkpoint the log recorded (e.g. from a backup), or start a new run in a new output directory")
 
     # -- rounds ----------------------------------------------------------------------
     @_locked
