@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,20 @@ def _interrupted(exc: BaseException) -> bool:
     return False
 
 
-def _atomic_write(path: Path, write) -> None:
+def _fsync_dir(directory: Path) -> None:
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _write_temp(path: Path, write) -> str:
+    """Write a temporary file beside ``path`` and flush it to disk; return its name.
+
+    On any failure (a full disk, a read-only directory, Ctrl-C) the temporary file is removed and
+    ``path`` is untouched.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -40,7 +54,6 @@ def _atomic_write(path: Path, write) -> None:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
     except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -50,11 +63,68 @@ def _atomic_write(path: Path, write) -> None:
             # old file is intact.
             raise KeyboardInterrupt(f"interrupted while writing {path.name}") from exc
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    return tmp
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = _write_temp(path, write)
     try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+class StagedCheckpoint:
+    """A checkpoint written and flushed to ``NAME.next`` beside its target, not yet in place.
+
+    The two-phase write of the server's round boundary: the checkpoint is staged (the write that
+    needs disk space), the round's audit record names its SHA-256 (the commit point), then
+    :meth:`commit` renames it into place. A failure before the record leaves the previous
+    checkpoint and the log as they were (:meth:`discard`); a crash between the record and the
+    rename is completed on restart by :func:`complete_staged` (the staged file is the one the log
+    names). Either way the checkpoint and the log describe the same round.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.staged = staged_path(path)
+        self.digest = file_sha256(self.staged)
+
+    def commit(self) -> None:
+        os.replace(self.staged, self.path)
+        _fsync_dir(self.path.parent)
+
+    def discard(self) -> None:
+        self.staged.unlink(missing_ok=True)
+
+
+def staged_path(path: str | Path) -> Path:
+    p = Path(path)
+    return p.with_name(p.name + ".next")
+
+
+def stage_checkpoint(state: dict[str, Any], path: str | Path) -> StagedCheckpoint:
+    """Write ``state`` to ``PATH.next`` and flush it; :meth:`StagedCheckpoint.commit` puts it in place."""
+    p = Path(path)
+    _atomic_write(staged_path(p), lambda fh: torch.save(state, fh))
+    return StagedCheckpoint(p)
+
+
+def complete_staged(path: str | Path, recorded: Callable[[str], bool]) -> str | None:
+    """Finish a two-phase write interrupted by a crash: put ``PATH.next`` in place if ``recorded(its
+    SHA-256)`` (the log holds the record that commits it), else remove it. Returns what was done."""
+    staged = staged_path(path)
+    if not staged.exists():
+        return None
+    if recorded(file_sha256(staged)):
+        os.replace(staged, path)
+        _fsync_dir(staged.parent)
+        return "committed"
+    staged.unlink()
+    return "discarded"
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> str:

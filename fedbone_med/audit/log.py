@@ -31,6 +31,9 @@ signature payload is unchanged.
 from __future__ import annotations
 
 import base64
+import contextlib
+import copy
+import errno
 import fcntl
 import json
 import os
@@ -81,7 +84,7 @@ def last_round(path: str | Path, run_id: str, kinds: tuple[str, ...], site_id: s
     for raw in p.read_bytes().split(b"\n")[:-1]:
         try:
             env = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise AuditError(f"audit log {p}: a line is not JSON; run `fedbone-audit verify` on it",
                              check="canonical-json") from None
         body = env.get("body") if isinstance(env, dict) else None
@@ -190,9 +193,10 @@ class AuditLog:
         try:
             env = json.loads(line)
             ok = isinstance(env, dict) and canonical_json(env) == line
-        except (ValueError, AuditError):
+        except (ValueError, RecursionError, AuditError):
             ok = False
-        if not ok or not isinstance(env.get("seq"), int) or not isinstance(env.get("body"), dict):
+        if (not ok or not isinstance(env.get("seq"), int) or not isinstance(env.get("body"), dict)
+                or not isinstance(env.get("prev"), str)):
             raise AuditError(f"audit log {self.path} line {number}: not a canonical audit record; "
                              "run `fedbone-audit verify` on it", check="canonical-json", line=number)
         result: dict[str, Any] = env
@@ -291,13 +295,40 @@ class AuditLog:
             env = {"v": VERSION, "seq": self._seq, "prev": self._head, "kind": kind,
                    "time": time if time is not None else iso_utc(self._clock()), "body": body}
             line = canonical_json(env)
-            written = os.write(self._fd, line + b"\n")
-            if written != len(line) + 1:
-                raise AuditError(f"audit log {self.path}: short write ({written} of {len(line) + 1} bytes); the log "
-                                 "now ends with a torn line. " + recovery_hint(self.path, self._seq))
-            os.fsync(self._fd)
+            try:
+                written = os.write(self._fd, line + b"\n")
+                if written != len(line) + 1:  # a full disk mid-line
+                    raise OSError(errno.ENOSPC, f"short write ({written} of {len(line) + 1} bytes)")
+                os.fsync(self._fd)
+            except OSError:
+                self._cut_back(self._size)  # the record is not in the log: nothing torn, nothing half-written
+                raise
             self._account(line, kind, body)
             return self._head
+
+    # -- all or nothing --
+    def mark(self) -> tuple[Any, ...]:
+        """The log's state now, for :meth:`roll_back` (a group of records written all or nothing)."""
+        with self._lock:
+            self._catch_up()
+            return (self._size, self._seq, self._head, self._run_id, self._last_kind, copy.deepcopy(self._tree))
+
+    def roll_back(self, mark: tuple[Any, ...]) -> None:
+        """Remove every line written after ``mark`` (this writer's own, unsigned by anyone else).
+
+        Used when a group of records cannot be completed (the disk filled up between them): the log
+        ends where it ended before the group, so it never holds half of a round's records.
+        """
+        with self._lock:
+            self._cut_back(mark[0])
+            self._size, self._seq, self._head, self._run_id, self._last_kind, self._tree = mark
+
+    def _cut_back(self, size: int) -> None:
+        if self._fd < 0 or os.fstat(self._fd).st_size <= size:
+            return
+        os.ftruncate(self._fd, size)  # shrinking needs no free space
+        with contextlib.suppress(OSError):
+            os.fsync(self._fd)
 
     def checkpoint(self, run_id: str | None = None) -> str:
         """Append a signed ``log_checkpoint`` covering every record so far; return its line hash.

@@ -32,6 +32,7 @@ site gives ``site-<id>-audit-key.pub.pem`` to its auditor.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
@@ -40,10 +41,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from .. import __version__
 from . import records
+from .errors import AuditError
 from .keys import generate_key, load_private_key, save_private_key, save_public_key
 from .ledger import FrameLedger
-from .log import AuditLog, backfill_reason, last_round, rounds_to_backfill
-from .records import SITE_ROUND_KINDS, Clock, utc_now
+from .log import AuditLog, backfill_reason, rounds_to_backfill
+from .records import Clock, utc_now
 
 
 def _finite(x: float | None) -> float | None:
@@ -61,6 +63,53 @@ def ensure_site_key(key_dir: str | Path, site_id: str) -> Path:
         save_private_key(key, private)
         save_public_key(key.public_key(), key_dir / f"site-{site_id}-audit-key.pub.pem")
     return private
+
+
+def _site_log_state(path: Path, run_id: str, site_id: str) -> tuple[int | None, bool]:
+    """(the last round a checkpoint completed according to the log, whether the run is closed).
+
+    A ``site_round`` with a ``checkpoint_hash`` (or a back-fill) is a round the site completed and
+    checkpointed. One without is a partial round written when the site left mid-round (Ctrl-C, a
+    spent budget): what it exchanged is booked, but no checkpoint completes it, so a resume from the
+    previous round's checkpoint is consistent with it.
+    """
+    last: int | None = None
+    ended = False
+    if not path.exists():
+        return None, False
+    for raw in path.read_bytes().split(b"\n")[:-1]:
+        try:
+            env = json.loads(raw)
+        except (ValueError, RecursionError):
+            raise AuditError(f"audit log {path}: a line is not JSON; run `fedbone-audit verify` on it",
+                             check="canonical-json") from None
+        body = env.get("body") if isinstance(env, dict) else None
+        if not isinstance(body, dict) or body.get("run_id") != run_id or body.get("site_id") != site_id:
+            continue
+        kind, r = env.get("kind"), body.get("round")
+        if kind == "site_run_end":
+            ended = True
+        complete = kind == "site_round_backfill" or (kind == "site_round" and body.get("checkpoint_hash"))
+        if complete and isinstance(r, int) and (last is None or r > last):
+            last = r
+    return last, ended
+
+
+def check_site_log_resumable(path: str | Path, run_id: str, site_id: str, completed_round: int) -> None:
+    """Raise AuditError (check ``reconcile``) when a site checkpoint of ``completed_round`` cannot resume
+    against the site's own log: the log records a later completed round (the checkpoint is older:
+    restored from a backup?) or the run was already closed by ``site_run_end``."""
+    p = Path(path)
+    last, ended = _site_log_state(p, run_id, site_id)
+    if ended:
+        raise AuditError(f"audit log {p} already closes run {run_id} for site {site_id!r} (site_run_end): this "
+                         "site finished the run; there is nothing to resume. Start a new run with a new --out",
+                         check="reconcile")
+    if last is not None and last > completed_round:
+        raise AuditError(f"audit log {p} records round {last} as completed but the site checkpoint has completed "
+                         f"only round {completed_round}: the checkpoint is older than the log (restored from a "
+                         "backup?). Resuming would record rounds twice; resume from the latest checkpoint or start "
+                         "a new run", check="reconcile")
 
 
 class SiteAuditTrail:
@@ -155,7 +204,7 @@ class SiteAuditTrail:
         the last one. Existing lines are never rewritten. An unsigned tail is signed. Raises
         AuditError (check ``reconcile``) when the log is *ahead* of the checkpoint.
         """
-        last = last_round(self.log.path, self.run_id, SITE_ROUND_KINDS, site_id=self.site_id)
+        last, _ = _site_log_state(self.log.path, self.run_id, self.site_id)  # partial rounds do not count
         missing = rounds_to_backfill(last, next_round, self.log.path)
         for r in missing:
             self.log.append(records.site_round_backfill(

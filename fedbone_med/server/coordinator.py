@@ -41,7 +41,7 @@ from .. import __version__
 from ..aggregation import average_state_dicts, get_aggregator
 from ..config import ServerConfig
 from ..device import resolve_device
-from ..errors import ProtocolError
+from ..errors import FedboneError, ProtocolError
 from ..models import CutSpec, build_backbone, refuse_batchnorm
 from ..optim import build_optimizer
 from ..transport.messages import JoinReply, JoinRequest, RoundReport, RoundSync, Schedule, StepHeader
@@ -65,6 +65,14 @@ class _RoundState:
 
 class SiteDropped(ProtocolError):
     """The site is no longer a member (it missed a deadline or re-joined); it should join again."""
+
+
+class ServerHalted(FedboneError):
+    """The server stopped serving this run (a round boundary could not be recorded); retry later.
+
+    Every call after the halt gets this error (gRPC UNAVAILABLE): the sites reconnect with backoff
+    and train the round again once the operator has fixed the cause and run ``serve --resume``.
+    """
 
 
 class Coordinator:
@@ -107,6 +115,7 @@ class Coordinator:
         # site -> (epsilon, delta) reported when it left mid-round; taken by the round's audit record
         self.departed_privacy: dict[str, tuple[float | None, float | None]] = {}
         self.events: list[dict[str, Any]] = []  # joins, leaves, dropouts, skipped steps (for the audit log)
+        self.halted: ServerHalted | None = None  # set when a round boundary could not be recorded
         self._first_slot_at: float | None = None
         self.device = resolve_device(cfg.device)
         with torch.random.fork_rng(devices=[]):
@@ -128,7 +137,7 @@ class Coordinator:
             {"seed": seed, "reduction": agg.reduction, "every": agg.project_every} if agg.method == "projection" else {}
         )
         self.aggregator = get_aggregator(agg.method, **kwargs)
-        self.cut = CutSpec.of(self.backbone, cfg.max_batch)
+        self.cut = CutSpec.of(self.backbone, cfg.max_batch, cfg.max_z_side)
         self.step = 0  # the training step being collected
         self.round = 0
         self.sites: dict[str, _SiteSession] = {}
@@ -154,6 +163,7 @@ class Coordinator:
 
     def join(self, request: JoinRequest) -> JoinReply:
         with self._cv:
+            self._check_halted()
             name = request.site
             self.dropped.pop(name, None)
             if name in self.sites and self.started:  # a member came back (restarted): its round is lost
@@ -234,6 +244,7 @@ class Coordinator:
             return False
         tick = left if self.step_deadline is None and self.round_deadline is None else min(left, 0.25)
         self._cv.wait(timeout=tick)
+        self._check_halted()
         self._check_deadlines()
         return True
     def _session(self, header: StepHeader) -> _SiteSession:
@@ -260,6 +271,8 @@ class Coordinator:
     def forward(self, header: StepHeader, z: Tensor) -> list[Tensor]:
         """Backbone features for z; in training mode the graph is kept for ``backward``."""
         with self._cv:
+            self._check_halted()
+            self._wait_until_admitted(header)
             session = self._session(header)
             z = check_activation(z, self.cut, header.site).to(self.device, torch.float32)
             if header.mode == "eval":
@@ -289,6 +302,17 @@ class Coordinator:
             torch.manual_seed(int.from_bytes(digest[:8], "big") & (2**63 - 1))
             yield
 
+    def _wait_until_admitted(self, header: StepHeader) -> None:
+        """A site that joined mid-round (pending) and already asks for its first step waits for the round
+        it was admitted to, instead of being bounced (it would join again and be dropped as restarted)."""
+        if header.site not in self.pending or header.site in self.sites or header.run_id != self.run_id:
+            return
+        deadline = time.monotonic() + self.wait_timeout
+        while header.site in self.pending:
+            if not self._wait(deadline - time.monotonic()):
+                raise SiteDropped(f"site '{header.site}' is admitted from round {self.round + 1}; it timed out "
+                                  "waiting for the current round to finish")
+
     def _wait_for_step(self, header: StepHeader) -> None:
         if header.step < self.step:
             raise ProtocolError(f"site '{header.site}': step {header.step} is over; the server is at step {self.step}")
@@ -307,6 +331,7 @@ class Coordinator:
     def backward(self, header: StepHeader, grads: list[Tensor]) -> Tensor:
         """Back-propagate a site's dF into its gradient slot; return dz."""
         with self._cv:
+            self._check_halted()
             session = self._session(header)
             if header.mode != "train" or session.pending is None or session.pending[0] != header.step:
                 raise ProtocolError(f"site '{header.site}': backward for step {header.step} without its forward")
@@ -392,6 +417,7 @@ class Coordinator:
     # -- rounds -------------------------------------------------------------------
     def round_end(self, report: RoundReport) -> None:
         with self._cv:
+            self._check_halted()
             if report.site not in self.sites:
                 if report.site in self.dropped:
                     raise SiteDropped(f"site '{report.site}' was dropped ({self.dropped[report.site]}); join again")
@@ -422,11 +448,28 @@ class Coordinator:
         for old in [r for r in self.rounds if r < finished]:  # keep only the last round's sync
             del self.rounds[old]
         if self.on_round_finished is not None:
-            self.on_round_finished(finished, reports)  # lock held: nothing moves until it returns
+            try:
+                self.on_round_finished(finished, reports)  # lock held: nothing moves until it returns
+            except BaseException as exc:
+                # The round is not complete: its checkpoint or audit record is not on disk. No site may
+                # see it as complete (its sync) and nothing may go on: every call from now on is refused
+                # as retryable, and the owner stops the server (restart with --resume).
+                # (the operator's details -- paths, errno -- stay in the server's own log)
+                self.halted = ServerHalted(f"the server could not record the end of round {finished} and stops; "
+                                           "it will train the round again when its operator resumes it: "
+                                           "reconnect and retry")
+                state.synced = None
+                self._cv.notify_all()
+                raise self.halted from exc
         self._cv.notify_all()
+
+    def _check_halted(self) -> None:
+        if self.halted is not None:
+            raise self.halted
 
     def round_sync(self, site: str, round: int) -> RoundSync:
         with self._cv:
+            self._check_halted()
             deadline = time.monotonic() + self.wait_timeout
             while True:
                 state = self.rounds.get(round)

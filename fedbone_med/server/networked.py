@@ -14,9 +14,12 @@ and ``keys/`` (the audit signing key, created on first use).
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 from datetime import datetime, timezone
@@ -28,16 +31,48 @@ from tqdm import tqdm
 
 from .. import __version__
 from ..audit.ledger import LedgerBook
-from ..checkpoint import file_sha256, load_checkpoint, save_checkpoint, write_json_atomic
+from ..checkpoint import (
+    StagedCheckpoint,
+    complete_staged,
+    file_sha256,
+    load_checkpoint,
+    stage_checkpoint,
+    write_json_atomic,
+)
 from ..config import ServeConfig
 from ..configtools import config_hash, resume_changes, to_plain
 from ..crypto.kits import ServerKit
-from ..errors import CheckpointError, ConfigError, ProtocolError
+from ..errors import CheckpointError, ConfigError, FedboneError, ProtocolError
 from ..transport.grpc_service import bound_port, serve
 from ..transport.messages import RoundReport
 from ..transport.wire import WIRE_DTYPES
 from .audit_trail import ServerAuditTrail, ensure_server_key, install_rotated_key, module_hash
 from .coordinator import Coordinator
+
+
+class RoundNotRecorded(CheckpointError):
+    """A round boundary could not be written (checkpoint, results or audit record); nothing of it was kept."""
+
+
+def _write_failure(rnd: int, where: Path, exc: OSError, ckpt: Path, resume: str, committed: bool) -> str:
+    """What failed, where, and what to do: for the operator (never patient data: paths and errno only)."""
+    code = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+    hint = {
+        errno.ENOSPC: "free disk space on that file system",
+        errno.EDQUOT: "raise the disk quota or free space",
+        errno.EROFS: "the file system is read-only: remount it read-write or use another --out",
+        errno.EACCES: "make the directory writable by the server's user",
+        errno.EPERM: "make the directory writable by the server's user",
+        errno.EFBIG: "raise the file-size limit (ulimit -f) of the server's user",
+    }.get(exc.errno or 0, "fix the cause above")
+    if committed:  # the record is signed; only the rename of the staged checkpoint failed
+        state = (f"Round {rnd} is recorded in the audit log and its checkpoint is staged beside {ckpt}; "
+                 "--resume puts it in place")
+    else:
+        state = (f"The round is not complete: the previous checkpoint ({ckpt}) and the audit log are as they "
+                 "were before it, and the sites were told to retry")
+    return (f"round {rnd} could not be recorded: writing {where} failed with {code} ({exc.strerror or exc}). "
+            f"{state}. To continue: {hint}, then run {resume}; the sites reconnect by themselves")
 
 
 class NetworkedServer:
@@ -91,6 +126,7 @@ class NetworkedServer:
         self.fingerprints: dict[str, str] = {}  # site -> its certificate's SHA-256, filled by the service
         self._round_t0 = time.perf_counter()
         self._done = threading.Event()
+        self._failure: RoundNotRecorded | None = None  # a round boundary that could not be written: stop
         if resume:
             self._load()
 
@@ -98,7 +134,28 @@ class NetworkedServer:
     def ckpt_path(self) -> Path:
         return self.out / "checkpoints" / "server.pt"
 
+    def _complete_interrupted_commit(self) -> None:
+        """A crash between a round's signed record and the rename of its staged checkpoint: finish it
+        (the staged file is the one the log's round record names); a staged file no record names is
+        a round that never completed, and is removed."""
+        log = self.out / "audit" / "server.jsonl"
+        recorded: set[str] = set()
+        if log.exists():
+            for raw in log.read_bytes().split(b"\n"):
+                if b'"kind":"round"' not in raw:
+                    continue
+                try:
+                    body = json.loads(raw)["body"]
+                except (ValueError, KeyError, TypeError):
+                    continue  # verified with the rest of the log below
+                if isinstance(body, dict) and isinstance(body.get("checkpoint_hash"), str):
+                    recorded.add(body["checkpoint_hash"])
+        done = complete_staged(self.ckpt_path, recorded.__contains__)
+        if done == "committed":
+            self._print(f"the last round's checkpoint was recorded but not yet in place; moved it to {self.ckpt_path}")
+
     def _load(self) -> None:
+        self._complete_interrupted_commit()
         if not self.ckpt_path.exists():
             raise CheckpointError(f"--resume: no server checkpoint at {self.ckpt_path}")
         state = load_checkpoint(self.ckpt_path, "server")
@@ -119,11 +176,19 @@ class NetworkedServer:
 
     # -- per round (coordinator lock held) ------------------------------------------------------
     def _round_finished(self, rnd: int, reports: dict[str, RoundReport]) -> None:
+        """Record the round boundary: checkpoint, results and audit record, all of them or none.
+
+        A failed write (a full disk, a read-only directory, a file-size limit) leaves the previous
+        checkpoint, the results and the audit log as they were and raises :class:`RoundNotRecorded`:
+        the coordinator then refuses every call as retryable (the sites wait and reconnect) and
+        :meth:`run` stops the server with that error (exit code 7). After the cause is fixed,
+        ``serve --resume`` trains the round again from the previous checkpoint.
+        """
         c = self.coordinator
-        steps, c.step_log = c.step_log, []
-        usage = c.take_usage()
-        events = c.take_events()
-        self._audit_events(events)
+        steps = c.step_log
+        usage = c.take_usage()  # (lost with the round if it cannot be recorded: the server stops then)
+        ledgers = self.ledger.take_round(rnd)
+        events = list(c.events)
         record = {
             "round": rnd,
             "seconds": time.perf_counter() - self._round_t0,
@@ -131,20 +196,49 @@ class NetworkedServer:
                       for name, r in sorted(reports.items())},
             "usage": {k: {"steps": v[0], "samples": v[1]} for k, v in usage.items()},
         }
-        self.results["rounds"].append(record)
-        self.results["aggregation"].extend(steps)
-        self.results["events"].extend(events)
-        digest = save_checkpoint(c.state_dict(), self.ckpt_path)
-        write_json_atomic(self.results, self.out / "server-results.json")
+        results = {**self.results, "rounds": [*self.results["rounds"], record],
+                   "aggregation": [*self.results["aggregation"], *steps],
+                   "events": [*self.results["events"], *events]}
         # a site that left mid-round (e.g. its privacy budget was spent) reported its spend with the leave
-        departed, c.departed_privacy = c.departed_privacy, {}
-        if self.audit is not None:
-            privacy = {**departed, **{n: (r.extra.get("epsilon"), r.extra.get("delta")) for n, r in reports.items()}}
-            self.audit.round_finished(rnd, c.backbone, usage, steps, self.cfg.server.aggregation.method, digest,
-                                      privacy, ledgers=self.ledger.take_round(rnd),
-                                      losses={n: r.train_loss for n, r in reports.items()})
-            if rnd + 1 < self.cfg.rounds:
-                self.audit.round_started(c.backbone)
+        privacy = {**c.departed_privacy, **{n: (r.extra.get("epsilon"), r.extra.get("delta"))
+                                            for n, r in reports.items()}}
+        where = self.ckpt_path
+        staged = None
+        mark = self.audit.log.mark() if self.audit is not None else None
+        committed = False
+        try:
+            staged = stage_checkpoint(c.state_dict(), self.ckpt_path)
+            where = self.out / "server-results.json"
+            write_json_atomic(results, where)  # a resume drops the rounds its checkpoint has not completed
+            if self.audit is not None:
+                where = self.audit.log.path
+                self._audit_events(events)
+                # the commit point: once this record is signed, the staged checkpoint is the round's
+                self.audit.round_finished(rnd, c.backbone, usage, steps, self.cfg.server.aggregation.method,
+                                          staged.digest, privacy, ledgers=ledgers,
+                                          losses={n: r.train_loss for n, r in reports.items()})
+            committed = True
+            where = self.ckpt_path
+            staged.commit()
+        except OSError as exc:
+            self._undo_round(staged, mark, committed)
+            self._failure = RoundNotRecorded(_write_failure(rnd, where, exc, self.ckpt_path, self.resume_command,
+                                                            committed))
+            self._done.set()
+            raise self._failure from None
+        except BaseException as exc:  # an AuditError, or Ctrl-C in the middle: nothing of the round stays
+            self._undo_round(staged, mark, committed)
+            if not isinstance(exc, KeyboardInterrupt):
+                self._failure = RoundNotRecorded(f"round {rnd} was not recorded: {exc}")
+                self._done.set()
+            raise
+        # the round is on disk: from here on it is complete
+        self.results = results
+        c.step_log = []
+        del c.events[:len(events)]
+        c.departed_privacy = {}
+        if self.audit is not None and rnd + 1 < self.cfg.rounds:
+            self.audit.round_started(c.backbone)
         losses = ", ".join(f"{n} {r.train_loss:.3f}" for n, r in sorted(reports.items()))
         notes = "".join(f"; {e['event']} {e.get('site', '')}".rstrip() for e in events if e["event"] != "join")
         self._print(f"round {rnd}: {len(reports)} site(s), train loss {losses}{notes} "
@@ -152,6 +246,27 @@ class NetworkedServer:
         self._round_t0 = time.perf_counter()
         if rnd + 1 >= self.cfg.rounds:
             self._done.set()
+
+    def _undo_round(self, staged: StagedCheckpoint | None, mark: tuple[Any, ...] | None, committed: bool) -> None:
+        """Back to the previous round boundary on disk, unless the round's record is already signed (then
+        the staged checkpoint stays for ``--resume`` to put in place)."""
+        if committed:
+            return
+        if staged is not None:
+            try:
+                staged.discard()
+            except OSError as exc:
+                self._print(f"warning: could not remove {staged.staged} ({exc}); --resume removes it")
+        if mark is not None and self.audit is not None:
+            try:
+                self.audit.log.roll_back(mark)
+            except OSError as exc:
+                self._print(f"error: could not remove the incomplete round's lines from {self.audit.log.path} "
+                            f"({exc}); `fedbone-audit verify` it before resuming")
+
+    @property
+    def resume_command(self) -> str:
+        return f"fedbone-server serve --resume --out {self.out} (with the same --config and --kit)"
 
     def _record_config_change(self) -> None:
         """Resumed with an edited configuration (rounds, network.*): say so in the log and the results."""
@@ -209,6 +324,7 @@ class NetworkedServer:
     def run(self) -> dict[str, Any]:
         cfg, c = self.cfg, self.coordinator
         self.out.mkdir(parents=True, exist_ok=True)
+        _check_writable(self.ckpt_path.parent)
         if c.round >= cfg.rounds:
             self._print(f"all {cfg.rounds} rounds are already complete in {self.ckpt_path}")
             return self.results
@@ -219,9 +335,14 @@ class NetworkedServer:
             if not self.resume:
                 self.audit.start(c.backbone, cfg.server.aggregation.method, list(self.expected), cfg.seed, c.round,
                                  joins=False)
-            else:  # a crash between the checkpoint and the round record leaves a gap: back-fill it
-                self.audit.reconcile(c.round, file_sha256(self.ckpt_path), backbone_hash=module_hash(c.backbone),
-                                     step=c.step)
+            else:  # verify the log, check the checkpoint against it, back-fill a crash gap, record the restart
+                try:
+                    self.audit.resume(c.round, self.ckpt_path, file_sha256(self.ckpt_path),
+                                      backbone_hash=module_hash(c.backbone), step=c.step, key_dir=self.out / "keys")
+                except BaseException:
+                    self.audit.close()
+                    self.audit = None
+                    raise
             if self.rotate_audit_key is not None:
                 self._rotate_audit_key(self.rotate_audit_key)
             self._audit_revocations()
@@ -249,10 +370,14 @@ class NetworkedServer:
         previous = signal.getsignal(signal.SIGTERM)
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, _raise_interrupt)
+        stopping_on_error = True
         try:
             self._wait_for_sites()
             self._show_progress()
+            if self._failure is not None:
+                raise self._failure
             self._wait_for_leaves()
+            stopping_on_error = False
         except KeyboardInterrupt:
             self._print(f"interrupted: the last completed round ({c.round - 1}) is checkpointed in {self.ckpt_path}; "
                         "restart with --resume")
@@ -261,18 +386,33 @@ class NetworkedServer:
             server.stop(grace=2.0).wait()
             if threading.current_thread() is threading.main_thread():
                 signal.signal(signal.SIGTERM, previous)
-            if self.audit is not None:
-                events = c.take_events()
+            try:
+                self._close_run()
+            except (OSError, FedboneError) as exc:
+                if not stopping_on_error:
+                    raise
+                # already stopping for an error (e.g. a full disk, which may refuse these writes too): the
+                # checkpoint and the log stay at the last recorded round boundary
+                self._print(f"while stopping: {exc}")
+        return self.results
+
+    def _close_run(self) -> None:
+        """At shutdown: the membership events since the last round and a signed checkpoint of the log;
+        the run's closing record once every round is recorded and the sites have left."""
+        c, cfg = self.coordinator, self.cfg
+        if self.audit is not None:
+            events = c.take_events()
+            self.results["events"].extend(events)
+            try:
                 self._audit_events(events)
-                self.results["events"].extend(events)
-                if c.round >= cfg.rounds:  # every round done and the sites gone: close the run's record
+                if c.round >= cfg.rounds and self._failure is None:  # every round done, the sites gone
                     self.audit.run_finished(cfg.rounds, c.backbone, file_sha256(self.ckpt_path),
                                             self.ledger.take_round(cfg.rounds))
                 self.audit.sign()
+            finally:
                 self.audit.close()
                 self.audit = None
-            write_json_atomic(self.results, self.out / "server-results.json")
-        return self.results
+        write_json_atomic(self.results, self.out / "server-results.json")
 
     def _show_progress(self) -> None:
         """Until the last round completes: the steps aggregated so far, with throughput."""
@@ -318,6 +458,19 @@ class NetworkedServer:
                 return
             time.sleep(0.1)
         self._print("some sites did not leave after the last round; stopping anyway")
+
+
+def _check_writable(directory: Path) -> None:
+    """Before any site joins: the checkpoint directory takes a file (a read-only or missing mount fails here)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        code = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+        raise CheckpointError(f"the checkpoint directory {directory} is not writable ({code}: {exc.strerror}); "
+                              "make it writable by the server's user or choose another --out") from None
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:

@@ -37,14 +37,14 @@ from typing import Any
 from tqdm import tqdm
 
 from ..audit.ledger import FrameLedger, empty_summary
-from ..audit.site_trail import SiteAuditTrail, ensure_site_key
+from ..audit.site_trail import SiteAuditTrail, check_site_log_resumable, ensure_site_key
 from ..checkpoint import file_sha256, load_checkpoint, save_checkpoint, write_json_atomic
 from ..config import SiteConfig
 from ..configtools import config_hash
 from ..crypto.identity import fingerprint
 from ..crypto.kits import SiteKit
 from ..data.sources import load_site_data
-from ..errors import ConfigError, ProtocolError
+from ..errors import CheckpointError, ConfigError, ProtocolError
 from ..privacy.errors import BudgetExceeded
 from ..transport.grpc_client import GrpcTransport, RemoteError
 from ..transport.grpc_service import DEFAULT_MAX_MESSAGE_BYTES, LOOPBACK_HOSTS, split_address
@@ -96,6 +96,7 @@ class NetworkedSite:
         self.ledger = FrameLedger()  # every sealed frame this site sent and received, per round
         self._ledgers: dict[int, dict[str, Any]] = {}  # round -> ledger summary, taken after the round's report
         self._steps_in_round = 0  # training steps of the current round completed (for a partial round record)
+        self._checkpointed_round = -1  # the round this process last wrote a checkpoint for
         self.audit: SiteAuditTrail | None = None
 
     # -- connection -------------------------------------------------------------------------------
@@ -103,9 +104,20 @@ class NetworkedSite:
         tqdm.write(f"[{self.cfg.name}] {msg}", file=sys.stderr)
 
     def _connect(self) -> GrpcTransport:
-        """Open a session with the server, retrying with exponential backoff while it is unreachable."""
+        """Open a session with the server, retrying with exponential backoff while it is unreachable.
+
+        The site's own kit certificate is checked first (validity window, signed by the kit's CA, its
+        key; a warning when it expires within 14 days). A TLS certificate failure (``TlsError``: the
+        server's certificate, or the server refusing this site's) stops at once: retrying cannot fix it.
+        """
+        from ..transport.grpc_client import TlsError, check_kit_certificate
+
         if self.insecure_dev and split_address(self.address)[0] not in LOOPBACK_HOSTS:
             raise ConfigError(f"--insecure-dev connects without TLS to loopback only; refusing {self.address!r}")
+        if not self.insecure_dev:
+            warning = check_kit_certificate(self.kit.ca_pem, self.kit.cert_pem, self.kit.key_pem)
+            if warning is not None and self.runtime is None:  # once, at the first connect
+                self._say(warning)
         deadline = time.monotonic() + self.reconnect_timeout
         delay = 0.5
         run_id = self.runtime.run_id if self.runtime is not None and self.runtime.run_id else None
@@ -118,6 +130,8 @@ class NetworkedSite:
                     max_message_bytes=self.max_message_bytes, timeout=self.call_timeout, ledger=self.ledger,
                     insecure_dev=self.insecure_dev,
                 )
+            except TlsError:
+                raise
             except RemoteError as exc:
                 if exc.code not in RETRY_CODES or time.monotonic() + delay > deadline:
                     raise ProtocolError(f"site '{self.cfg.name}': cannot reach the server at {self.address} "
@@ -151,6 +165,7 @@ class NetworkedSite:
         state["completed_round"] = completed_round
         state["evaluated"] = evaluated
         save_checkpoint(state, self.ckpt_path)
+        self._checkpointed_round = completed_round
 
     def _results(self) -> dict[str, Any]:
         rt = self.runtime
@@ -169,17 +184,55 @@ class NetworkedSite:
         write_json_atomic(self._results(), self.out / "site-results.json")
 
     # -- training ---------------------------------------------------------------------------------
+    def _resume_state(self) -> dict[str, Any] | None:
+        """``--resume``, before joining: the checkpoint, checked against this site and its own audit log.
+
+        Everything that would refuse the resume is checked here, so a refused resume never takes a
+        place in the federation (the other sites would wait for it until the step deadline).
+        """
+        if not self.ckpt_path.exists():
+            self._say(f"--resume: no checkpoint at {self.ckpt_path}; starting afresh")
+            return None
+        state = load_checkpoint(self.ckpt_path, "site")
+        if state.get("site") != self.cfg.name:
+            raise CheckpointError(f"{self.ckpt_path} belongs to site {state.get('site')!r}, not {self.cfg.name!r}")
+        completed = int(state["completed_round"])
+        check_site_log_resumable(self.out / "audit" / "site.jsonl", str(state.get("run_id", "")), self.cfg.name,
+                                 completed)
+        return state
+
+    def _refuse_after_join(self, message: str) -> None:
+        """A resume the server's answer rules out: give the place back at once, then stop."""
+        self._leave_quietly()
+        raise ProtocolError(message)
+
     def run(self, resume: bool = False) -> dict[str, Any]:
         self.out.mkdir(parents=True, exist_ok=True)
+        state = self._resume_state() if resume else None
         rnd = self._join()
         rt = self.runtime
         assert rt is not None and rt.joined is not None and rt.joined.schedule is not None
         sched = rt.joined.schedule
         rt.configure_privacy(sched.rounds * sched.steps_per_round)
-        if resume and self.ckpt_path.exists():
-            state = load_checkpoint(self.ckpt_path, "site")
-            rt.load_state_dict(state)
-            self._synced_round = int(state["completed_round"])
+        if state is not None:
+            completed = int(state["completed_round"])
+            if state.get("run_id") != rt.run_id:
+                self._refuse_after_join(
+                    f"site '{self.cfg.name}': the checkpoint {self.ckpt_path} is from run {state.get('run_id')!r} "
+                    f"but the server runs {rt.run_id!r}; a site resumes only into the run it trained in. To join "
+                    f"the new run, start without --resume and a new --out")
+            if rnd <= completed:
+                self._refuse_after_join(
+                    f"site '{self.cfg.name}': this site's checkpoint has completed round {completed}, but the server "
+                    f"is at round {rnd}: the server is behind this site (its checkpoint was restored from an older "
+                    f"copy, or it could not record a round). Nothing was trained or logged. Restore the site "
+                    f"checkpoint of round {rnd - 1} or the server's checkpoint of round {completed}, or start a "
+                    "new run")
+            try:
+                rt.load_state_dict(state)
+            except CheckpointError as exc:
+                self._refuse_after_join(str(exc))
+            self._synced_round = completed
             prior = self.out / "site-results.json"
             if prior.exists():
                 import json
@@ -189,11 +242,11 @@ class NetworkedSite:
             self._say(f"resumed from the checkpoint of round {self._synced_round}")
         if rt.privacy is not None:  # write-ahead privacy charges: a crash mid-round never un-spends budget
             replayed = rt.privacy.attach_journal(self.out / "checkpoints" / "privacy.journal",
-                                                 fresh=not (resume and self.ckpt_path.exists()))
+                                                 fresh=state is None)
             if replayed:
                 self._say(f"{replayed} privacy charge(s) of the interrupted round replayed from the journal")
         self._round_start_state = copy.deepcopy(rt.state_dict())
-        self._open_audit(rnd, resume)
+        self._open_audit(rnd, resumed=state is not None)
         total = sched.rounds * sched.steps_per_round
         bar = tqdm(total=total, initial=rnd * sched.steps_per_round, disable=not self.progress, unit="step",
                    desc=self.cfg.name, file=sys.stderr, leave=False)
@@ -232,13 +285,13 @@ class NetworkedSite:
             self.audit.close()
         return self._results()
 
-    def _open_audit(self, rnd: int, resume: bool) -> None:
+    def _open_audit(self, rnd: int, resumed: bool) -> None:
         """The site's own signed log: what it sent and received each round, and its privacy spent."""
         rt = self.runtime
         assert rt is not None
         key = ensure_site_key(self.out / "keys", self.cfg.name)
         self.audit = SiteAuditTrail(self.out / "audit" / "site.jsonl", key, run_id=rt.run_id, site_id=self.cfg.name)
-        if resume and self.ckpt_path.exists():
+        if resumed:
             self.audit.reconcile(self._synced_round + 1, file_sha256(self.ckpt_path))
         self.audit.start(round=rnd, config_hash=config_hash(self.cfg), cert_fingerprint=fingerprint(self.kit.cert_pem))
 
@@ -321,8 +374,12 @@ class NetworkedSite:
                 rounds[r] = (self.ledger.take(r), steps_done if r == rnd else 0)
         for r, (ledger, steps) in sorted(rounds.items()):
             if ledger["up"]["frames"] or ledger["down"]["frames"]:
+                # a round trained, synced and checkpointed (its validation cut short) is complete: its
+                # record names the checkpoint, so a resume from it neither back-fills nor repeats it
+                done = self._checkpointed_round == r and self.ckpt_path.exists()
                 self.audit.round_finished(r, steps=steps, samples=steps * per_step, ledger=ledger,
-                                          epsilon=spent.get("epsilon"), delta=spent.get("delta"))
+                                          epsilon=spent.get("epsilon"), delta=spent.get("delta"),
+                                          checkpoint_hash=file_sha256(self.ckpt_path) if done else None)
 
     def _roll_back(self) -> None:
         """Back to the start of the current round, except the privacy accountant: what was sent was sent.
@@ -344,6 +401,8 @@ class NetworkedSite:
         self.log.reconnects += 1
         self._say(f"lost the round ({exc.code}: {exc.details}); reconnecting")
         admitted = self._join()
+        if self.audit is not None:  # what the failed attempt booked goes on the record before its ledger is replaced
+            self.audit.attempt_abandoned(rnd, admitted, self.ledger, self._ledgers, cause=exc.code)
         # A fresh ledger after a failure: a restarted server books from scratch too, and a round this site
         # trains again must not be booked twice. The round around the failure may differ between the two
         # logs in `fedbone-audit cross-check`, which is what an auditor should see.
