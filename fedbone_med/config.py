@@ -255,16 +255,38 @@ class AggregationConfig:
         return out
 
 
+DEFAULT_MAX_BATCH = 4096
+DEFAULT_MAX_Z_SIDE = 256  # z of a 1024 px image at stride 4, or of 512 px at stride 2
+MAX_Z_SIDE_LIMIT = 1 << 15
+
+
+def z_side(image_size: int, stride: int) -> int:
+    """Height and width of z at the cut for a square image of ``image_size`` px and an embedding of ``stride``."""
+    return -(-image_size // stride)
+
+
 @dataclass(frozen=True)
 class ServerConfig:
+    """The server's backbone, optimiser and aggregation, and the largest activation it accepts.
+
+    ``max_batch`` and ``max_z_side`` bound every activation z a site sends: at most ``max_batch``
+    samples of ``max_z_side`` x ``max_z_side`` (z's side is a site's ``data.image_size`` divided by
+    its ``model.stride``, rounded up). They also bound the size of a forward or backward frame, so
+    keep them near what the sites use: the server's memory for one step grows with them.
+    """
+
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
-    max_batch: int = 4096
+    max_batch: int = DEFAULT_MAX_BATCH
+    max_z_side: int = DEFAULT_MAX_Z_SIDE
     device: str = "cpu"
 
     def validate(self) -> list[str]:
-        return _positive("max_batch", self.max_batch) + _device_problems(self.device)
+        out = _positive("max_batch", self.max_batch) + _positive("max_z_side", self.max_z_side)
+        if self.max_z_side > MAX_Z_SIDE_LIMIT:
+            out.append(f"max_z_side: must be at most {MAX_Z_SIDE_LIMIT}, got {self.max_z_side}")
+        return out + _device_problems(self.device)
 
 
 @dataclass(frozen=True)
@@ -326,6 +348,12 @@ class ExperimentConfig:
             out.append(f"sites: site names must be unique, repeated: {', '.join(dupes)}")
         if not self.sites:
             out.append("sites: an experiment needs at least one site")
+        for i, site in enumerate(self.sites):
+            side = z_side(site.data.image_size, site.model.stride)
+            if side > self.server.max_z_side:
+                out.append(f"sites[{i}] ({site.name}): z at the cut is {side} x {side} (data.image_size "
+                           f"{site.data.image_size} / model.stride {site.model.stride}), above server.max_z_side = "
+                           f"{self.server.max_z_side}; raise server.max_z_side or the site's model.stride")
         return out
 
 

@@ -45,11 +45,19 @@ _ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=
 def canonical_text(value: Any, *, parsed: bool = True) -> str:
     """The canonical JSON of ``value`` as text (``canonical_json`` is its UTF-8 encoding).
 
-    Defaults to ``parsed=True``: for a value that came straight from ``json.loads``.
+    Defaults to ``parsed=True``: for a value that came straight from ``json.loads``. Raises only
+    :class:`AuditError` (also for a value nested too deeply to encode, and for NaN/Infinity).
     """
-    if not parsed:
-        _check(value, "$")
-    return _ENCODER.encode(value)
+    try:
+        if not parsed:
+            _check(value, "$")
+        return _ENCODER.encode(value)
+    except RecursionError:  # hostile input nested deeper than the interpreter's recursion limit
+        raise AuditError("canonical JSON: value nested too deeply") from None
+    except ValueError:  # a NaN/Infinity in a parsed value: json.loads accepts them unless told not to
+        raise AuditError("canonical JSON: non-finite float (NaN/Infinity are not allowed)") from None
+    except TypeError:  # parsed=True given a value that did not come from json.loads
+        raise AuditError("canonical JSON: a value of a type JSON does not have") from None
 
 
 def canonical_json(value: Any, *, parsed: bool = False) -> bytes:
@@ -58,7 +66,10 @@ def canonical_json(value: Any, *, parsed: bool = False) -> bytes:
     ``parsed=True`` skips the type walk for a value that came straight from ``json.loads``
     with NaN/Infinity refused (it can only hold JSON types); ``allow_nan=False`` still applies.
     """
-    return canonical_text(value, parsed=parsed).encode("utf-8")
+    try:
+        return canonical_text(value, parsed=parsed).encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: json.loads makes one from a "\ud800" escape
+        raise AuditError("canonical JSON: a string holds a lone surrogate (not encodable as UTF-8)") from None
 
 
 def sha256_hex(data: bytes) -> str:

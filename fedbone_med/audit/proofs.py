@@ -89,7 +89,7 @@ def _checkpoint(text: Any, keys: Mapping[str, Ed25519PublicKey], what: str) -> d
     try:
         env = json.loads(text)
         ok = isinstance(env, dict) and canonical_json(env) == text.encode("utf-8")
-    except (ValueError, AuditError):
+    except (ValueError, RecursionError, AuditError):
         ok = False
     if not ok or env.get("kind") != LOG_CHECKPOINT:
         raise _fail(f"{what} is not a canonical log_checkpoint line")
@@ -128,7 +128,7 @@ def check_bundle(bundle: Mapping[str, Any], keys: Mapping[str, Ed25519PublicKey]
             raise _fail("tree_size differs from the signed checkpoint's count")
         try:
             seq = json.loads(record).get("seq")
-        except (ValueError, AttributeError):
+        except (ValueError, RecursionError, AttributeError):
             seq = None
         if seq != index:
             raise _fail(f"the record's seq {seq} is not its claimed index {index}")

@@ -27,6 +27,10 @@ MAX_NAME_BYTES = 256
 MAX_TENSORS = 64
 MAX_NDIM = 8
 MAX_U64 = 2**64 - 1
+# The product of a shape's dimensions, each counted as at least 1: bounds what an *empty* tensor
+# claims too (a (0, 2**63) shape holds no bytes but cannot be allocated, even empty). Far above any
+# tensor a frame can carry (payloads stay below 2 GiB, so below 2**30 elements of 2 bytes).
+MAX_EXTENT = 2**40
 
 Direction = Literal["site-to-server", "server-to-site"]
 Kind = Literal["forward", "features", "backward", "input-grad"]
@@ -52,6 +56,11 @@ class TensorSpec:
     dtype: torch.dtype
     wire_dtype: torch.dtype
     shape: tuple[int, ...]
+
+    @property
+    def extent(self) -> int:
+        """The product of the dimensions, each counted as at least 1 (an empty tensor's claimed size)."""
+        return math.prod(max(d, 1) for d in self.shape)
 
     @property
     def numel(self) -> int:
@@ -156,7 +165,11 @@ def decode_header(data: bytes) -> FrameHeader:
         if ndim > MAX_NDIM:
             raise InvalidMessage("header", "too many dimensions")
         shape = struct.unpack(f">{ndim}Q", r.take(8 * ndim))
-        specs.append(TensorSpec(dtype=_code(DTYPES, o, "dtype"), wire_dtype=_code(DTYPES, w, "dtype"), shape=shape))
+        spec = TensorSpec(dtype=_code(DTYPES, o, "dtype"), wire_dtype=_code(DTYPES, w, "dtype"), shape=shape)
+        if spec.extent > MAX_EXTENT:  # also an empty tensor with a huge second dimension: it holds no bytes
+            raise InvalidMessage("too-large", f"a tensor shape claims more than {MAX_EXTENT} elements "
+                                              "(dimensions counted as at least 1)")
+        specs.append(spec)
     if r.pos != len(data):
         raise InvalidMessage("header", "trailing bytes")
     if KIND_DIRECTION[kind] != direction:

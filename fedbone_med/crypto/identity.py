@@ -164,13 +164,21 @@ def load_crl(directory: str | Path) -> x509.CertificateRevocationList:
 def _entry_from_json(name: str, raw: Any) -> RegistryEntry:
     if not isinstance(raw, Mapping):
         raise IdentityError("registry", f"registry: entry for site {name!r} is not an object")
+    missing = sorted({"fingerprint", "serial", "not_after"} - set(raw))
+    if missing:
+        raise IdentityError("registry", f"registry: entry for site {name!r} lacks {', '.join(missing)}")
+    for key in ("fingerprint", "serial", "not_after", "revoked_at", "reason"):
+        if key in raw and not isinstance(raw[key], str) and not (key in ("revoked_at", "reason") and raw[key] is None):
+            raise IdentityError("registry", f"registry: entry for site {name!r}: {key} must be a string")
+    fp, revoked = raw["fingerprint"].lower(), raw.get("revoked", False)
+    if not 1 <= len(raw["serial"]) <= 40:  # X.509 serials are at most 20 octets
+        raise IdentityError("registry", f"registry: entry for site {name!r} has a malformed serial")
     try:
-        fp = str(raw["fingerprint"]).lower()
-        serial = int(str(raw["serial"]), 16)
-        not_after = datetime.fromisoformat(str(raw["not_after"]))
-        revoked = raw.get("revoked", False)
-    except (KeyError, ValueError) as exc:
-        raise IdentityError("registry", f"registry: entry for site {name!r} is malformed ({exc})") from None
+        serial = int(raw["serial"], 16)
+        not_after = datetime.fromisoformat(raw["not_after"])
+    except ValueError:
+        raise IdentityError("registry", f"registry: entry for site {name!r} has a malformed serial or "
+                                        "not_after") from None
     if len(fp) != 64 or any(c not in "0123456789abcdef" for c in fp):
         raise IdentityError("registry", f"registry: entry for site {name!r} has a malformed fingerprint")
     if not isinstance(revoked, bool):
@@ -192,10 +200,13 @@ def registry_from_json(data: Any) -> Registry:
     sites = data.get("sites")
     if not isinstance(sites, Mapping):
         raise IdentityError("registry", "registry: 'sites' must be an object")
+    for key in ("project", "server_address", "ca_fingerprint"):
+        if not isinstance(data.get(key, ""), str):
+            raise IdentityError("registry", f"registry: {key} must be a string")
     return Registry(
-        project=str(data.get("project", "")),
-        server_address=str(data.get("server_address", "")),
-        ca_fingerprint=str(data.get("ca_fingerprint", "")),
+        project=data.get("project", ""),
+        server_address=data.get("server_address", ""),
+        ca_fingerprint=data.get("ca_fingerprint", ""),
         sites={str(name): _entry_from_json(str(name), raw) for name, raw in sites.items()},
     )
 
@@ -210,7 +221,7 @@ def load_registry(directory: str | Path) -> Registry:
         raise IdentityError(
             "registry", f"{path}: cannot be read ({exc.strerror}); run `fedbone-server provision`"
         ) from None
-    except ValueError:
+    except (ValueError, RecursionError):  # ValueError: not UTF-8 or JSON; RecursionError: nested too deeply
         raise IdentityError("registry", f"registry {path}: not valid JSON") from None
     return registry_from_json(data)
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ..config import SiteConfig
+from ..config import DEFAULT_MAX_BATCH, DEFAULT_MAX_Z_SIDE, SiteConfig
 from ..errors import ModelError
 from .adaptation import ADAPTATIONS
 from .backbones import Backbone
@@ -24,18 +24,39 @@ from .heads import HEADS
 IN_CHANNELS = {"fundus": 3, "oct": 1}
 
 
+Z_ITEMSIZE = 4  # bytes of one z (or dF) value on the wire at most: float32 (float16 / bfloat16 take 2)
+
+
 @dataclass(frozen=True)
 class CutSpec:
-    """The server backbone's interface at the cut."""
+    """The server backbone's interface at the cut, and the largest activation it accepts.
+
+    ``max_batch`` (``server.max_batch``) bounds the batch of z and ``max_side`` (``server.max_z_side``)
+    its height and width: a valid z is at most (max_batch, z_channels, max_side, max_side). The
+    feature maps (and so dF) follow from z: map i is (B, feature_channels[i], ceil(H / s_i),
+    ceil(W / s_i)) with s_i = feature_strides[i]. :meth:`max_z_bytes` and
+    :meth:`max_feature_bytes` are what one forward or backward frame can carry at most.
+    """
 
     z_channels: int
     feature_channels: tuple[int, ...]
     feature_strides: tuple[int, ...]
-    max_batch: int = 4096
+    max_batch: int = DEFAULT_MAX_BATCH
+    max_side: int = DEFAULT_MAX_Z_SIDE
 
     @classmethod
-    def of(cls, backbone: Backbone, max_batch: int = 4096) -> CutSpec:
-        return cls(backbone.in_channels, tuple(backbone.feature_channels), tuple(backbone.feature_strides), max_batch)
+    def of(cls, backbone: Backbone, max_batch: int = DEFAULT_MAX_BATCH, max_side: int = DEFAULT_MAX_Z_SIDE) -> CutSpec:
+        return cls(backbone.in_channels, tuple(backbone.feature_channels), tuple(backbone.feature_strides), max_batch,
+                   max_side)
+
+    def max_z_bytes(self, itemsize: int = Z_ITEMSIZE) -> int:
+        """Bytes of the largest valid z: max_batch x z_channels x max_side x max_side values."""
+        return self.max_batch * self.z_channels * self.max_side * self.max_side * itemsize
+
+    def max_feature_bytes(self, itemsize: int = Z_ITEMSIZE) -> int:
+        """Bytes of the feature maps (or their gradients dF) of the largest valid z."""
+        return sum(self.max_batch * c * (-(-self.max_side // s)) ** 2 * itemsize
+                   for c, s in zip(self.feature_channels, self.feature_strides, strict=True))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -46,7 +67,8 @@ class CutSpec:
             int(d["z_channels"]),
             tuple(int(c) for c in d["feature_channels"]),
             tuple(int(s) for s in d["feature_strides"]),
-            int(d.get("max_batch", 4096)),
+            int(d.get("max_batch", DEFAULT_MAX_BATCH)),
+            int(d.get("max_side", DEFAULT_MAX_Z_SIDE)),
         )
 
 

@@ -109,6 +109,8 @@ class FederationService(pb_grpc.FederationServicer):
         # A sealed frame may be larger than one gRPC message: then it is streamed in chunks (ForwardStream,
         # BackwardStream). The session refuses any frame above max_frame_bytes.
         self.max_frame_bytes = max(max_frame_bytes or DEFAULT_MAX_FRAME_BYTES, max_message_bytes)
+        # Per request type, no larger frame is decrypted or buffered (derived from the cut: max_batch, max_z_side)
+        self.frame_limits = wire.request_frame_limits(coordinator.cut, self.max_frame_bytes)
         self.wire_dtype = wire_dtype  # features and input gradients travel as this (None: float32)
         self.ledger = ledger  # books every sealed frame per site, for the server's audit log
         self.peer_fingerprints = peer_fingerprints if peer_fingerprints is not None else {}
@@ -266,7 +268,7 @@ class FederationService(pb_grpc.FederationServicer):
 
     def Join(self, request: pb.Sealed, context: grpc.ServicerContext) -> pb.Sealed:  # noqa: N802
         def handle(site: str, s: Session) -> bytes:
-            _, body, tensors = wire.open_message(s, request.sealed, "join")
+            _, body, tensors = wire.open_message(s, request.sealed, "join", max_bytes=self.frame_limits["join"])
             req = wire.join_request_from_json(body)
             if req.site != site or tensors:
                 raise ProtocolError(f"site {site!r}: join request names another site or carries tensors")
@@ -282,7 +284,7 @@ class FederationService(pb_grpc.FederationServicer):
         return step
 
     def _forward(self, site: str, s: Session, sealed: bytes) -> bytes:
-        header, body, tensors = wire.open_message(s, sealed, "forward")
+        header, body, tensors = wire.open_message(s, sealed, "forward", max_bytes=self.frame_limits["forward"])
         step = self._step(site, header, body)
         if len(tensors) != 1:
             raise ProtocolError(f"site {site!r}: forward carries {len(tensors)} tensors, expected 1")
@@ -293,7 +295,7 @@ class FederationService(pb_grpc.FederationServicer):
         return self._book_reply(site, "forward", reply, "features", step.round, step.step, step.mode)
 
     def _backward(self, site: str, s: Session, sealed: bytes) -> bytes:
-        header, body, tensors = wire.open_message(s, sealed, "backward")
+        header, body, tensors = wire.open_message(s, sealed, "backward", max_bytes=self.frame_limits["backward"])
         step = self._step(site, header, body)
         self._book_request(site, sealed, "backward", step.round, step.step, step.mode)
         dz = self.coordinator.backward(step, tensors)
@@ -343,7 +345,7 @@ class FederationService(pb_grpc.FederationServicer):
 
             def run() -> bytes:
                 session = self._session(site)
-                blob = join_chunks(pieces(), max_bytes=self.max_frame_bytes + FRAME_SLACK)
+                blob = join_chunks(pieces(), max_bytes=max(self.frame_limits["forward"], self.frame_limits["backward"]))
                 return handle(site, session, blob)
 
             reply = self._run(context, run)
@@ -362,7 +364,8 @@ class FederationService(pb_grpc.FederationServicer):
 
     def RoundEnd(self, request: pb.Sealed, context: grpc.ServicerContext) -> pb.Sealed:  # noqa: N802
         def handle(site: str, s: Session) -> bytes:
-            header, body, tensors = wire.open_message(s, request.sealed, "round-end")
+            header, body, tensors = wire.open_message(s, request.sealed, "round-end",
+                                                      max_bytes=self.frame_limits["round-end"])
             report = wire.round_report_from_wire(body, tensors)
             if report.site != site or report.round != header.round:
                 raise ProtocolError(f"site {site!r}: round report does not match the sealed frame")
@@ -375,7 +378,8 @@ class FederationService(pb_grpc.FederationServicer):
 
     def RoundSync(self, request: pb.Sealed, context: grpc.ServicerContext) -> pb.Sealed:  # noqa: N802
         def handle(site: str, s: Session) -> bytes:
-            header, body, tensors = wire.open_message(s, request.sealed, "round-sync")
+            header, body, tensors = wire.open_message(s, request.sealed, "round-sync",
+                                                      max_bytes=self.frame_limits["round-sync"])
             _require_no_payload(site, "round-sync", body, tensors)
             self._book_request(site, request.sealed, "round-sync", header.round)
             result = self.coordinator.round_sync(site, header.round)
@@ -387,7 +391,7 @@ class FederationService(pb_grpc.FederationServicer):
 
     def Leave(self, request: pb.Sealed, context: grpc.ServicerContext) -> pb.Sealed:  # noqa: N802
         def handle(site: str, s: Session) -> bytes:
-            _, body, tensors = wire.open_message(s, request.sealed, "leave")
+            _, body, tensors = wire.open_message(s, request.sealed, "leave", max_bytes=self.frame_limits["leave"])
             _require_no_payload(site, "leave", None, tensors)
             self.coordinator.leave(site, wire.leave_privacy_from_wire(site, body))
             answer = wire.seal_message(s, "ok", None, [])

@@ -12,7 +12,6 @@ from ..errors import ProtocolError
 from ..models.split import CutSpec
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-MAX_SIDE = 8192
 
 
 def _finite(t: Tensor, what: str) -> None:
@@ -21,7 +20,8 @@ def _finite(t: Tensor, what: str) -> None:
 
 
 def check_activation(z: object, cut: CutSpec, who: str) -> Tensor:
-    """z must be a finite float (B, C, H, W) tensor with the backbone's channel count."""
+    """z must be a finite float (B, C, H, W) tensor with the backbone's channel count, B <= ``cut.max_batch``
+    (``server.max_batch``) and H, W <= ``cut.max_side`` (``server.max_z_side``). Checked before the backbone runs."""
     what = f"activation from site '{who}'"
     if not isinstance(z, Tensor):
         raise ProtocolError(f"{what}: expected a tensor, got {type(z).__name__}")
@@ -31,14 +31,17 @@ def check_activation(z: object, cut: CutSpec, who: str) -> Tensor:
         raise ProtocolError(f"{what}: expected 4 dimensions (batch, channels, height, width), got {z.dim()}")
     b, c, h, w = z.shape
     if not 1 <= b <= cut.max_batch:
-        raise ProtocolError(f"{what}: batch size {b} is outside 1..{cut.max_batch}")
+        raise ProtocolError(f"{what}: batch size {b} is outside 1..{cut.max_batch} (the server's max_batch limit; "
+                            "the server operator can raise server.max_batch, or the site can use smaller batches)")
     if c != cut.z_channels:
         raise ProtocolError(
             f"{what}: shape mismatch at the cut: {c} channels, the backbone expects {cut.z_channels} "
             "(the site's embedding does not fit this server's backbone)"
         )
-    if not (1 <= h <= MAX_SIDE and 1 <= w <= MAX_SIDE):
-        raise ProtocolError(f"{what}: spatial size {h}x{w} is outside 1..{MAX_SIDE}")
+    if not (1 <= h <= cut.max_side and 1 <= w <= cut.max_side):
+        raise ProtocolError(f"{what}: spatial size {h}x{w} is outside 1..{cut.max_side} (the server's max_z_side "
+                            "limit; the server operator can raise server.max_z_side, or the site can use a smaller "
+                            "data.image_size or a larger model.stride)")
     _finite(z, what)
     return z
 

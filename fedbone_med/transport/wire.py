@@ -24,15 +24,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..config import DEFAULT_MAX_Z_SIDE, MAX_Z_SIDE_LIMIT
+from ..crypto import _primitives as prim
 from ..crypto.envelope import Expect, Session
 from ..crypto.errors import InvalidMessage
-from ..crypto.frame import FrameHeader, Kind
+from ..crypto.frame import MAX_HEADER_BYTES, PREFIX, FrameHeader, Kind
 from ..errors import ProtocolError
 from ..models.split import CutSpec
 from .messages import JoinReply, JoinRequest, RoundReport, RoundSync, Schedule, StepHeader
 
 MAX_META_BYTES = 1 << 20
 MAX_NAME = 256
+MAX_DEPTH = 32  # nesting of JSON arrays/objects in a meta (the messages need 4)
+MAX_CUT_CHANNELS = 1 << 16  # channels of z or of a feature map a join reply may announce
 _NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
 # RPC names, as the meta's "type"
@@ -74,12 +78,27 @@ def leave_privacy_from_wire(site: str, body: Any) -> tuple[float | None, float |
     if not isinstance(body, dict) or set(body) != {"epsilon", "delta"}:
         raise ProtocolError(f"site {site!r}: a leave request carries only {{epsilon, delta}}")
     eps, delta = body["epsilon"], body["delta"]
+    out: list[float | None] = []
     for name, v in (("epsilon", eps), ("delta", delta)):
         if v is None and name == "delta":
+            out.append(None)
             continue
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        x = _finite_number(v)
+        if x is None or x < 0:
             raise ProtocolError(f"site {site!r}: leave request: {name} must be a finite non-negative number")
-    return float(eps), None if delta is None else float(delta)
+        out.append(x)
+    return out[0], out[1]
+
+
+def _finite_number(v: Any) -> float | None:
+    """``v`` as a finite float, or None if it is not a number (bool included) or not finite as a float."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    try:
+        x = float(v)  # an integer beyond float range raises OverflowError
+    except OverflowError:
+        return None
+    return x if math.isfinite(x) else None
 
 
 def ledger_type(msg_type: str) -> str:
@@ -107,15 +126,33 @@ def _no_constants(name: str) -> Any:
     raise ProtocolError(f"message: JSON constant {name} is not allowed")
 
 
+def _depth(obj: Any) -> int:
+    """Nesting depth of parsed JSON (a scalar is 0), without recursion."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, (dict, list)):
+            if d > deepest:
+                deepest = d
+                if d > MAX_DEPTH:
+                    break
+            stack.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return deepest
+
+
 def parse_json(raw: bytes) -> dict[str, Any]:
     if len(raw) > MAX_META_BYTES:
         raise ProtocolError("message: metadata too large")
     try:
         obj = json.loads(raw.decode("ascii"), object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError):  # ValueError includes integers above Python's digit limit
         raise ProtocolError("message: metadata is not valid canonical JSON") from None
+    except RecursionError:
+        raise ProtocolError(f"message: metadata nested deeper than {MAX_DEPTH} levels") from None
     if not isinstance(obj, dict):
         raise ProtocolError("message: metadata must be a JSON object")
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _depth(obj) > MAX_DEPTH:  # cheap test first
+        raise ProtocolError(f"message: metadata nested deeper than {MAX_DEPTH} levels")
     return obj
 
 
@@ -167,9 +204,10 @@ def _float_out(x: float) -> float | str:
 def _float_in(v: Any, what: str) -> float:
     if isinstance(v, str) and v in _NONFINITE:
         return _NONFINITE[v]
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise ProtocolError(f"{what}: expected a number")
-    return float(v)
+    x = _finite_number(v)
+    if x is None:  # JSON floats are finite; an integer beyond float range is not a float
+        raise ProtocolError(f"{what}: expected a number within float range (or \"NaN\", \"Infinity\", \"-Infinity\")")
+    return x
 
 
 def _float_map(d: Any, what: str) -> dict[str, float]:
@@ -231,7 +269,8 @@ def join_reply_to_json(r: JoinReply) -> dict[str, Any]:
     }
     return {"run_id": r.run_id, "round": r.round, "step": r.step, "config_hash": r.config_hash, "schedule": sched,
             "cut": {"z_channels": cut.z_channels, "feature_channels": list(cut.feature_channels),
-                    "feature_strides": list(cut.feature_strides), "max_batch": cut.max_batch}}
+                    "feature_strides": list(cut.feature_strides), "max_batch": cut.max_batch,
+                    "max_side": cut.max_side}}
 
 
 def _schedule_from_json(s: Any) -> Schedule | None:
@@ -243,18 +282,25 @@ def _schedule_from_json(s: Any) -> Schedule | None:
     check_keys(s, {"rounds", "steps_per_round", "seed", "embedding_fedavg", "wire_dtype"}, what)
     if not isinstance(s["embedding_fedavg"], bool):
         raise ProtocolError(f"{what}: embedding_fedavg must be true or false")
-    if s["wire_dtype"] not in WIRE_DTYPES:
+    if not isinstance(s["wire_dtype"], str) or s["wire_dtype"] not in WIRE_DTYPES:
         raise ProtocolError(f"{what}: wire_dtype must be one of {', '.join(WIRE_DTYPES)}")
     return Schedule(get_int(s, "rounds", what, 1), get_int(s, "steps_per_round", what, 1), get_int(s, "seed", what),
                     s["embedding_fedavg"], s["wire_dtype"])
 
 
-def _int_list(v: Any, what: str) -> tuple[int, ...]:
+def _int_list(v: Any, what: str, hi: int) -> tuple[int, ...]:
     if not isinstance(v, list) or len(v) > 64 or not all(
-        isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v
+        isinstance(x, int) and not isinstance(x, bool) and 0 < x <= hi for x in v
     ):
-        raise ProtocolError(f"{what}: expected a list of positive integers")
+        raise ProtocolError(f"{what}: expected a list of at most 64 integers in 1..{hi}")
     return tuple(v)
+
+
+def _bounded_int(d: dict[str, Any], k: str, what: str, lo: int, hi: int) -> int:
+    v = get_int(d, k, what, lo)
+    if v > hi:
+        raise ProtocolError(f"{what}: {k!r} must be at most {hi}")
+    return v
 
 
 def join_reply_from_json(d: Any) -> JoinReply:
@@ -265,9 +311,15 @@ def join_reply_from_json(d: Any) -> JoinReply:
     c = d["cut"]
     if not isinstance(c, dict):
         raise ProtocolError(f"{what}: cut must be an object")
-    check_keys(c, {"z_channels", "feature_channels", "feature_strides", "max_batch"}, "cut spec")
-    cut = CutSpec(get_int(c, "z_channels", "cut spec", 1), _int_list(c["feature_channels"], "cut spec"),
-                  _int_list(c["feature_strides"], "cut spec"), get_int(c, "max_batch", "cut spec", 1))
+    # max_side is optional: a server of an earlier version did not send it (its sites keep the default)
+    check_keys(c, {"z_channels", "feature_channels", "feature_strides", "max_batch"}, "cut spec",
+               optional=frozenset({"max_side"}))
+    w = "cut spec"
+    cut = CutSpec(_bounded_int(c, "z_channels", w, 1, MAX_CUT_CHANNELS),
+                  _int_list(c["feature_channels"], f"{w}: feature_channels", MAX_CUT_CHANNELS),
+                  _int_list(c["feature_strides"], f"{w}: feature_strides", MAX_Z_SIDE_LIMIT),
+                  _bounded_int(c, "max_batch", w, 1, 2**31 - 1),
+                  _bounded_int(c, "max_side", w, 1, MAX_Z_SIDE_LIMIT) if "max_side" in c else DEFAULT_MAX_Z_SIDE)
     if len(cut.feature_channels) != len(cut.feature_strides):
         raise ProtocolError("cut spec: feature_channels and feature_strides differ in length")
     return JoinReply(get_str(d, "run_id", what), cut, get_int(d, "round", what), get_int(d, "step", what),
@@ -355,9 +407,47 @@ def seal_message(session: Session, type_: str, body: Any, tensors: list[Tensor],
     return session.seal(header, [meta_tensor({"type": type_, "body": body}), *tensors], wire_dtype=wire_dtype)
 
 
+# -- frame limits per request type (the server's side) ------------------------------------------
+# A sealed frame is the prefix, the header, the payload (the meta tensor, 2 bytes a JSON byte as
+# float16, then the tensors) and the tag. A request's payload is bounded by what a valid request of
+# its type can carry: z of at most (max_batch, z_channels, max_side, max_side) float32 values for a
+# forward, the feature gradients of that z for a backward, the metrics and an embedding for a round
+# end, metadata only for the rest. Checked on the blob's length before it is decrypted (and, for a
+# streamed frame, before it is buffered), so no larger frame costs the server more than its bytes.
+FRAME_OVERHEAD = PREFIX.size + MAX_HEADER_BYTES + prim.GCM_TAG_BYTES
+STEP_META_BYTES = 8 << 10  # JSON of a forward / backward meta (a step header: under 1 KiB with ASCII names)
+MAX_EMBEDDING_BYTES = 64 << 20  # the embedding weights a round-end report carries for FedAvg
+
+
+def request_frame_limits(cut: CutSpec, max_frame_bytes: int) -> dict[str, int]:
+    """The largest sealed frame (bytes) the server accepts per request type; ``max_frame_bytes`` caps the payload."""
+    payload = {
+        "forward": 2 * STEP_META_BYTES + cut.max_z_bytes(),
+        "backward": 2 * STEP_META_BYTES + cut.max_feature_bytes(),
+        "round-end": 2 * MAX_META_BYTES + MAX_EMBEDDING_BYTES,
+        "join": 2 * MAX_META_BYTES, "round-sync": 2 * MAX_META_BYTES, "leave": 2 * MAX_META_BYTES,
+    }
+    return {t: FRAME_OVERHEAD + min(n, max_frame_bytes) for t, n in payload.items()}
+
+
+def frame_limit_hint(type_: str) -> str:
+    """What sets the frame limit of ``type_`` (for error messages)."""
+    if type_ in ("forward", "backward"):
+        return "derived from server.max_batch, server.max_z_side and the backbone's cut; capped by network.max_frame_mb"
+    if type_ == "round-end":
+        return f"metadata and an embedding of at most {MAX_EMBEDDING_BYTES >> 20} MiB"
+    return f"metadata only: at most {MAX_META_BYTES >> 20} MiB of JSON"
+
+
 def open_message(session: Session, blob: bytes, type_: str, *, round: int | None = None,
-                 step: int | None = None) -> tuple[FrameHeader, Any, list[Tensor]]:
-    """Open a sealed message of ``type_``; raises :class:`InvalidMessage` or :class:`ProtocolError`."""
+                 step: int | None = None, max_bytes: int | None = None) -> tuple[FrameHeader, Any, list[Tensor]]:
+    """Open a sealed message of ``type_``; raises :class:`InvalidMessage` or :class:`ProtocolError`.
+
+    ``max_bytes`` (see :func:`request_frame_limits`) refuses a longer blob before it is decrypted.
+    """
+    if max_bytes is not None and len(blob) > max_bytes:
+        raise InvalidMessage("too-large", f"a {type_} frame of {len(blob)} bytes is above its limit of {max_bytes} "
+                                          f"bytes ({frame_limit_hint(type_)})")
     header, tensors = session.open(blob, Expect(kind=KIND_OF[type_], round=round, step=step))
     if not tensors:
         raise InvalidMessage("unexpected", "no metadata")
