@@ -133,3 +133,20 @@ image_size = 32
     assert fedbone.main(["run", str(exp), "--out", str(tmp_path / "c"), "--data-root", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert "--data-root" in err and "not a directory" in err
+
+
+def test_a_write_the_file_system_refuses_is_one_line_naming_the_file_and_errno(tmp_path, capsys):
+    exp = tmp_path / "exp.toml"
+    exp.write_text(TINY_EXPERIMENT.format(name="cli", steps=1) + f"""
+[[sites]]
+config = "{ROOT / 'sites' / 'phantom-oct-edema.toml'}"
+[sites.data]
+image_size = 32
+n_train = 8
+n_val = 8
+""")
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the output directory should be")
+    assert fedbone.main(["run", str(exp), "--out", str(blocker / "out"), "--quiet"]) == 12
+    err = capsys.readouterr().err
+    assert "error: " in err and str(blocker) in err and "(ENOTDIR)" in err and "Traceback" not in err
