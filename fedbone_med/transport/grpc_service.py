@@ -55,7 +55,7 @@ from ..crypto.errors import HandshakeError, InvalidMessage
 from ..crypto.handshake import ChallengeBook, ServerHandshake
 from ..crypto.identity import IdentityError, fingerprint, load_certificate, load_crl, load_registry, verify_peer
 from ..errors import ConfigError, FedboneError, ProtocolError
-from ..server.coordinator import SiteDropped
+from ..server.coordinator import ServerHalted, SiteDropped
 from . import wire
 from .proto import fedbone_pb2 as pb
 from .proto import fedbone_pb2_grpc as pb_grpc
@@ -207,6 +207,8 @@ class FederationService(pb_grpc.FederationServicer):
             code, message = grpc.StatusCode.INVALID_ARGUMENT, f"invalid message: {exc}"
         except SiteDropped as exc:  # not a member (any more): the site should join again
             code, message = grpc.StatusCode.ABORTED, str(exc)
+        except ServerHalted as exc:  # a round boundary could not be recorded: retry once the server is back
+            code, message = grpc.StatusCode.UNAVAILABLE, str(exc)
         except ProtocolError as exc:
             code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
         except FedboneError as exc:
