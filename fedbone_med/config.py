@@ -237,21 +237,40 @@ class OptimizerConfig:
 
 @dataclass(frozen=True)
 class AggregationConfig:
-    """How the server combines the sites' backbone gradients each step.
+    """How the server combines the sites' backbone gradients (or updates) and when the backbone steps.
 
-    ``project_every``: with ``method = "projection"``, project on every n-th step (steps 0, n,
-    2n, ...) and take the plain reduction on the others (1: every step, as in the paper).
+    ``method``: ``gpaggregation`` (the paper's Algorithm 2: attention to the previous aggregate,
+    fixed-order projection, mean), ``pcgrad`` (conflicting-gradient projection in a seeded random
+    order; ``projection`` is its older name), ``mean`` or ``sum``.
+    ``cadence``: ``step`` (the paper's Algorithm 1: one backbone, every site's gradient of a step
+    aggregated, then one optimizer step) or ``round`` (the paper's Figure 2: one replica of the
+    backbone per site, stepped by ``[server.optimizer]`` on each of that site's mini-batches; at the
+    round's end the replicas' updates u_k = theta_k - theta are aggregated and the global backbone
+    moves by ``server_lr`` times the aggregate: theta <- theta + server_lr * u, i.e. plain SGD on the
+    pseudo-gradient -u; every replica then restarts from the new theta).
+    ``attention_temperature``: the d in GPAggregation's softmax(g_k . g' / d); default the number of
+    backbone parameters (the paper's reading).
+    ``project_every``: with a projecting method, project on every n-th aggregation and take the
+    plain reduction on the others (1: every time, as in the paper).
     """
 
     method: str = "projection"
     reduction: Literal["mean", "sum"] = "mean"
     project_every: int = 1
+    cadence: Literal["step", "round"] = "step"
+    server_lr: float = 1.0
+    attention_temperature: float | None = None
 
     def validate(self) -> list[str]:
-        out = _positive("project_every", self.project_every)
-        if self.project_every != 1 and self.method != "projection":
-            out.append(f"project_every: only applies to method = \"projection\" (method is {self.method!r}); "
+        out = _positive("project_every", self.project_every) + _positive("server_lr", self.server_lr)
+        if self.project_every != 1 and self.method not in ("projection", "pcgrad", "gpaggregation"):
+            out.append(f"project_every: only applies to a projecting method (method is {self.method!r}); "
                        "remove it or set it to 1")
+        if self.attention_temperature is not None and not self.attention_temperature > 0:
+            out.append(f"attention_temperature: must be positive, got {self.attention_temperature}")
+        if self.server_lr != 1.0 and self.cadence != "round":
+            out.append("server_lr: only applies to cadence = \"round\" (the step cadence steps the backbone with "
+                       "[server.optimizer]); remove it")
         return out
 
 

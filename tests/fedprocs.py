@@ -30,8 +30,11 @@ ROOT = Path(__file__).resolve().parents[1]
 SITES = ("fundus-dr", "fundus-vessels", "oct-edema")
 
 
-def experiment(tmp: Path, rounds: int = 2, steps: int = 2, network: str = "", private: bool = False) -> Path:
-    """Three phantom sites (two fundus, one OCT) on the tiny Swin backbone, 32 px: seconds per round."""
+def experiment(tmp: Path, rounds: int = 2, steps: int = 2, network: str = "", private: bool = False,
+               aggregation: str = "") -> Path:
+    """Three phantom sites (two fundus, one OCT) on the tiny Swin backbone, 32 px: seconds per round.
+
+    ``aggregation``: lines for ``[server.aggregation]`` (e.g. ``cadence = "round"``)."""
     third = "phantom-oct-edema-private.toml" if private else "phantom-oct-edema.toml"
     exp = tmp / "exp.toml"
     exp.write_text(f"""
@@ -45,6 +48,8 @@ embed_dim = 16
 depths = [1, 1, 1, 1]
 num_heads = [1, 2, 2, 4]
 window_size = 4
+[server.aggregation]
+{aggregation}
 [network]
 {network}
 [[sites]]

@@ -121,6 +121,33 @@ def test_server_killed_at_three_points_of_a_round_resumes_to_the_same_backbone(f
     assert sum(e["kind"] == "run_end" for e in log) == 1
 
 
+def test_server_killed_mid_round_in_the_round_cadence_resumes_to_the_uninterrupted_backbone(tmp_path: Path) -> None:
+    """The paper's Figure-2 cadence: the sites' replicas and their optimizer states come back from the
+    checkpoint, the interrupted round is trained again, and the run ends as one that was never stopped."""
+    from fedbone_med.experiments.federation import Federation
+
+    fed = Fed(tmp_path, experiment(tmp_path, rounds=ROUNDS, steps=STEPS, aggregation='cadence = "round"'))
+    try:
+        _start_all(fed)
+        fed.until("round 0's record", lambda: _round_recorded(fed, 0))
+        fed.procs["server"].send_signal(signal.SIGKILL)
+        fed.procs["server"].wait()
+        fed.start_server(resume=True)
+        for name in ("server", *SITES):
+            assert fed.wait(name) == 0, f"{name} did not exit 0:\n{fed.logs()}"
+        assert [a["round"] for a in fed.server_results()["aggregation"]] == list(range(ROUNDS))
+        torch.set_num_threads(1)
+        Federation(fed.cfg, tmp_path / "inproc", audit=False).run(progress=False)
+        diff = max_diff(backbone(fed.server_dir / "checkpoints" / "server.pt"),
+                        backbone(tmp_path / "inproc" / "checkpoints" / "server.pt"))
+        assert diff <= 1e-6, diff
+        for name, report in fed.audit_everything().items():
+            assert all(c.status in ("agree", "interrupted") or (c.status == "differ" and c.round in (1, 2) and all(
+                d.field.startswith(("ledger.", "tail.ledger.")) for d in c.differences)) for c in report.rounds), name
+    finally:
+        fed.close()
+
+
 # -- a site interrupted (SIGINT, Ctrl-C) at three points, then `fedbone-site train --resume` ------------------
 
 

@@ -26,6 +26,14 @@ from .projection import (
 )
 from .reference import project_conflicting_reference
 
+
+def build_aggregator(cfg, *, seed: int, num_params: int) -> Aggregator:  # type: ignore[no-untyped-def]
+    """The aggregator ``cfg`` (an ``AggregationConfig``) names, for a backbone of ``num_params`` parameters."""
+    kwargs = ({"seed": seed, "reduction": cfg.reduction, "every": cfg.project_every}
+              if cfg.method == "projection" else {})
+    return get_aggregator(cfg.method, **kwargs)
+
+
 __all__ = [
     "AggregationStats",
     "Aggregator",
@@ -33,6 +41,7 @@ __all__ = [
     "ProjectionAggregator",
     "SumAggregator",
     "available_aggregators",
+    "build_aggregator",
     "average_state_dicts",
     "get_aggregator",
     "gram_entries",

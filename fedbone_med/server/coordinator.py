@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from .. import __version__
-from ..aggregation import average_state_dicts, get_aggregator
+from ..aggregation import average_state_dicts, build_aggregator
 from ..config import ServerConfig
 from ..device import resolve_device
 from ..errors import FedboneError, ProtocolError
@@ -46,6 +46,7 @@ from ..models import CutSpec, build_backbone, refuse_batchnorm
 from ..optim import build_optimizer
 from ..transport.messages import JoinReply, JoinRequest, RoundReport, RoundSync, Schedule, StepHeader
 from ..transport.validate import check_activation, check_feature_grads
+from .replicas import ReplicaSet
 
 
 @dataclass
@@ -130,13 +131,17 @@ class Coordinator:
         self.params = [p for p in self.backbone.parameters() if p.requires_grad]
         self.num_params = sum(p.numel() for p in self.params)
         o = cfg.optimizer
-        self.optimizer = build_optimizer(o.name, self.params, o.lr, o.weight_decay, o.momentum)
-        agg = cfg.aggregation
-        # Only the projection aggregator draws random orders (seeded) and takes a reduction.
-        kwargs: dict[str, Any] = (
-            {"seed": seed, "reduction": agg.reduction, "every": agg.project_every} if agg.method == "projection" else {}
-        )
-        self.aggregator = get_aggregator(agg.method, **kwargs)
+        self.cadence = cfg.aggregation.cadence
+        self.replicas: ReplicaSet | None = None
+        if self.cadence == "round":
+            # [server.optimizer] steps each site's replica; the global backbone moves once per round by
+            # server_lr times the aggregated update (SGD on the pseudo-gradient -u: FedOpt with SGD)
+            self.replicas = ReplicaSet(self.backbone, o)
+            self.optimizer: torch.optim.Optimizer = torch.optim.SGD(self.params, lr=cfg.aggregation.server_lr)
+        else:
+            self.optimizer = build_optimizer(o.name, self.params, o.lr, o.weight_decay, o.momentum)
+        self._rng_lock = threading.Lock()  # stochastic depth draws from the process RNG: one forward at a time
+        self.aggregator = build_aggregator(cfg.aggregation, seed=seed, num_params=self.num_params)
         self.cut = CutSpec.of(self.backbone, cfg.max_batch, cfg.max_z_side)
         self.step = 0  # the training step being collected
         self.round = 0
@@ -156,9 +161,11 @@ class Coordinator:
     # -- membership ---------------------------------------------------------------
     def _round_untouched(self) -> bool:
         """No step of the current round has started: a joining site can take part in it."""
+        busy = self.slots or any(s.pending is not None for s in self.sites.values())
+        if self.replicas is not None:
+            return not busy and not self.replicas.stepped()
         if self.steps_per_round is None:
             return True
-        busy = self.slots or any(s.pending is not None for s in self.sites.values())
         return not busy and self.step == self.round * self.steps_per_round
 
     def join(self, request: JoinRequest) -> JoinReply:
@@ -200,6 +207,8 @@ class Coordinator:
             was_member = self.sites.pop(site, None) is not None
             self.pending.pop(site, None)
             self.slots.pop(site, None)
+            if self.replicas is not None and was_member:
+                self.replicas.discard(site)
             if was_member:
                 self.events.append({"event": "leave", "site": site, "round": self.round, "reason": "left"})
                 if privacy is not None:
@@ -209,7 +218,8 @@ class Coordinator:
 
     def _membership_changed(self) -> None:
         """A member left or was dropped (lock held): the barriers it held may now be complete."""
-        self._maybe_aggregate()
+        if self.replicas is None:
+            self._maybe_aggregate()
         state = self.rounds.get(self.round)
         if state is not None and state.synced is None and state.reports and set(state.reports) >= set(self.sites):
             self._finish_round(state)
@@ -219,6 +229,8 @@ class Coordinator:
         if self.sites.pop(site, None) is None:
             return
         self.slots.pop(site, None)
+        if self.replicas is not None:
+            self.replicas.discard(site)
         self.dropped[site] = reason
         self.events.append({"event": "dropout", "site": site, "round": self.round, "step": self.step,
                             "reason": reason})
@@ -280,6 +292,19 @@ class Coordinator:
                 with torch.no_grad():
                     feats = self.backbone(z)
                 return [f.detach() for f in feats]
+            if self.replicas is not None:
+                self._wait_for_round(header)
+                if session.pending is not None:
+                    raise ProtocolError(f"site '{header.site}': a training forward for step {header.step} before "
+                                        f"the backward of step {session.pending[0]}")
+                session.pending = (header.step, z, [])  # reserved: this site's replica is computing
+            else:
+                return self._slot_forward(header, session, z)
+        return self._replica_forward(header, session, z)
+
+    def _slot_forward(self, header: StepHeader, session: _SiteSession, z: Tensor) -> list[Tensor]:
+        """Step cadence (lock held): the global backbone, once every site's step before has been aggregated."""
+        with self._cv:
             self._wait_for_step(header)
             if header.site in self.slots:
                 raise ProtocolError(f"site '{header.site}': a second training forward for step {header.step}")
@@ -292,6 +317,42 @@ class Coordinator:
                 feats = self.backbone(z_leaf)
             session.pending = (header.step, z_leaf, feats)
             return [f.detach() for f in feats]
+
+    def _replica_forward(self, header: StepHeader, session: _SiteSession, z: Tensor) -> list[Tensor]:
+        """Round cadence: the site's replica computes outside the coordinator's lock."""
+        assert self.replicas is not None
+        z_leaf = z.requires_grad_(True)
+        rng = (lambda: self._locked_step_rng(header)) if self._stochastic else contextlib.nullcontext
+        try:
+            feats = self.replicas.forward(header.site, z_leaf, rng)
+        except BaseException:
+            with self._cv:
+                session.pending = None
+            raise
+        with self._cv:
+            if self.sites.get(header.site) is not session:
+                raise SiteDropped(f"site '{header.site}' was dropped ({self.dropped.get(header.site, 'left')})")
+            session.pending = (header.step, z_leaf, feats)
+        return [f.detach() for f in feats]
+
+    @contextlib.contextmanager
+    def _locked_step_rng(self, header: StepHeader) -> Iterator[None]:
+        with self._rng_lock, self._step_rng(header):
+            yield
+
+    def _wait_for_round(self, header: StepHeader) -> None:
+        """Round cadence (lock held): a site trains its steps of the current round at its own pace."""
+        if header.round < self.round:
+            raise SiteDropped(f"site '{header.site}': round {header.round} is over; the server is in round "
+                              f"{self.round}")
+        if self.steps_per_round is not None and header.step // self.steps_per_round != header.round:
+            raise ProtocolError(f"site '{header.site}': step {header.step} is not in round {header.round}")
+        deadline = time.monotonic() + self.wait_timeout
+        while header.round > self.round or not self.started:
+            if not self._wait(deadline - time.monotonic()):
+                raise ProtocolError(f"site '{header.site}': timed out waiting for round {header.round} to start")
+            if header.site not in self.sites:
+                raise SiteDropped(f"site '{header.site}' was dropped ({self.dropped.get(header.site, 'left')})")
 
     @contextlib.contextmanager
     def _step_rng(self, header: StepHeader) -> Iterator[None]:
@@ -333,7 +394,8 @@ class Coordinator:
         with self._cv:
             self._check_halted()
             session = self._session(header)
-            if header.mode != "train" or session.pending is None or session.pending[0] != header.step:
+            if (header.mode != "train" or session.pending is None or session.pending[0] != header.step
+                    or not session.pending[2]):  # (a round-cadence forward still computing has no features yet)
                 raise ProtocolError(f"site '{header.site}': backward for step {header.step} without its forward")
             _, z_leaf, feats = session.pending
             session.pending = None
@@ -342,13 +404,21 @@ class Coordinator:
             used[1] += int(z_leaf.shape[0])
             grads = check_feature_grads(grads, feats, header.site)
             grads = [g.to(self.device) for g in grads]
+            if self.replicas is None:
+                return self._slot_backward(header.site, feats, grads, z_leaf)
+        # round cadence: the site's replica steps at once, outside the coordinator's lock
+        dz = self.replicas.backward(header.site, feats, grads, z_leaf)
+        with self._cv:
+            self._cv.notify_all()
+        return dz
+
+    def _slot_backward(self, site: str, feats: list[Tensor], grads: list[Tensor], z_leaf: Tensor) -> Tensor:
+        """Step cadence (lock held): the site's backbone gradient into its slot; aggregate when all are in."""
+        with self._cv:
             out = torch.autograd.grad(feats, [*self.params, z_leaf], grad_outputs=grads)
-            row = self._slot_row(header.site)  # (P,), a row of the (K, P) slot matrix
+            row = self._slot_row(site)  # (P,), a row of the (K, P) slot matrix
             torch.cat([g.reshape(-1) for g in out[:-1]], out=row)  # one op: this is on the step's latency path
-            self.slots[header.site] = row
-            # Gram entries of this slot against those already in, while the other sites still compute:
-            # only the last arrival's entries and the combination remain after the step's last backward.
-            self.aggregator.prepare(self._slot_matrix, self._slot_names.index(header.site))
+            self.slots[site] = row
             if self._first_slot_at is None:
                 self._first_slot_at = time.monotonic()
             self._maybe_aggregate()
@@ -407,6 +477,30 @@ class Coordinator:
         self.step += 1
         self._cv.notify_all()
 
+    def _aggregate_replicas(self, reported: list[str]) -> None:
+        """Round cadence, at the round's end (lock held): aggregate the updates of the replicas of the sites
+        that finished the round, move the global backbone, restart every replica from it."""
+        assert self.replicas is not None
+        stepped = set(self.replicas.stepped())
+        names = [n for n in reported if n in stepped]
+        last_step = (self.round + 1) * self.steps_per_round - 1 if self.steps_per_round is not None else self.step
+        if len(names) < self.min_sites or not names:
+            self.events.append({"event": "step_skipped", "round": self.round, "step": last_step, "sites": names,
+                                "reason": f"{len(names)} site(s) finished the round, fewer than "
+                                          f"min_sites={self.min_sites}: the backbone did not move"})
+        else:
+            updates = self.replicas.updates(names, self.params)  # (K, P): u_k = theta_k - theta
+            combined, stats = self.aggregator(updates, site_names=tuple(names))
+            offset = 0
+            for p in self.params:  # theta <- theta + server_lr * u: SGD on the pseudo-gradient -u
+                n = p.numel()
+                p.grad = combined[offset : offset + n].view_as(p).neg()
+                offset += n
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step_log.append({"step": last_step, "round": self.round, **stats.to_dict()})
+        self.replicas.restart()
+
     def take_usage(self) -> dict[str, tuple[int, int]]:
         """Steps and samples per site since the last call (for the round's audit record)."""
         with self._cv:
@@ -436,6 +530,8 @@ class Coordinator:
     def _finish_round(self, state: _RoundState) -> None:
         """Every member reported (or the round deadline passed): average, advance, admit new sites."""
         reports = {k: v for k, v in state.reports.items() if k in self.sites}
+        if self.replicas is not None:
+            self._aggregate_replicas(sorted(reports))
         state.synced = self._average_embeddings(reports) if reports else {}
         state.members = tuple(sorted(reports))
         finished = self.round
@@ -524,6 +620,8 @@ class Coordinator:
             "backbone": self.backbone.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "aggregator": self.aggregator.state_dict(),
+            "cadence": self.cadence,
+            "replica_optimizers": self.replicas.state_dict() if self.replicas is not None else None,
             "rng": torch.get_rng_state(),
             "last_sync": self._last_sync_state(),
         }
@@ -546,6 +644,8 @@ class Coordinator:
         self.backbone.load_state_dict(state["backbone"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.aggregator.load_state_dict(state["aggregator"])
+        if self.replicas is not None and state.get("replica_optimizers") is not None:
+            self.replicas.load_state_dict(state["replica_optimizers"])
         self.round = int(state["round"])
         self.step = int(state["step"])
         torch.set_rng_state(state["rng"])
