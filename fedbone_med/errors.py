@@ -53,3 +53,16 @@ class CheckpointError(FedboneError):
     """A checkpoint is missing, unreadable or does not match the run."""
 
     exit_code = 7
+
+
+class SiteDropped(ProtocolError):
+    """The site is no longer a member of the federation (it missed a deadline, left, or joined again
+    mid-round); it should join again (gRPC ABORTED)."""
+
+
+class ServerHalted(FedboneError):
+    """The server stopped serving this run (a round boundary could not be recorded); retry later.
+
+    Every call after the halt gets this error (gRPC UNAVAILABLE): the sites reconnect with backoff
+    and train the round again once the operator has fixed the cause and run ``serve --resume``.
+    """

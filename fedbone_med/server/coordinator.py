@@ -41,7 +41,7 @@ from .. import __version__
 from ..aggregation import average_state_dicts, build_aggregator
 from ..config import ServerConfig
 from ..device import resolve_device
-from ..errors import FedboneError, ProtocolError
+from ..errors import ProtocolError, ServerHalted, SiteDropped
 from ..models import CutSpec, build_backbone, refuse_batchnorm
 from ..optim import build_optimizer
 from ..transport.messages import JoinReply, JoinRequest, RoundReport, RoundSync, Schedule, StepHeader
@@ -62,18 +62,6 @@ class _RoundState:
     synced: dict[str, RoundSync] | None = None
     first_report_at: float | None = None
     members: tuple[str, ...] = ()  # the sites whose reports completed the round
-
-
-class SiteDropped(ProtocolError):
-    """The site is no longer a member (it missed a deadline or re-joined); it should join again."""
-
-
-class ServerHalted(FedboneError):
-    """The server stopped serving this run (a round boundary could not be recorded); retry later.
-
-    Every call after the halt gets this error (gRPC UNAVAILABLE): the sites reconnect with backoff
-    and train the round again once the operator has fixed the cause and run ``serve --resume``.
-    """
 
 
 class Coordinator:

@@ -47,7 +47,7 @@ from ..data.sources import load_site_data
 from ..errors import CheckpointError, ConfigError, ProtocolError
 from ..privacy.errors import BudgetExceeded
 from ..transport.grpc_client import GrpcTransport, RemoteError
-from ..transport.grpc_service import DEFAULT_MAX_MESSAGE_BYTES, LOOPBACK_HOSTS, split_address
+from ..transport.limits import DEFAULT_MAX_MESSAGE_BYTES, LOOPBACK_HOSTS, split_address
 from ..transport.wire import WIRE_DTYPES
 from .metrics import primary_metric
 from .runtime import SiteRuntime

@@ -48,7 +48,7 @@ from ..errors import ConfigError, ProtocolError
 from ..models.split import CutSpec
 from . import wire
 from .base import Transport
-from .grpc_service import (
+from .limits import (
     DEFAULT_MAX_FRAME_BYTES,
     DEFAULT_MAX_MESSAGE_BYTES,
     FRAME_SLACK,

@@ -54,9 +54,16 @@ from ..crypto.envelope import Session
 from ..crypto.errors import HandshakeError, InvalidMessage
 from ..crypto.handshake import ChallengeBook, ServerHandshake
 from ..crypto.identity import IdentityError, fingerprint, load_certificate, load_crl, load_registry, verify_peer
-from ..errors import ConfigError, FedboneError, ProtocolError
-from ..server.coordinator import ServerHalted, SiteDropped
+from ..errors import ConfigError, FedboneError, ProtocolError, ServerHalted, SiteDropped
 from . import wire
+from .limits import (
+    DEFAULT_MAX_FRAME_BYTES,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    GRPC_OVERHEAD,
+    LOOPBACK_HOSTS,
+    grpc_options,
+    split_address,
+)
 from .proto import fedbone_pb2 as pb
 from .proto import fedbone_pb2_grpc as pb_grpc
 
@@ -65,12 +72,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_MESSAGE_BYTES = 256 << 20  # 256 MiB per gRPC message
-DEFAULT_MAX_FRAME_BYTES = 1 << 30  # 1 GiB per sealed frame (streamed in chunks above the message limit)
-FRAME_SLACK = 1 << 20  # the sealed header and the meta tensor around a frame's payload
-GRPC_OVERHEAD = 4096  # protobuf framing around the sealed blob
 DEFAULT_MAX_CALLS_PER_SITE = 2  # sealed calls of one site in flight at once (handshakes are not counted)
-LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 T = TypeVar("T")
 
 
@@ -80,19 +82,6 @@ class _Refused(Exception):
         self.code, self.message = code, message
 
 
-def split_address(address: str) -> tuple[str, str]:
-    """``host:port`` or ``[v6]:port`` -> (host, port); raises ConfigError."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ConfigError(f"server address: expected HOST:PORT, got {address!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host, port
-
-
-def grpc_options(max_message_bytes: int) -> list[tuple[str, Any]]:
-    n = max_message_bytes + GRPC_OVERHEAD
-    return [("grpc.max_send_message_length", n), ("grpc.max_receive_message_length", n)]
 
 
 class FederationService(pb_grpc.FederationServicer):
