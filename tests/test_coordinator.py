@@ -10,6 +10,7 @@ import torch
 
 from conftest import tiny_server
 from fedbone_med.server.coordinator import Coordinator, SiteDropped
+from fedbone_med.server.events import Dropped, StepSkipped
 from fedbone_med.transport import JoinRequest, RoundReport, StepHeader
 
 SPR = 2  # steps per round
@@ -85,7 +86,7 @@ def test_a_late_site_is_dropped_at_the_deadline_and_the_step_aggregates_over_the
     t.join(timeout=10)
     assert c.step >= 1 and c.step_log[0]["num_sites"] == 2 and c.step_log[0]["site_names"] == ["a", "b"]
     assert any(not torch.equal(x, y) for x, y in zip(before, _backbone(c), strict=True))  # the optimizer stepped
-    assert [e for e in c.events if e["event"] == "dropout"][0]["site"] == "c"
+    assert [e for e in c.events if isinstance(e, Dropped)][0].site == "c"
     with pytest.raises(SiteDropped, match="join again"):
         sites["c"].step(0, 0)
 
@@ -100,7 +101,7 @@ def test_too_few_sites_by_the_deadline_skips_the_step():
     sites["b"].step(0, 0)
     t, errors = _in_thread(lambda: sites["a"].step(0, 1))  # waits; the deadline passes with 2 of min 3
     t.join(timeout=10)
-    skipped = [e for e in c.events if e["event"] == "step_skipped"]
+    skipped = [e.to_dict() for e in c.events if isinstance(e, StepSkipped)]
     assert skipped and skipped[0]["step"] == 0 and skipped[0]["sites"] == ["a", "b"]
     assert not c.step_log  # nothing aggregated
     assert all(torch.equal(x, y) for x, y in zip(before, _backbone(c), strict=True))

@@ -32,6 +32,7 @@ from ..perf import machine_info
 from ..privacy.errors import BudgetExceeded
 from ..server import Coordinator
 from ..server.audit_trail import ServerAuditTrail, ensure_server_key, module_hash
+from ..server.events import Left
 from ..site import SiteRuntime, derive_seed
 from ..transport import InProcessTransport
 
@@ -151,9 +152,8 @@ class Federation:
                 if self.audit is not None:
                     privacy = {n: (m.get("epsilon"), m.get("delta")) for n, m in record["sites"].items()}
                     for e in self.coordinator.take_events():
-                        if e["event"] == "leave":
-                            self.audit.site_left(e["site"], e["round"], self.stopped.get(e["site"], {}).get(
-                                "reason", "left"))
+                        if isinstance(e, Left):
+                            self.audit.site_left(e.site, e.round, self.stopped.get(e.site, {}).get("reason", e.reason))
                     losses = {n: m["train_loss"] for n, m in record["sites"].items() if "train_loss" in m}
                     self.audit.round_finished(rnd, self.coordinator.backbone, usage, steps,
                                               cfg.server.aggregation.method, server_hash, privacy, losses=losses,

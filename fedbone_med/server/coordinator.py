@@ -46,6 +46,7 @@ from ..models import CutSpec, build_backbone, refuse_batchnorm
 from ..optim import build_optimizer
 from ..transport.messages import JoinReply, JoinRequest, RoundReport, RoundSync, Schedule, StepHeader
 from ..transport.validate import check_activation, check_feature_grads
+from .events import Dropped, Event, Joined, Left, StepSkipped
 from .replicas import ReplicaSet
 
 
@@ -103,7 +104,7 @@ class Coordinator:
         self.dropped: dict[str, str] = {}  # site -> why it is no longer a member (until it joins again)
         # site -> (epsilon, delta) reported when it left mid-round; taken by the round's audit record
         self.departed_privacy: dict[str, tuple[float | None, float | None]] = {}
-        self.events: list[dict[str, Any]] = []  # joins, leaves, dropouts, skipped steps (for the audit log)
+        self.events: list[Event] = []  # joins, leaves, dropouts, skipped steps (for the audit log)
         self.halted: ServerHalted | None = None  # set when a round boundary could not be recorded
         self._first_slot_at: float | None = None
         self.device = resolve_device(cfg.device)
@@ -173,7 +174,7 @@ class Coordinator:
                 self.pending[name] = session
                 rnd = self.round + 1
                 step = rnd * self.steps_per_round if self.steps_per_round is not None else self.step
-            self.events.append({"event": "join", "site": name, "round": rnd})
+            self.events.append(Joined(round=rnd, site=name))
             if not self.started and self.expected_sites is not None and set(self.expected_sites) <= set(self.sites):
                 self.started = True
             self._cv.notify_all()
@@ -198,7 +199,7 @@ class Coordinator:
             if self.replicas is not None and was_member:
                 self.replicas.discard(site)
             if was_member:
-                self.events.append({"event": "leave", "site": site, "round": self.round, "reason": "left"})
+                self.events.append(Left(round=self.round, site=site))
                 if privacy is not None:
                     self.departed_privacy[site] = privacy
             self._membership_changed()
@@ -220,8 +221,7 @@ class Coordinator:
         if self.replicas is not None:
             self.replicas.discard(site)
         self.dropped[site] = reason
-        self.events.append({"event": "dropout", "site": site, "round": self.round, "step": self.step,
-                            "reason": reason})
+        self.events.append(Dropped(round=self.round, site=site, step=self.step, reason=reason))
         self._cv.notify_all()
 
     def _check_deadlines(self) -> None:
@@ -437,9 +437,9 @@ class Coordinator:
                 self._drop(name, f"missed the deadline of step {self.step}")
             expected = sorted(self.sites)
             if len(expected) < self.min_sites:
-                self.events.append({"event": "step_skipped", "round": self.round, "step": self.step,
-                                    "sites": expected, "reason": f"{len(expected)} site(s) delivered, "
-                                    f"fewer than min_sites={self.min_sites}"})
+                self.events.append(StepSkipped(round=self.round, step=self.step, sites=tuple(expected),
+                                               reason=f"{len(expected)} site(s) delivered, fewer than "
+                                                      f"min_sites={self.min_sites}"))
                 for s in list(self.sites.values()):
                     s.pending = None
                 self.slots.clear()
@@ -473,9 +473,9 @@ class Coordinator:
         names = [n for n in reported if n in stepped]
         last_step = (self.round + 1) * self.steps_per_round - 1 if self.steps_per_round is not None else self.step
         if len(names) < self.min_sites or not names:
-            self.events.append({"event": "step_skipped", "round": self.round, "step": last_step, "sites": names,
-                                "reason": f"{len(names)} site(s) finished the round, fewer than "
-                                          f"min_sites={self.min_sites}: the backbone did not move"})
+            self.events.append(StepSkipped(round=self.round, step=last_step, sites=tuple(names),
+                                           reason=f"{len(names)} site(s) finished the round, fewer than "
+                                                  f"min_sites={self.min_sites}: the backbone did not move"))
         else:
             updates = self.replicas.updates(names, self.params)  # (K, P): u_k = theta_k - theta
             combined, stats = self.aggregator(updates, site_names=tuple(names))
@@ -570,7 +570,7 @@ class Coordinator:
         with self._cv:
             return len(self.sites)
 
-    def take_events(self) -> list[dict[str, Any]]:
+    def take_events(self) -> list[Event]:
         with self._cv:
             out, self.events = self.events, []
             return out

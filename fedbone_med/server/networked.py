@@ -48,6 +48,7 @@ from ..transport.messages import RoundReport
 from ..transport.wire import WIRE_DTYPES
 from .audit_trail import ServerAuditTrail, ensure_server_key, install_rotated_key, module_hash
 from .coordinator import Coordinator
+from .events import Dropped, Event, Joined, Left, StepSkipped
 
 
 class RoundNotRecorded(CheckpointError):
@@ -198,7 +199,7 @@ class NetworkedServer:
         }
         results = {**self.results, "rounds": [*self.results["rounds"], record],
                    "aggregation": [*self.results["aggregation"], *steps],
-                   "events": [*self.results["events"], *events]}
+                   "events": [*self.results["events"], *(e.to_dict() for e in events)]}
         # a site that left mid-round (e.g. its privacy budget was spent) reported its spend with the leave
         privacy = {**c.departed_privacy, **{n: (r.extra.get("epsilon"), r.extra.get("delta"))
                                             for n, r in reports.items()}}
@@ -240,7 +241,7 @@ class NetworkedServer:
         if self.audit is not None and rnd + 1 < self.cfg.rounds:
             self.audit.round_started(c.backbone)
         losses = ", ".join(f"{n} {r.train_loss:.3f}" for n, r in sorted(reports.items()))
-        notes = "".join(f"; {e['event']} {e.get('site', '')}".rstrip() for e in events if e["event"] != "join")
+        notes = "".join(f"; {e.kind} {getattr(e, 'site', '')}".rstrip() for e in events if not isinstance(e, Joined))
         self._print(f"round {rnd}: {len(reports)} site(s), train loss {losses}{notes} "
                     f"({record['seconds']:.1f} s)")
         self._round_t0 = time.perf_counter()
@@ -305,20 +306,19 @@ class NetworkedServer:
                                               f"{entry.revoked_at or 'time unknown'}); refused from this launch",
                                         entry.fingerprint)
 
-    def _audit_events(self, events: list[dict[str, Any]]) -> None:
+    def _audit_events(self, events: list[Event]) -> None:
         """Membership events from the coordinator into the audit log."""
         if self.audit is None:
             return
         for e in events:
-            kind, site = e["event"], e.get("site", "")
-            if kind == "join":
-                self.audit.site_joined(site, e["round"], self.fingerprints.get(site))
-            elif kind == "leave":
-                self.audit.site_left(site, e["round"], e.get("reason", "left"))
-            elif kind == "dropout":
-                self.audit.site_dropped(site, e["round"], e["reason"])
-            elif kind == "step_skipped":
-                self.audit.step_skipped(e["round"], e["step"], e["reason"], e["sites"])
+            if isinstance(e, Joined):
+                self.audit.site_joined(e.site, e.round, self.fingerprints.get(e.site))
+            elif isinstance(e, Left):
+                self.audit.site_left(e.site, e.round, e.reason)
+            elif isinstance(e, Dropped):
+                self.audit.site_dropped(e.site, e.round, e.reason)
+            elif isinstance(e, StepSkipped):
+                self.audit.step_skipped(e.round, e.step, e.reason, list(e.sites))
 
     # -- main -------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -402,7 +402,7 @@ class NetworkedServer:
         c, cfg = self.coordinator, self.cfg
         if self.audit is not None:
             events = c.take_events()
-            self.results["events"].extend(events)
+            self.results["events"].extend(e.to_dict() for e in events)
             try:
                 self._audit_events(events)
                 if c.round >= cfg.rounds and self._failure is None:  # every round done, the sites gone
