@@ -212,3 +212,31 @@ def test_stochastic_depth_masks_do_not_depend_on_arrival_order_or_the_global_rng
     _join(c, "b")
     evaluated = c.forward(StepHeader("r", "a", 0, 0, 1, mode="eval"), site.z)
     assert not all(torch.equal(x, y) for x, y in zip(evaluated, ab["a"], strict=True))
+
+
+class _FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_deadlines_are_measured_on_the_injected_clock():
+    """A step deadline of an hour passes when the injected clock says so, not after an hour of real time;
+    until then the late site is waited for, however long it takes in real time."""
+    clock = _FakeClock()
+    c = _coord(min_sites=2, step_deadline=3600.0, clock=clock)
+    sites = {n: _Site(c, n) for n in "abc"}
+    for n in "abc":
+        _join(c, n)
+    sites["a"].step(0, 0)
+    sites["b"].step(0, 0)
+    t, errors = _in_thread(lambda: sites["a"].step(0, 1))  # waits for step 0, which waits for c
+    time.sleep(0.6)  # more than two ticks of real time: nothing has expired on the injected clock
+    assert t.is_alive() and "c" in c.sites and not c.step_log
+    clock.now += 3601.0
+    t.join(timeout=10)
+    assert not t.is_alive() and not errors
+    assert [e.site for e in c.events if isinstance(e, Dropped)] == ["c"]
+    assert c.step_log[0]["site_names"] == ["a", "b"]

@@ -46,15 +46,9 @@ from ..models import CutSpec, build_backbone, refuse_batchnorm
 from ..optim import build_optimizer
 from ..transport.messages import JoinReply, JoinRequest, RoundReport, RoundSync, Schedule, StepHeader
 from ..transport.validate import check_activation, check_feature_grads
-from .events import Dropped, Event, Joined, Left, StepSkipped
+from .events import Event, StepSkipped
+from .membership import Clock, Deadlines, Membership, SiteSession
 from .replicas import ReplicaSet
-
-
-@dataclass
-class _SiteSession:
-    request: JoinRequest
-    last_sequence: int = -1
-    pending: tuple[int, Tensor, list[Tensor]] | None = None  # (step, z leaf, features) awaiting backward
 
 
 @dataclass
@@ -84,6 +78,7 @@ class Coordinator:
         round_deadline: float | None = None,
         rounds: int | None = None,
         wire_dtype: str = "float32",
+        clock: Clock = time.monotonic,
     ) -> None:
         self.cfg = cfg
         self.run_id = run_id
@@ -95,18 +90,9 @@ class Coordinator:
         self.steps_per_round = steps_per_round
         self.schedule = (Schedule(rounds, steps_per_round, seed, embedding_fedavg, wire_dtype)
                          if rounds is not None and steps_per_round is not None else None)
-        self.expected_sites = tuple(sorted(expected_sites)) if expected_sites is not None else None
-        self.min_sites = min_sites
-        self.step_deadline = step_deadline
-        self.round_deadline = round_deadline
-        self.started = expected_sites is None
-        self.pending: dict[str, _SiteSession] = {}  # joined mid-round: admitted when the round completes
-        self.dropped: dict[str, str] = {}  # site -> why it is no longer a member (until it joins again)
-        # site -> (epsilon, delta) reported when it left mid-round; taken by the round's audit record
-        self.departed_privacy: dict[str, tuple[float | None, float | None]] = {}
-        self.events: list[Event] = []  # joins, leaves, dropouts, skipped steps (for the audit log)
+        self.members = Membership(expected_sites, min_sites)
+        self.deadlines = Deadlines(step_deadline, round_deadline, clock)
         self.halted: ServerHalted | None = None  # set when a round boundary could not be recorded
-        self._first_slot_at: float | None = None
         self.device = resolve_device(cfg.device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -134,7 +120,6 @@ class Coordinator:
         self.cut = CutSpec.of(self.backbone, cfg.max_batch, cfg.max_z_side)
         self.step = 0  # the training step being collected
         self.round = 0
-        self.sites: dict[str, _SiteSession] = {}
         self.slots: dict[str, Tensor] = {}
         self._slot_names: list[str] = []
         self._slot_matrix = torch.empty(0)
@@ -147,7 +132,39 @@ class Coordinator:
         # Re-entrant: the round-finished callback runs with the lock held and may call take_usage/take_events.
         self._cv = threading.Condition(threading.RLock())
 
-    # -- membership ---------------------------------------------------------------
+    # -- membership (server/membership.py holds it; these are views) -------------------
+    @property
+    def sites(self) -> dict[str, SiteSession]:
+        return self.members.sites
+
+    @property
+    def pending(self) -> dict[str, SiteSession]:
+        return self.members.pending
+
+    @property
+    def dropped(self) -> dict[str, str]:
+        return self.members.dropped
+
+    @property
+    def started(self) -> bool:
+        return self.members.started
+
+    @property
+    def min_sites(self) -> int:
+        return self.members.min_sites
+
+    @property
+    def events(self) -> list[Event]:
+        return self.members.events
+
+    @property
+    def departed_privacy(self) -> dict[str, tuple[float | None, float | None]]:
+        return self.members.departed_privacy
+
+    @departed_privacy.setter
+    def departed_privacy(self, value: dict[str, tuple[float | None, float | None]]) -> None:
+        self.members.departed_privacy = value
+
     def _round_untouched(self) -> bool:
         """No step of the current round has started: a joining site can take part in it."""
         busy = self.slots or any(s.pending is not None for s in self.sites.values())
@@ -161,47 +178,32 @@ class Coordinator:
         with self._cv:
             self._check_halted()
             name = request.site
-            self.dropped.pop(name, None)
             if name in self.sites and self.started:  # a member came back (restarted): its round is lost
                 self._drop(name, "re-joined mid-round (restarted?)")
                 self._membership_changed()
-            self.pending.pop(name, None)
-            session = _SiteSession(request)
-            if not self.started or self._round_untouched():
-                self.sites[name] = session
-                rnd, step = self.round, self.step
+            rnd = self.members.admit(request, now=self._round_untouched(), round=self.round)
+            if rnd == self.round:
+                step = self.step
             else:
-                self.pending[name] = session
-                rnd = self.round + 1
                 step = rnd * self.steps_per_round if self.steps_per_round is not None else self.step
-            self.events.append(Joined(round=rnd, site=name))
-            if not self.started and self.expected_sites is not None and set(self.expected_sites) <= set(self.sites):
-                self.started = True
             self._cv.notify_all()
             return JoinReply(self.run_id, self.cut, rnd, step, self.config_hash, self.schedule)
 
     def start(self) -> int:
         """Start training with the sites that have joined (after the join timeout); returns how many."""
         with self._cv:
-            if len(self.sites) < self.min_sites:
-                raise ProtocolError(f"only {len(self.sites)} site(s) joined, fewer than min_sites={self.min_sites}")
-            self.started = True
+            n = self.members.start()
             self._cv.notify_all()
-            return len(self.sites)
+            return n
 
     def leave(self, site: str, privacy: tuple[float | None, float | None] | None = None) -> None:
         """A site leaves; ``privacy``: its (epsilon, delta) spent so far, kept in ``departed_privacy``
         for the audit record of the round it leaves in (a leaving site sends no end-of-round report)."""
         with self._cv:
-            was_member = self.sites.pop(site, None) is not None
-            self.pending.pop(site, None)
+            was_member = self.members.leave(site, self.round, privacy)
             self.slots.pop(site, None)
             if self.replicas is not None and was_member:
                 self.replicas.discard(site)
-            if was_member:
-                self.events.append(Left(round=self.round, site=site))
-                if privacy is not None:
-                    self.departed_privacy[site] = privacy
             self._membership_changed()
             self._cv.notify_all()
 
@@ -215,57 +217,33 @@ class Coordinator:
 
     def _drop(self, site: str, reason: str) -> None:
         """Remove a member that failed (lock held); it may join again and is admitted next round."""
-        if self.sites.pop(site, None) is None:
+        if not self.members.drop(site, reason, self.round, self.step):
             return
         self.slots.pop(site, None)
         if self.replicas is not None:
             self.replicas.discard(site)
-        self.dropped[site] = reason
-        self.events.append(Dropped(round=self.round, site=site, step=self.step, reason=reason))
         self._cv.notify_all()
 
     def _check_deadlines(self) -> None:
         """Apply the step and round deadlines (lock held); called by threads waiting at a barrier."""
-        now = time.monotonic()
-        if (self.step_deadline is not None and self._first_slot_at is not None
-                and now - self._first_slot_at > self.step_deadline):
+        if self.deadlines.step_expired():
             self._maybe_aggregate(deadline_passed=True)
-        if self.round_deadline is not None:
-            state = self.rounds.get(self.round)
-            if (state is not None and state.synced is None and state.first_report_at is not None
-                    and now - state.first_report_at > self.round_deadline):
-                for name in sorted(set(self.sites) - set(state.reports)):
-                    self._drop(name, f"no end-of-round report for round {self.round} before the deadline")
-                self._finish_round(state)
+        state = self.rounds.get(self.round)
+        if state is not None and state.synced is None and self.deadlines.round_expired(state.first_report_at):
+            for name in sorted(set(self.sites) - set(state.reports)):
+                self._drop(name, f"no end-of-round report for round {self.round} before the deadline")
+            self._finish_round(state)
 
     def _wait(self, left: float) -> bool:
         """Wait on the barrier (lock held) for at most ``left`` seconds, checking deadlines."""
         if left <= 0:
             return False
-        tick = left if self.step_deadline is None and self.round_deadline is None else min(left, 0.25)
-        self._cv.wait(timeout=tick)
+        self._cv.wait(timeout=self.deadlines.tick(left))
         self._check_halted()
         self._check_deadlines()
         return True
-    def _session(self, header: StepHeader) -> _SiteSession:
-        if header.run_id != self.run_id:
-            raise ProtocolError(
-                f"site '{header.site}': message for run {header.run_id!r}, this server runs {self.run_id!r}"
-            )
-        session = self.sites.get(header.site)
-        if session is None:
-            if header.site in self.dropped:
-                raise SiteDropped(f"site '{header.site}' was dropped ({self.dropped[header.site]}); join again")
-            if header.site in self.pending:
-                raise SiteDropped(f"site '{header.site}' is admitted from round {self.round + 1}; wait for it")
-            raise ProtocolError(f"site '{header.site}' has not joined this federation")
-        if header.sequence <= session.last_sequence:
-            raise ProtocolError(
-                f"site '{header.site}': sequence number {header.sequence} is not above {session.last_sequence} "
-                "(replayed or reordered message)"
-            )
-        session.last_sequence = header.sequence
-        return session
+    def _session(self, header: StepHeader) -> SiteSession:
+        return self.members.session(header, self.run_id, self.round)
 
     # -- the step protocol --------------------------------------------------------
     def forward(self, header: StepHeader, z: Tensor) -> list[Tensor]:
@@ -290,7 +268,7 @@ class Coordinator:
                 return self._slot_forward(header, session, z)
         return self._replica_forward(header, session, z)
 
-    def _slot_forward(self, header: StepHeader, session: _SiteSession, z: Tensor) -> list[Tensor]:
+    def _slot_forward(self, header: StepHeader, session: SiteSession, z: Tensor) -> list[Tensor]:
         """Step cadence (lock held): the global backbone, once every site's step before has been aggregated."""
         with self._cv:
             self._wait_for_step(header)
@@ -306,7 +284,7 @@ class Coordinator:
             session.pending = (header.step, z_leaf, feats)
             return [f.detach() for f in feats]
 
-    def _replica_forward(self, header: StepHeader, session: _SiteSession, z: Tensor) -> list[Tensor]:
+    def _replica_forward(self, header: StepHeader, session: SiteSession, z: Tensor) -> list[Tensor]:
         """Round cadence: the site's replica computes outside the coordinator's lock."""
         assert self.replicas is not None
         z_leaf = z.requires_grad_(True)
@@ -407,8 +385,7 @@ class Coordinator:
             row = self._slot_row(site)  # (P,), a row of the (K, P) slot matrix
             torch.cat([g.reshape(-1) for g in out[:-1]], out=row)  # one op: this is on the step's latency path
             self.slots[site] = row
-            if self._first_slot_at is None:
-                self._first_slot_at = time.monotonic()
+            self.deadlines.step_started()
             self._maybe_aggregate()
             self._cv.notify_all()
             return out[-1].detach()
@@ -443,7 +420,7 @@ class Coordinator:
                 for s in list(self.sites.values()):
                     s.pending = None
                 self.slots.clear()
-                self._first_slot_at = None
+                self.deadlines.step_closed()
                 self.step += 1
                 self._cv.notify_all()
                 return
@@ -461,7 +438,7 @@ class Coordinator:
         self.optimizer.zero_grad(set_to_none=True)
         self.step_log.append({"step": self.step, "round": self.round, **stats.to_dict()})
         self.slots.clear()
-        self._first_slot_at = None
+        self.deadlines.step_closed()
         self.step += 1
         self._cv.notify_all()
 
@@ -509,7 +486,7 @@ class Coordinator:
                                     f"round {self.round}")
             state = self.rounds.setdefault(report.round, _RoundState())
             if state.first_report_at is None:
-                state.first_report_at = time.monotonic()
+                state.first_report_at = self.deadlines.clock()
             state.reports[report.site] = report
             if set(state.reports) >= set(self.sites):
                 self._finish_round(state)
@@ -527,8 +504,7 @@ class Coordinator:
         if self.steps_per_round is not None:
             # A round whose steps were cut short (every site dropped) still ends where the schedule says.
             self.step = max(self.step, self.round * self.steps_per_round)
-        self.sites.update(self.pending)
-        self.pending.clear()
+        self.members.promote_pending()
         for old in [r for r in self.rounds if r < finished]:  # keep only the last round's sync
             del self.rounds[old]
         if self.on_round_finished is not None:
@@ -572,7 +548,7 @@ class Coordinator:
 
     def take_events(self) -> list[Event]:
         with self._cv:
-            out, self.events = self.events, []
+            out, self.members.events = self.members.events, []
             return out
 
     def _average_embeddings(self, reports: dict[str, RoundReport]) -> dict[str, RoundSync]:
