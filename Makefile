@@ -36,7 +36,7 @@ test: lint
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest
 
 bench: setup
-	$(BIN)/python benchmarks/projection.py --out runs/bench/projection.json
+	$(BIN)/python benchmarks/aggregation.py --out runs/bench/aggregation.json
 	$(BIN)/python benchmarks/split_step.py --out runs/bench/split_step.json
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/audit.py --out runs/bench/audit.json
 	$(BIN)/python benchmarks/pipeline.py --out runs/bench/pipeline.json

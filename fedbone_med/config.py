@@ -262,7 +262,15 @@ class AggregationConfig:
     attention_temperature: float | None = None
 
     def validate(self) -> list[str]:
+        from .aggregation import available_aggregators  # here: the registry imports torch
+
         out = _positive("project_every", self.project_every) + _positive("server_lr", self.server_lr)
+        known = available_aggregators()
+        if self.method not in known:
+            out.append(f"method: unknown aggregation method {self.method!r}; known: {', '.join(known)}")
+        if self.method == "gpaggregation" and self.reduction != "mean":
+            out.append("reduction: gpaggregation takes the mean of the projected gradients (Algorithm 2); "
+                       "reduction = \"sum\" applies to pcgrad only")
         if self.project_every != 1 and self.method not in ("projection", "pcgrad", "gpaggregation"):
             out.append(f"project_every: only applies to a projecting method (method is {self.method!r}); "
                        "remove it or set it to 1")

@@ -1,12 +1,13 @@
-"""Tests for fedbone_med.aggregation: fast projection vs the reference loop, stats, registry, FedAvg."""
+"""Tests for fedbone_med.aggregation: PCGrad vs the reference loop, the Gram matrix, stats, registry, FedAvg.
+
+GPAggregation (Algorithm 2) has its own file, tests/test_aggregation_gp.py.
+"""
 
 from __future__ import annotations
 
 import io
 import json
 import math
-import os
-import shutil
 
 import pytest
 import torch
@@ -15,13 +16,16 @@ from hypothesis import strategies as st
 
 from fedbone_med.aggregation import (
     AggregationStats,
+    GPAggregator,
     MeanAggregator,
+    PCGradAggregator,
     ProjectionAggregator,
+    SumAggregator,
     average_state_dicts,
+    build_aggregator,
     get_aggregator,
     gram_matrix,
     mean_aggregate,
-    native,
     project_conflicting,
     project_conflicting_reference,
     project_from_gram,
@@ -29,7 +33,7 @@ from fedbone_med.aggregation import (
     sum_aggregate,
 )
 from fedbone_med.aggregation import base as agg_base
-from fedbone_med.aggregation import projection as agg_projection
+from fedbone_med.config import AggregationConfig
 from fedbone_med.errors import AggregationError, CheckpointError, ConfigError, RegistryError
 
 U32 = 2.0**-24  # unit roundoff of float32
@@ -128,17 +132,15 @@ def test_coefficients_reproduce_result_and_gram_path(case):
     fast, stats = project_conflicting(grads, order=order, reduction=reduction, weights=weights)
     w = torch.tensor(stats.coefficients, dtype=torch.float64)
     torch.testing.assert_close(w @ grads, fast, rtol=0, atol=1e-12 * (1 + float(grads.abs().max())))
-    w_gram = project_from_gram(agg_projection.incremental_gram(grads), order, reduction, weights)
+    # The coefficients are a function of the Gram matrix alone: the same Gram, the same bits.
+    w_gram = project_from_gram(gram_matrix(grads), order, reduction, weights)
     torch.testing.assert_close(w_gram, w, rtol=0, atol=0)
-    # The BLAS Gram gives the same coefficients up to its rounding.
-    w_blas = project_from_gram(gram_matrix(grads), order, reduction, weights)
-    torch.testing.assert_close(w_blas, w, rtol=1e-9, atol=1e-12)
 
 
 @settings(max_examples=30, deadline=None)
 @given(projection_cases(), st.integers(0, 2**31 - 1))
 def test_project_conflicting_has_the_bits_of_the_aggregator(case, seed):
-    """One Gram definition: the function and the aggregator agree exactly for the same order."""
+    """The function and the aggregator run the same Gram and combination: the same bits for the same order."""
     grads, _, reduction, weights = case
     agg = ProjectionAggregator(seed=seed, reduction=reduction)
     out, stats = agg(grads.clone(), weights=weights)
@@ -291,6 +293,9 @@ def test_non_finite_rows_named_in_one_error():
         lambda: project_conflicting(grads, order=range(5), site_names=names),
         lambda: mean_aggregate(grads, site_names=names),
         lambda: ProjectionAggregator(seed=0)(grads, names),
+        lambda: PCGradAggregator(seed=0)(grads, names),
+        lambda: SumAggregator()(grads, names),
+        lambda: GPAggregator()(grads, names),
     ):
         with pytest.raises(AggregationError, match="non-finite backbone gradient") as info:
             call()
@@ -328,18 +333,40 @@ def test_invalid_shapes():
         mean_aggregate(torch.ones(2, 3, dtype=torch.int64))
 
 
-def test_gram_chunking_matches_single_gemm():
+def test_gram_blocks_match_single_gemm():
     grads = torch.randn(3, 1001, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     exact = grads @ grads.T
-    torch.testing.assert_close(gram_matrix(grads), exact, rtol=1e-12, atol=1e-12)
-    # float32 input: cast to float64 per column block (bounded memory), accumulated in float64,
-    # so each entry is far inside a float32 rounding bound of the exact value.
+    for block_bytes in (8 * 3 * 7, 1 << 20):  # 7 columns a block (a short last block), or one block
+        torch.testing.assert_close(gram_matrix(grads, block_bytes=block_bytes), exact, rtol=1e-12, atol=1e-12)
+    # float32 input: upcast per column block (bounded memory), multiplied and accumulated in float64,
+    # so each entry is at float64 rounding of the exact value, far inside float32 rounding.
     g32 = torch.randn(5, 200_001, generator=torch.Generator().manual_seed(3))
-    exact = g32.double() @ g32.double().T
+    extra = torch.randn(200_001, generator=torch.Generator().manual_seed(4))
+    full = torch.cat([g32, extra[None]]).double()  # (6, P)
+    exact = full @ full.T
     norms = exact.diagonal().sqrt()
-    for chunk_bytes in (4 * 5 * 7, 1 << 20):
-        err = (gram_matrix(g32, chunk_bytes=chunk_bytes) - exact).abs()
-        assert bool((err <= 1e-5 * norms[:, None] * norms[None, :]).all()), float(err.max())
+    for block_bytes in (8 * 6 * 7, 1 << 20, None):
+        gram = gram_matrix(g32, extra, block_bytes=block_bytes)
+        assert gram.shape == (6, 6) and gram.dtype == torch.float64 and torch.equal(gram, gram.T)
+        err = (gram - exact).abs()
+        assert bool((err <= 1e-12 * norms[:, None] * norms[None, :]).all()), float(err.max())
+    with pytest.raises(AggregationError, match="previous aggregate has 3 entries"):
+        gram_matrix(g32, torch.zeros(3))
+
+
+def test_same_inputs_give_the_same_bits_in_fresh_aggregators():
+    """Reproducible on one machine with one thread count (not promised across thread counts)."""
+    gen = torch.Generator().manual_seed(21)
+    calls = [torch.randn(6, 50_001, generator=gen) for _ in range(3)]
+    calls[1][2] = -calls[1][0] + 0.01 * calls[1][2]
+    names = [f"site-{c}" for c in "fbdace"]
+    for method in ("gpaggregation", "pcgrad", "projection", "mean", "sum"):
+        runs = []
+        for _ in range(2):
+            agg = build_aggregator(AggregationConfig(method=method), seed=5, num_params=50_001)
+            runs.append([agg(g.clone(), site_names=names) for g in calls])
+        for (out_a, stats_a), (out_b, stats_b) in zip(*runs, strict=True):
+            assert torch.equal(out_a, out_b) and stats_a == stats_b, method
 
 
 # ---------------------------------------------------------------------------- aggregators and registry
@@ -348,7 +375,9 @@ def test_gram_chunking_matches_single_gemm():
 def test_registry_names_and_errors():
     assert isinstance(get_aggregator("mean"), MeanAggregator)
     assert get_aggregator("projection", seed=3).name == "projection"
-    with pytest.raises(RegistryError, match="known aggregators: mean, projection, sum"):
+    assert get_aggregator("pcgrad", seed=3).name == "pcgrad"
+    assert isinstance(get_aggregator("gpaggregation"), GPAggregator)
+    with pytest.raises(RegistryError, match="known aggregators: gpaggregation, mean, pcgrad, projection, sum"):
         get_aggregator("fedprox")
     with pytest.raises(RegistryError, match="already registered"):
         register_aggregator("mean", MeanAggregator)
@@ -417,19 +446,76 @@ def test_projection_every_n_steps_alternates_with_the_plain_mean_and_resumes_in_
 
 
 @pytest.mark.parametrize("name", ["mean", "sum"])
-def test_plain_aggregators_prepare_their_statistics_as_slots_arrive(name):
-    """The coordinator's prepare calls change nothing in the result, only when the Gram work happens."""
+def test_plain_aggregators_are_the_pure_functions(name):
     grads = torch.randn(6, 5000, generator=torch.Generator().manual_seed(9))
-    fresh_out, fresh_stats = get_aggregator(name)(grads.clone())
-    agg = get_aggregator(name)
-    matrix = grads.clone()
-    for row in (3, 0, 5, 1, 4, 2):
-        agg.prepare(matrix, row)
-    out, stats = agg(matrix)
-    assert torch.equal(out, fresh_out) and stats == fresh_stats
-    reference = (mean_aggregate if name == "mean" else sum_aggregate)(grads)[0]
-    assert torch.equal(out, reference)  # the same combination as the pure function
-    assert agg._cache is None  # the call took the cache
+    out, stats = get_aggregator(name)(grads.clone())
+    ref_out, ref_stats = (mean_aggregate if name == "mean" else sum_aggregate)(grads)
+    assert torch.equal(out, ref_out) and stats == ref_stats
+    torch.testing.assert_close(out, grads.mean(0) if name == "mean" else grads.sum(0))
+    assert stats.norm_ratio_to_mean == pytest.approx(1.0 if name == "mean" else 6.0)
+    assert stats.attention_weights is None
+
+
+def test_pcgrad_is_projection_under_its_new_name_and_loads_projection_checkpoints():
+    grads = torch.randn(5, 400, generator=torch.Generator().manual_seed(12))
+    grads[3] = -grads[1] + 0.2 * grads[3]
+    old, new = ProjectionAggregator(seed=9, every=2), PCGradAggregator(seed=9, every=2)
+    for _ in range(3):
+        (out_old, stats_old), (out_new, stats_new) = old(grads.clone()), new(grads.clone())
+        assert torch.equal(out_old, out_new)
+        assert stats_new.projection_order == stats_old.projection_order
+    assert (stats_old.method, stats_new.method) == ("projection", "pcgrad")
+    resumed = PCGradAggregator(seed=0, every=2)
+    resumed.load_state_dict(old.state_dict())  # a checkpoint written under the old name
+    for _ in range(2):
+        (out_a, stats_a), (out_b, stats_b) = resumed(grads.clone()), old(grads.clone())
+        assert torch.equal(out_a, out_b) and stats_a.projection_order == stats_b.projection_order
+
+
+def test_build_aggregator_reads_the_config():
+    cfg = AggregationConfig(method="pcgrad", reduction="sum", project_every=3)
+    agg = build_aggregator(cfg, seed=4, num_params=10)
+    assert isinstance(agg, PCGradAggregator) and (agg.seed, agg.reduction, agg.every) == (4, "sum", 3)
+    agg = build_aggregator(AggregationConfig(method="projection"), seed=4, num_params=10)
+    assert type(agg) is ProjectionAggregator
+    gp = build_aggregator(AggregationConfig(method="gpaggregation", project_every=2), seed=4, num_params=10)
+    assert isinstance(gp, GPAggregator) and (gp.num_params, gp.temperature, gp.every) == (10, None, 2)
+    gp = build_aggregator(AggregationConfig(method="gpaggregation", attention_temperature=0.5), seed=0, num_params=10)
+    assert gp.temperature == 0.5
+    with pytest.raises(ConfigError, match="pcgrad only"):
+        build_aggregator(AggregationConfig(method="gpaggregation", reduction="sum"), seed=0, num_params=10)
+    assert isinstance(build_aggregator(AggregationConfig(method="sum"), seed=0, num_params=10), SumAggregator)
+    with pytest.raises(RegistryError, match="known aggregators: gpaggregation, mean, pcgrad"):
+        build_aggregator(AggregationConfig(method="fedprox"), seed=0, num_params=10)
+    register_aggregator("test-factory", lambda: MeanAggregator())  # a plain factory: called without arguments
+    try:
+        assert isinstance(build_aggregator(AggregationConfig(method="test-factory"), seed=0, num_params=1),
+                          MeanAggregator)
+    finally:
+        del agg_base._REGISTRY["test-factory"]
+
+
+def test_config_rejects_unknown_methods_listing_the_known_ones():
+    problems = AggregationConfig(method="fedprox").validate()
+    assert any("unknown aggregation method 'fedprox'; known: gpaggregation, mean, pcgrad, projection, sum" in p
+               for p in problems), problems
+    assert any("reduction" in p for p in AggregationConfig(method="gpaggregation", reduction="sum").validate())
+    for method in ("gpaggregation", "pcgrad", "projection", "mean", "sum"):
+        assert AggregationConfig(method=method).validate() == []
+
+
+def test_stats_keep_the_audit_keys_and_add_attention_and_norm_ratio():
+    grads = torch.randn(3, 100, generator=torch.Generator().manual_seed(13))
+    keys = {"method", "num_sites", "conflicting_pairs", "min_cosine", "mean_cosine", "site_norms",
+            "projection_order", "projections_applied", "coefficients", "site_names"}
+    for method in ("gpaggregation", "pcgrad", "projection", "mean", "sum"):
+        agg = build_aggregator(AggregationConfig(method=method), seed=0, num_params=100)
+        out, stats = agg(grads, site_names=("a", "b", "c"))
+        d = stats.to_dict()
+        assert keys | {"attention_weights", "norm_ratio_to_mean"} == set(d)
+        assert json.loads(json.dumps(d)) == d
+        assert (d["attention_weights"] is not None) == (method == "gpaggregation")
+        assert d["norm_ratio_to_mean"] == pytest.approx(float(out.norm() / grads.mean(0).norm()), rel=1e-5)
 
 
 def test_failed_round_does_not_consume_a_permutation():
@@ -468,450 +554,3 @@ def test_average_state_dicts_mismatch_errors():
         average_state_dicts([a, a], weights=[1.0])
     with pytest.raises(AggregationError, match="no state dicts"):
         average_state_dicts([])
-
-
-# ---------------------------------------------------------------------------- incremental Gram (prepare)
-
-
-_FIXTURE_OK = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture]  # gram_lanes is per test, not per example
-
-
-@pytest.fixture(params=[(8, 3), None], ids=["lanes8-chunks3", "lanes-default"])
-def gram_lanes(request, monkeypatch):
-    """Run with the default layout and with 8 lanes in blocks of 3 chunks, so small P spans many
-    chunks and column blocks (a block count that is not a power of two, a short last block)."""
-    if request.param is not None:
-        lanes, chunks = request.param
-        monkeypatch.setattr(agg_projection, "GRAM_LANES", lanes)
-        monkeypatch.setattr(agg_projection, "GRAM_BLOCK_CHUNKS", chunks)
-    return request.param
-
-
-def _fresh(grads: torch.Tensor, seed: int = 7, calls: int = 1, **kwargs):
-    """Output and stats of call number ``calls`` of a new aggregator on a copy of ``grads``, no prepare."""
-    agg = ProjectionAggregator(seed=seed, **kwargs)
-    for _ in range(calls - 1):
-        agg(grads.clone())
-    return agg(grads.clone())
-
-
-def _same(a, b) -> None:
-    (out_a, stats_a), (out_b, stats_b) = a, b
-    assert out_a.dtype == out_b.dtype
-    assert torch.equal(out_a, out_b)
-    assert stats_a == stats_b
-
-
-@st.composite
-def arrival_cases(draw):
-    """(grads (K, P), dtype, arrival order, rewritten row or None, rows left unprepared)."""
-    grads, _, reduction, _ = draw(projection_cases())
-    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
-    k = grads.shape[0]
-    arrival = draw(st.permutations(list(range(k))))
-    rewrite = draw(st.none() | st.integers(0, k - 1))
-    skipped = draw(st.lists(st.integers(0, k - 1), max_size=2, unique=True))
-    return grads.to(dtype), arrival, rewrite, skipped, reduction
-
-
-@settings(max_examples=120, deadline=None, suppress_health_check=_FIXTURE_OK)
-@given(case=arrival_cases(), seed=st.integers(0, 2**31 - 1))
-def test_prepare_in_any_order_is_bit_identical_to_no_prepare(gram_lanes, case, seed):
-    grads, arrival, rewrite, skipped, reduction = case
-    k, p = grads.shape
-    gen = torch.Generator().manual_seed(seed)
-    matrix = torch.empty(k, p, dtype=grads.dtype).uniform_(-1, 1, generator=gen)  # stale data before arrival
-    agg = ProjectionAggregator(seed=7, reduction=reduction)
-    for row in arrival:
-        matrix[row] = grads[row]
-        if row not in skipped:
-            agg.prepare(matrix, row)
-    if rewrite is not None:  # a site's slot written again (new data) and prepared again
-        matrix[rewrite] = torch.randn(p, generator=gen, dtype=grads.dtype)
-        agg.prepare(matrix, rewrite)
-    expected = _fresh(matrix, reduction=reduction)
-    _same(agg(matrix), expected)
-    # and in the reverse arrival order, every row prepared
-    agg2 = ProjectionAggregator(seed=7, reduction=reduction)
-    for row in reversed(arrival):
-        agg2.prepare(matrix, row)
-    _same(agg2(matrix), expected)
-
-
-@settings(max_examples=40, deadline=None, suppress_health_check=_FIXTURE_OK)
-@given(case=projection_cases(), order_seed=st.integers(0, 2**31 - 1))
-def test_prepared_aggregator_matches_reference(gram_lanes, case, order_seed):
-    grads64, _, reduction, weights = case
-    for grads in (grads64, grads64.float()):
-        k = grads.shape[0]
-        agg = ProjectionAggregator(seed=order_seed % 1000, reduction=reduction)
-        for row in torch.randperm(k, generator=torch.Generator().manual_seed(order_seed)).tolist():
-            agg.prepare(grads, row)
-        out, stats = agg(grads, weights=weights)
-        order = list(stats.projection_order)
-        ref = project_conflicting_reference(grads, order, reduction, weights, dtype=torch.float64)
-        w = torch.tensor(stats.coefficients, dtype=torch.float64)
-        if grads.dtype == torch.float64:  # the bounds of the two tests above
-            assert float((out - ref).norm()) <= 1e-6 * _magnitude(grads, reduction, weights) + 1e-300
-        else:
-            bound = 2 * (k + 1) * U32 * (w.abs() @ grads.double().abs())
-            bound += 1e-9 * _magnitude(grads, reduction, weights)
-            assert bool(((out.double() - ref).abs() <= bound).all())
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_prepare_is_thread_count_invariant(gram_lanes, dtype):
-    gen = torch.Generator().manual_seed(4)
-    grads = torch.randn(7, 70_001, generator=gen).to(dtype)
-    grads[3] = -0.5 * grads[1] + 1e-3 * grads[3]  # a conflict
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = _fresh(grads)
-        torch.set_num_threads(2)
-        agg = ProjectionAggregator(seed=7)
-        for row in (5, 0, 6, 2, 4, 1, 3):
-            agg.prepare(grads, row)
-        two = agg(grads)
-        two_fresh = _fresh(grads)
-    finally:
-        torch.set_num_threads(threads)
-    assert one[1] == two[1] == two_fresh[1]  # Gram statistics and coefficients
-    _same(two, two_fresh)
-    assert torch.equal(one[0], two[0])  # the combination is element-wise, so it is invariant too
-
-
-def test_prepare_cache_dropped_for_another_matrix(gram_lanes):
-    gen = torch.Generator().manual_seed(5)
-    a = torch.randn(5, 300, generator=gen)
-    b = torch.randn(5, 300, generator=gen)
-    agg = ProjectionAggregator(seed=7)
-    for row in range(5):
-        agg.prepare(a, row)
-    _same(agg(b), _fresh(b))  # same shape, other matrix: a's entries must not be used
-    for row in range(5):
-        agg.prepare(a, row)
-    agg.prepare(b, 2)  # preparing another matrix drops a's cache
-    _same(agg(a), _fresh(a, calls=2))
-
-
-def test_prepare_cache_dropped_when_matrix_relaid_with_other_k(gram_lanes):
-    gen = torch.Generator().manual_seed(6)
-    storage = torch.randn(6, 300, generator=gen)
-    first = storage[:4]  # same data pointer and row stride as ``second``, fewer rows
-    second = storage[:6]
-    agg = ProjectionAggregator(seed=7)
-    for row in range(4):
-        agg.prepare(first, row)
-    for row in (5, 4):
-        agg.prepare(second, row)
-    _same(agg(second), _fresh(second))
-
-
-def test_write_after_prepare_without_prepare_is_not_used(gram_lanes):
-    gen = torch.Generator().manual_seed(8)
-    grads = torch.randn(5, 300, generator=gen)
-    agg = ProjectionAggregator(seed=7)
-    for row in range(5):
-        agg.prepare(grads, row)
-    grads[2] = -grads[0]  # written, but the coordinator contract (prepare after write) broken
-    _same(agg(grads), _fresh(grads))
-
-
-def test_reprepared_row_is_recomputed_and_call_resets_cache(gram_lanes):
-    gen = torch.Generator().manual_seed(9)
-    grads = torch.randn(5, 300, generator=gen)
-    agg = ProjectionAggregator(seed=7)
-    for row in range(5):
-        agg.prepare(grads, row)
-    # ``.data`` writes do not bump the version counter, so only the cache logic itself can
-    # notice these changes.
-    grads.data[1] = -grads[4]
-    agg.prepare(grads, 1)  # re-prepared after being written again: must be recomputed
-    _same(agg(grads), _fresh(grads))
-    grads.data[3] = -grads[0]
-    _same(agg(grads), _fresh(grads, calls=2))  # the first call reset the cache
-
-
-def test_coordinator_like_steps_reuse_one_matrix(gram_lanes):
-    gen = torch.Generator().manual_seed(10)
-    k, p = 6, 500
-    matrix = torch.empty(k, p)
-    agg = ProjectionAggregator(seed=3)
-    plain = ProjectionAggregator(seed=3)
-    for _ in range(4):
-        for row in torch.randperm(k, generator=gen).tolist():
-            matrix[row].copy_(torch.randn(p, generator=gen))
-            if row % 2 == 0:
-                matrix[row, :7] = -matrix[(row + 1) % k, :7]
-            agg.prepare(matrix, row)
-        _same(agg(matrix), plain(matrix.clone()))
-
-
-def test_prepare_does_not_consume_permutations_or_change_state():
-    grads = torch.randn(6, 40, generator=torch.Generator().manual_seed(11))
-    agg = ProjectionAggregator(seed=5)
-    state = agg.state_dict()
-    for row in range(6):
-        agg.prepare(grads, row)
-    assert set(state) == set(agg.state_dict()) and torch.equal(state["generator_state"], agg.generator.get_state())
-    assert agg.rounds == 0
-    assert _orders(agg, grads, 3) == _orders(ProjectionAggregator(seed=5), grads, 3)
-
-
-def test_prepare_invalid_arguments_and_default_noop():
-    agg = ProjectionAggregator(seed=0)
-    grads = torch.randn(3, 10)
-    with pytest.raises(AggregationError, match="out of range"):
-        agg.prepare(grads, 3)
-    with pytest.raises(AggregationError, match="out of range"):
-        agg.prepare(grads, -1)
-    with pytest.raises(AggregationError, match="must be an int"):
-        agg.prepare(grads, 1.0)
-    with pytest.raises(AggregationError, match="2-D"):
-        agg.prepare(torch.randn(10), 0)
-    MeanAggregator().prepare(grads, 0)  # the base-class hook does nothing
-    out, _ = MeanAggregator()(grads)
-    torch.testing.assert_close(out, grads.mean(0))
-
-
-def test_prepared_non_finite_rows_named():
-    grads = torch.randn(4, 20, generator=torch.Generator().manual_seed(0))
-    grads[2, 5] = float("nan")
-    agg = ProjectionAggregator(seed=0)
-    for row in range(4):
-        agg.prepare(grads, row)
-    with pytest.raises(AggregationError, match="non-finite backbone gradient.*'c'"):
-        agg(grads, ["a", "b", "c", "d"])
-    assert agg.rounds == 0
-
-
-def _documented_gram_entry(x: list[float], v: list[float], lanes: int, chunks: int) -> float:
-    """gram_entries' summation tree, written out in Python floats (IEEE double) from its docstring."""
-    p, width = len(x), lanes * chunks
-    block_sums = []
-    for b0 in range(0, p, width):
-        acc = [0.0] * lanes
-        for t in range(b0, min(p, b0 + width)):  # increasing t: lane (t - b0) % lanes
-            acc[(t - b0) % lanes] += x[t] * v[t]  # float32 values: the double product is exact
-        w = lanes
-        while w > 1:
-            acc[: w // 2] = [acc[i] + acc[i + w // 2] for i in range(w // 2)]
-            w //= 2
-        block_sums.append(acc[0])
-    span = 1
-    while span < len(block_sums):
-        span *= 2
-    block_sums += [0.0] * (span - len(block_sums))
-    while span > 1:
-        block_sums[: span // 2] = [block_sums[i] + block_sums[i + span // 2] for i in range(span // 2)]
-        span //= 2
-    return block_sums[0]
-
-
-@pytest.mark.parametrize("use_native", [False, True], ids=["torch-path", "compiled"])
-@pytest.mark.parametrize("p", [1, 7, 24, 50, 97])
-def test_gram_entries_follow_the_documented_summation_tree(monkeypatch, use_native, p):
-    if use_native and not native.available():
-        pytest.skip(f"compiled kernel unavailable here ({native.status()}); the PyTorch path is checked")
-    monkeypatch.setattr(agg_projection, "GRAM_LANES", 8)
-    monkeypatch.setattr(agg_projection, "GRAM_BLOCK_CHUNKS", 3)
-    grads = torch.randn(3, p, generator=torch.Generator().manual_seed(p)) * torch.logspace(-3, 3, p)
-    lanes, chunks, _ = agg_projection.gram_layout(p)
-    got = agg_projection.gram_entries(grads, 0, 3, 1, native=use_native)
-    rows = [[float(a) for a in r] for r in grads.tolist()]
-    expected = [_documented_gram_entry(rows[i], rows[1], lanes, chunks) for i in range(3)]
-    assert got.tolist() == expected  # every bit
-
-
-def test_incremental_gram_is_float64_accurate(gram_lanes):
-    g32 = torch.randn(5, 200_001, generator=torch.Generator().manual_seed(3))
-    exact = g32.double() @ g32.double().T
-    norms = exact.diagonal().sqrt()
-    gram = agg_projection.incremental_gram(g32)
-    assert torch.equal(gram, gram.T)
-    # float64 accumulation of exact products: far inside float32 rounding of the entries
-    assert bool(((gram - exact).abs() <= 1e-12 * norms[:, None] * norms[None, :]).all())
-    with pytest.raises(AggregationError, match="out of range"):
-        agg_projection.gram_entries(g32, 0, 2, 5)
-    # an entry does not depend on the other rows in the call, nor on which row is the vector
-    for lo, hi in ((0, 5), (1, 2), (1, 4), (3, 5)):
-        for row in range(5):
-            got = agg_projection.gram_entries(g32, lo, hi, row)
-            assert torch.equal(got, gram[lo:hi, row])
-
-
-# ---------------------------------------------------------------------------- compiled Gram kernel
-
-_HAS_CC = shutil.which(os.environ.get("CC", "cc")) is not None or shutil.which("gcc") is not None
-
-
-@pytest.fixture
-def native_kernel(tmp_path, monkeypatch):
-    """The compiled kernel, built into a fresh cache directory for this test."""
-    if not _HAS_CC:
-        pytest.skip("no C compiler on this machine: the PyTorch Gram path is the one in use (tested above)")
-    monkeypatch.setenv("FEDBONE_NATIVE_CACHE", str(tmp_path / "native"))
-    native.reset()
-    assert native.available(), native.status()
-    yield native
-    native.reset()
-
-
-@settings(max_examples=60, deadline=None, suppress_health_check=_FIXTURE_OK)
-@given(p=st.integers(1, 70_000), k=st.integers(1, 9), seed=st.integers(0, 2**31 - 1), data=st.data())
-def test_native_gram_entries_are_bit_identical_to_the_torch_path(native_kernel, gram_lanes, p, k, seed, data):
-    gen = torch.Generator().manual_seed(seed)
-    scale = data.draw(st.sampled_from([1e-30, 1.0, 1e30]))
-    grads = torch.randn(k + 1, p, generator=gen) * scale
-    grads = grads[1:] if data.draw(st.booleans()) else grads[:k]  # a view at an offset, or the start
-    lo = data.draw(st.integers(0, k - 1))
-    hi = data.draw(st.integers(lo + 1, k))
-    row = data.draw(st.integers(0, k - 1))
-    assert native.supports(grads)
-    fast = agg_projection.gram_entries(grads, lo, hi, row)
-    slow = agg_projection.gram_entries(grads, lo, hi, row, native=False)
-    assert fast.dtype == torch.float64 and fast.shape == (hi - lo,)
-    assert torch.equal(fast, slow)
-
-
-def test_native_gram_is_thread_count_invariant_and_used_by_the_aggregator(native_kernel, monkeypatch):
-    gen = torch.Generator().manual_seed(11)
-    grads = torch.randn(6, 200_003, generator=gen)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = agg_projection.gram_entries(grads, 0, 6, 5)
-        torch.set_num_threads(2)
-        two = agg_projection.gram_entries(grads, 0, 6, 5)
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(one, two)
-    # The aggregator on the kernel gives the bits of the PyTorch path.
-    with_kernel = _fresh(grads)
-    native.reset()
-    monkeypatch.setenv("FEDBONE_NATIVE", "0")
-    assert not native.available() and "FEDBONE_NATIVE=0" in native.status()
-    _same(with_kernel, _fresh(grads))
-
-
-def test_native_kernel_refuses_a_library_others_could_have_written(native_kernel, tmp_path):
-    (lib,) = (tmp_path / "native").glob("*.so")
-    lib.chmod(0o666)  # anyone could have replaced it: never load it
-    native.reset()
-    assert not native.available() and "writable by others" in native.status()
-    lib.chmod(0o700)
-    (tmp_path / "native").chmod(0o777)
-    native.reset()
-    assert not native.available() and "writable by others" in native.status()
-
-
-def test_native_kernel_falls_back_when_it_cannot_be_built(tmp_path, monkeypatch):
-    monkeypatch.setenv("FEDBONE_NATIVE_CACHE", str(tmp_path / "native"))
-    monkeypatch.setenv("CC", "/bin/false")  # a compiler that always fails
-    native.reset()
-    try:
-        assert not native.available()
-        assert "build or load failed" in native.status()
-        grads = torch.randn(3, 1000)
-        assert not native.supports(grads)
-        ref = agg_projection.gram_entries(grads, 0, 3, 2, native=False)
-        assert torch.equal(agg_projection.gram_entries(grads, 0, 3, 2), ref)  # the PyTorch path ran
-        assert not list((tmp_path / "native").glob("*.so"))  # nothing half-built left to load later
-    finally:
-        native.reset()
-
-
-def test_native_kernel_is_not_used_for_other_layouts_or_dtypes(native_kernel):
-    grads = torch.randn(4, 3000)
-    assert not native.supports(grads.T.contiguous().T)  # columns not contiguous
-    assert not native.supports(grads.double())
-    assert not native.supports(grads.half())
-    strided = torch.randn(4, 6000)[:, ::2]
-    assert torch.equal(agg_projection.gram_entries(strided, 0, 4, 1),
-                       agg_projection.gram_entries(strided, 0, 4, 1, native=False))
-
-
-
-def _kernel_outputs(grads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One Gram row, the whole Gram matrix and a combination, through whatever kernel is loaded."""
-    k = grads.shape[0]
-    lanes, chunks, _ = agg_projection.gram_layout(grads.shape[1])
-    row = native.gram_entries_f32(grads, 0, k, k - 1, lanes, chunks)
-    gram = native.gram_all_f32(grads, lanes, chunks)
-    coeffs = torch.linspace(-1.5, 2.0, k).tolist()
-    return row, gram, native.combine_f32(grads, coeffs)
-
-
-def _same_outputs(a, b) -> None:
-    for x, y in zip(a, b, strict=True):
-        assert x.dtype == y.dtype and torch.equal(x, y)
-
-
-@pytest.mark.parametrize("p", [1_000, 200_003])
-def test_native_kernel_gives_the_same_bits_on_every_instruction_set(native_kernel, monkeypatch, p):
-    grads = torch.randn(7, p, generator=torch.Generator().manual_seed(p)) * torch.logspace(-20, 20, p)
-    outputs, levels = {}, []
-    for isa in native.ISA_LEVELS:
-        monkeypatch.setenv("FEDBONE_NATIVE_ISA", isa)
-        native.reset()
-        assert native.available(), native.status()
-        levels.append(native.status())
-        outputs[isa] = _kernel_outputs(grads)
-    assert "; base;" in levels[0]  # the cap is applied (higher levels only where the CPU has them)
-    for isa in native.ISA_LEVELS[1:]:
-        _same_outputs(outputs["base"], outputs[isa])
-    ref = agg_projection.gram_entries(grads, 0, 7, 6, native=False)
-    assert torch.equal(outputs["base"][0], ref)  # and the PyTorch path's
-    monkeypatch.setenv("FEDBONE_NATIVE_ISA", "sse4")
-    native.reset()
-    assert not native.available() and "FEDBONE_NATIVE_ISA must be one of" in native.status()
-
-
-def test_native_openmp_team_and_thread_pool_give_the_same_bits(native_kernel, monkeypatch):
-    if "OpenMP team" not in native.status():
-        pytest.skip(f"this compiler builds the kernel without OpenMP ({native.status()}); the pool is tested")
-    grads = torch.randn(9, 300_007, generator=torch.Generator().manual_seed(5))
-    threads = torch.get_num_threads()
-    results = []
-    try:
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            results.append(_kernel_outputs(grads))  # on torch's OpenMP team of n threads
-            monkeypatch.setattr(native, "_openmp", False)
-            results.append(_kernel_outputs(grads))  # on the Python thread pool
-            monkeypatch.setattr(native, "_openmp", True)
-    finally:
-        torch.set_num_threads(threads)
-    for other in results[1:]:
-        _same_outputs(results[0], other)
-
-
-def test_native_kernel_builds_without_openmp_when_the_compiler_lacks_it(tmp_path, monkeypatch):
-    real = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if real is None:
-        pytest.skip("no C compiler on this machine: the PyTorch Gram path is the one in use (tested above)")
-    log = tmp_path / "cc.log"
-    wrapper = tmp_path / "cc-without-openmp"
-    wrapper.write_text(
-        "#!/bin/sh\n"
-        f'echo "$*" >> "{log}"\n'
-        'for a in "$@"; do [ "$a" = "-fopenmp" ] && { echo "unsupported option -fopenmp" >&2; exit 1; }; done\n'
-        f'exec "{real}" "$@"\n'
-    )
-    wrapper.chmod(0o755)
-    monkeypatch.setenv("CC", str(wrapper))
-    monkeypatch.setenv("FEDBONE_NATIVE_CACHE", str(tmp_path / "native"))
-    grads = torch.randn(5, 70_001, generator=torch.Generator().manual_seed(2))
-    try:
-        native.reset()
-        assert native.available(), native.status()
-        assert "thread pool" in native.status()
-        assert torch.equal(agg_projection.gram_entries(grads, 0, 5, 3),
-                           agg_projection.gram_entries(grads, 0, 5, 3, native=False))
-        assert len(log.read_text().splitlines()) == 2  # tried with OpenMP, then built without
-        native.reset()
-        assert native.available() and "thread pool" in native.status()
-        assert len(log.read_text().splitlines()) == 2  # the next process loads it: no new attempt
-    finally:
-        native.reset()
