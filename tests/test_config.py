@@ -65,8 +65,14 @@ def test_project_every_is_checked():
     assert cfg.aggregation.project_every == 4
     with pytest.raises(ConfigError, match="project_every: must be > 0"):
         from_mapping(ServerConfig, {"aggregation": {"project_every": 0}}, where="x")
-    with pytest.raises(ConfigError, match="project_every: only applies to method = \"projection\""):
+    with pytest.raises(ConfigError, match="project_every: only applies to a projecting method"):
         from_mapping(ServerConfig, {"aggregation": {"method": "mean", "project_every": 2}}, where="x")
+    with pytest.raises(ConfigError, match="server_lr: only applies to cadence"):
+        from_mapping(ServerConfig, {"aggregation": {"server_lr": 0.5}}, where="x")
+    cfg = from_mapping(ServerConfig, {"aggregation": {"cadence": "round", "server_lr": 0.5}}, where="x")
+    assert cfg.aggregation.cadence == "round" and cfg.aggregation.server_lr == 0.5
+    with pytest.raises(ConfigError, match="cadence"):
+        from_mapping(ServerConfig, {"aggregation": {"cadence": "epoch"}}, where="x")
 
 
 def test_a_checkpoint_from_before_an_option_existed_resumes_if_the_option_is_at_its_default():

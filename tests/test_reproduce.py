@@ -491,3 +491,15 @@ def test_retired_method_name_says_what_replaced_it(tmp_path):
     with pytest.raises(ConfigError, match="unknown method 'fedbone-nope'"):
         rep.check_methods(["local", "fedbone-nope"])
     assert not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.parametrize("method,cadence,aggregations", [("fedbone-gpagg-step", "step", 4),
+                                                          ("fedbone-gpagg-round", "round", 2)])
+def test_the_papers_gpaggregation_runs_at_both_cadences(tmp_path, method, cadence, aggregations):
+    cfg = rep.with_method(_cfg(rounds=2, steps=2), method, 0)
+    assert cfg.server.aggregation.method == "gpaggregation" and cfg.server.aggregation.cadence == cadence
+    results = rep.run_fedbone(cfg, tmp_path, "inprocess", keep_checkpoints=False)
+    assert len(results["aggregation"]) == aggregations  # every step, or once per round
+    assert all(a["method"] == "gpaggregation" for a in results["aggregation"])
+    assert all(math.isfinite(m["primary"]) for m in results["final"].values())
+    assert method in rep.ALL_METHODS and method not in rep.METHODS  # on request, beside today's methods

@@ -24,6 +24,8 @@ LABELS = {
     "fedbone-projection": "FedBone (projection)",
     "central": "centralised",
     "fedbone-projection-avgemb": "FedBone (projection, averaged embeddings)",
+    "fedbone-gpagg-step": "FedBone (GPAggregation, step cadence)",
+    "fedbone-gpagg-round": "FedBone (GPAggregation, round cadence: the paper's Figure 2)",
 }
 FEDBONE = "fedbone-projection"
 ABLATION = "fedbone-projection-avgemb"

@@ -13,6 +13,12 @@ with the same batches, for ``rounds x steps_per_round`` steps per site:
 ``central``            multi-task training on pooled data in one process (a reference)
 =====================  ==================================================================
 
+On request (``--methods``), the paper's GPAggregation (Algorithm 2) at each of its two
+cadences, with the experiment's optimizer so that only the aggregation and cadence differ:
+``fedbone-gpagg-step`` (Algorithm 1: every step's site gradients aggregated) and
+``fedbone-gpagg-round`` (Figure 2: one backbone replica per site, the replicas' updates
+aggregated once per round, ``server_lr`` = 1).
+
 The FedBone methods share only the server's backbone; whether the sites also average their
 embeddings is the experiment's ``embedding_fedavg`` (the ophthalmic experiment keeps them at
 the sites, as in the FedBone paper, where each client keeps its task-specific model). On
@@ -32,7 +38,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -53,7 +59,12 @@ METHODS: tuple[str, ...] = ("local", "fedavg", "fedbone-mean", "fedbone-projecti
 # Ablations, run on request (--methods): FedBone (projection) with the embeddings of sites of
 # the same modality averaged (FedAvg, weighted by training samples) at every round's end.
 ABLATIONS: tuple[str, ...] = ("fedbone-projection-avgemb",)
-ALL_METHODS = METHODS + ABLATIONS
+# The paper's aggregation at its two cadences (on request): method -> (aggregation method, cadence)
+PAPER_METHODS: dict[str, tuple[str, Literal["step", "round"]]] = {
+    "fedbone-gpagg-step": ("gpaggregation", "step"),
+    "fedbone-gpagg-round": ("gpaggregation", "round"),
+}
+ALL_METHODS = METHODS + ABLATIONS + tuple(PAPER_METHODS)
 # Methods that no longer exist, with what to use instead (named in the error).
 RETIRED = {
     "fedbone-projection-localemb": "embeddings are kept at the sites by default now (fedbone-projection); "
@@ -131,6 +142,10 @@ def with_method(cfg: ExperimentConfig, method: str, seed: int) -> ExperimentConf
     cfg = replace(cfg, seed=seed)
     if method == "fedbone-projection-avgemb":
         cfg = replace(with_method(cfg, "fedbone-projection", seed), embedding_fedavg=True)
+    elif method in PAPER_METHODS:
+        name, cadence = PAPER_METHODS[method]
+        agg = replace(cfg.server.aggregation, method=name, cadence=cadence, project_every=1, server_lr=1.0)
+        cfg = replace(cfg, server=replace(cfg.server, aggregation=agg))
     elif method.startswith("fedbone-"):
         agg = replace(cfg.server.aggregation, method=method.removeprefix("fedbone-"))
         cfg = replace(cfg, server=replace(cfg.server, aggregation=agg))
