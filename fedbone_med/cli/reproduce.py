@@ -32,7 +32,8 @@ def add_parser(sub: Any) -> None:
     rep.add_argument("--methods",
                      help="comma-separated methods: local,fedavg,fedbone-mean,fedbone-projection,central, "
                      "and the ablation fedbone-projection-avgemb (FedBone projection with same-modality "
-                     "embeddings averaged each round); default: the profile's")
+                     "embeddings averaged each round), and the paper's GPAggregation at its two cadences, "
+                     "fedbone-gpagg-step and fedbone-gpagg-round; default: the profile's")
     rep.add_argument("--rounds", type=int, help="override the number of rounds")
     rep.add_argument("--steps", type=int, help="override steps per round")
     rep.add_argument("--no-memory", action="store_true", help="skip the step-memory measurement")
