@@ -247,17 +247,21 @@ def test_outputs_are_written_and_consistent(reproduction):
     out, summary = reproduction
     for f in ("table.md", "results.csv", "costs.csv", "results.json", "report.md", "curves.png", "conflicts.png"):
         assert (out / f).is_file() and (out / f).stat().st_size > 0, f
-    for m in ("fedbone-mean", "fedbone-projection", "fedbone-projection-avgemb"):
+    fedbone_methods = [m for m in rep.ALL_METHODS if m.startswith("fedbone-")]
+    assert {"fedbone-mean", "fedbone-projection", "fedbone-projection-avgemb", "fedbone-gpagg-step",
+            "fedbone-gpagg-round"} == set(fedbone_methods)
+    for m in fedbone_methods:
         for seed in (0, 1):
             log = out / "runs" / f"{m}-seed{seed}" / "audit" / "server.jsonl"
             assert log.is_file() and log.read_text().strip(), log
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["methods"] == list(rep.ALL_METHODS)
     assert set(on_disk["sites"]) == {"vessels", "dr", "layers", "edema"}
-    # fedbone-mean, -projection, -projection-avgemb x 2 seeds: the server's log and each of the 4 sites' own
+    # every FedBone method x 2 seeds: the server's log and each of the 4 sites' own
     logs = on_disk["audit_logs"]
-    assert sum(p.endswith("audit/server.jsonl") for p in logs) == 6
-    assert sum(p.endswith("audit/site.jsonl") for p in logs) == 6 * 4 and len(logs) == 30
+    runs = len(fedbone_methods) * 2
+    assert sum(p.endswith("audit/server.jsonl") for p in logs) == runs
+    assert sum(p.endswith("audit/site.jsonl") for p in logs) == runs * 4 and len(logs) == runs * 5
     table = (out / "table.md").read_text()
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert len(rows) == len(rep.ALL_METHODS) * sum(len(i["metrics"]) for i in on_disk["sites"].values())
