@@ -33,7 +33,20 @@ def _interrupted(exc: BaseException) -> bool:
     return False
 
 
-def _fsync_dir(directory: Path) -> None:
+def _os_error(exc: BaseException) -> OSError | None:
+    """The first OSError in ``exc``'s context chain."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, OSError):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def fsync_dir(directory: Path) -> None:
+    """Flush a directory's entries (a rename in it) to disk."""
     dir_fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
@@ -62,6 +75,11 @@ def _write_temp(path: Path, write) -> str:
             # raises "unexpected pos" when interrupted mid-record): it is still an interruption, and the
             # old file is intact.
             raise KeyboardInterrupt(f"interrupted while writing {path.name}") from exc
+        cause = _os_error(exc)
+        if not isinstance(exc, OSError) and cause is not None:
+            # the file system refused (ENOSPC mid-record) and torch.save's zip writer then failed to close
+            # ("unexpected pos"): what went wrong is the OSError, for the operator's message and exit code
+            raise OSError(cause.errno, cause.strerror, str(path)) from exc
         raise
     return tmp
 
@@ -74,18 +92,18 @@ def _atomic_write(path: Path, write) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 class StagedCheckpoint:
-    """A checkpoint written and flushed to ``NAME.next`` beside its target, not yet in place.
+    """A checkpoint (or results file) written and flushed to ``NAME.next`` beside its target, not yet in place.
 
-    The two-phase write of the server's round boundary: the checkpoint is staged (the write that
-    needs disk space), the round's audit record names its SHA-256 (the commit point), then
-    :meth:`commit` renames it into place. A failure before the record leaves the previous
-    checkpoint and the log as they were (:meth:`discard`); a crash between the record and the
-    rename is completed on restart by :func:`complete_staged` (the staged file is the one the log
-    names). Either way the checkpoint and the log describe the same round.
+    The two-phase write of the server's round boundary (:mod:`fedbone_med.server.boundary`): the
+    checkpoint is staged (the write that needs disk space), the round's audit record names its
+    SHA-256 (the commit point), then :meth:`commit` renames it into place. A failure before the
+    record leaves the previous checkpoint and the log as they were (:meth:`discard`); a crash
+    between the record and the rename is completed on restart by :func:`complete_staged` (the
+    staged file is the one the log names). Either way the checkpoint and the log describe the same round.
     """
 
     def __init__(self, path: Path) -> None:
@@ -95,7 +113,7 @@ class StagedCheckpoint:
 
     def commit(self) -> None:
         os.replace(self.staged, self.path)
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
 
     def discard(self) -> None:
         self.staged.unlink(missing_ok=True)
@@ -113,6 +131,14 @@ def stage_checkpoint(state: dict[str, Any], path: str | Path) -> StagedCheckpoin
     return StagedCheckpoint(p)
 
 
+def stage_json(data: Any, path: str | Path) -> StagedCheckpoint:
+    """Write ``data`` as JSON to ``PATH.next`` and flush it (a results file staged with a round's checkpoints)."""
+    p = Path(path)
+    text = json.dumps(data, indent=2, sort_keys=False, allow_nan=True) + "\n"
+    _atomic_write(staged_path(p), lambda fh: fh.write(text.encode("utf-8")))
+    return StagedCheckpoint(p)
+
+
 def complete_staged(path: str | Path, recorded: Callable[[str], bool]) -> str | None:
     """Finish a two-phase write interrupted by a crash: put ``PATH.next`` in place if ``recorded(its
     SHA-256)`` (the log holds the record that commits it), else remove it. Returns what was done."""
@@ -121,7 +147,7 @@ def complete_staged(path: str | Path, recorded: Callable[[str], bool]) -> str | 
         return None
     if recorded(file_sha256(staged)):
         os.replace(staged, path)
-        _fsync_dir(staged.parent)
+        fsync_dir(staged.parent)
         return "committed"
     staged.unlink()
     return "discarded"

@@ -100,3 +100,21 @@ def test_ctrl_c_while_a_checkpoint_is_written_is_an_interrupt_and_keeps_the_old_
     monkeypatch.setattr(torch, "save", lambda obj, fh: 1 / 0)
     with pytest.raises(ZeroDivisionError):  # other errors are not turned into interrupts
         save_checkpoint({"kind": "site"}, p)
+
+
+def test_a_full_disk_inside_torch_save_is_reported_as_the_os_error(tmp_path, monkeypatch):
+    """torch.save's zip writer answers ENOSPC mid-record with a RuntimeError ("unexpected pos") on close:
+    the write reports the OSError (errno and file), and nothing is left beside the target."""
+    import errno
+
+    def full_disk(state, fh):
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("unexpected pos 2709312 vs 2709200") from None
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError) as info:
+        save_checkpoint({"kind": "server"}, tmp_path / "server.pt")
+    assert info.value.errno == errno.ENOSPC and "server.pt" in str(info.value.filename)
+    assert not list(tmp_path.iterdir())

@@ -110,25 +110,93 @@ def test_resumed_run_ends_equal_to_an_uninterrupted_run(tmp_path):
     assert report.rounds[resumed.run_id] == [0, 1] and report.ended == {resumed.run_id: 2}
 
 
-def test_a_crash_between_checkpoint_and_audit_record_is_back_filled_on_resume(tmp_path, monkeypatch):
+def _files(directory: Path) -> dict[str, str]:
+    from fedbone_med.checkpoint import file_sha256
+
+    return {p.name: file_sha256(p) for p in sorted(directory.iterdir())}
+
+
+def _assert_equal_runs(a: Federation, b: Federation) -> None:
+    sa, sb = _states(a), _states(b)
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), f"{k} differs after resume"
+
+
+def test_a_failure_at_the_round_record_keeps_nothing_of_the_round_and_resume_trains_it_again(tmp_path, monkeypatch):
+    """The round boundary of `fedbone run` is all or none: the round record fails (before the commit point),
+    the staged checkpoints go, the log is cut back, and --resume trains the round again to the same end."""
     from fedbone_med.server.audit_trail import ServerAuditTrail
 
     cfg = _experiment(rounds=2, steps=2, n_train=16)
+    full = Federation(cfg, tmp_path / "full")
+    full.run(progress=False)
     original = ServerAuditTrail.round_finished
 
-    def crash(self, round, *args, **kwargs):
-        raise RuntimeError("power cut")  # round 0's checkpoint is on disk, its audit record is not
+    def fail_round_1(self, round, *args, **kwargs):
+        if round == 1:
+            raise RuntimeError("the signing service is gone")
+        return original(self, round, *args, **kwargs)
 
-    monkeypatch.setattr(ServerAuditTrail, "round_finished", crash)
-    first = Federation(cfg, tmp_path)
-    with pytest.raises(RuntimeError, match="power cut"):
-        first.run(progress=False)
+    monkeypatch.setattr(ServerAuditTrail, "round_finished", fail_round_1)
+    out = tmp_path / "part"
+    saved: dict[str, str] = {}
+    first = Federation(cfg, out)
+    with pytest.raises(RuntimeError, match="signing service"):
+        first.run(progress=False, on_round=lambda record: saved.update(_files(out / "checkpoints")))
     monkeypatch.setattr(ServerAuditTrail, "round_finished", original)
-    resumed = Federation(cfg, tmp_path)
+    assert _files(out / "checkpoints") == saved  # round 0's checkpoints, nothing staged left
+    report = _verify(out)
+    assert report.rounds[first.run_id] == [0] and report.unsigned_tail == 0
+    assert next(r["body"] for r in report.records if r["kind"] == "round")["checkpoint_hash"] == saved["server.pt"]
+    assert [r["round"] for r in json.loads((out / "results.json").read_text())["rounds"]] == [0]
+    resumed = Federation(cfg, out)
     resumed.run(resume=True, progress=False)
-    report = _verify(tmp_path)
-    kinds = [(r["kind"], r["body"].get("round")) for r in report.records if r["kind"] in ("round", "round_backfill")]
-    assert kinds == [("round_backfill", 0), ("round", 1)]
+    _assert_equal_runs(full, resumed)
+    report = _verify(out)
+    assert report.rounds[resumed.run_id] == [0, 1] and not report.backfilled.get(resumed.run_id)
+
+
+@pytest.mark.parametrize("renamed", [0, 3])
+def test_a_crash_after_the_round_record_is_completed_by_resume(tmp_path, monkeypatch, renamed):
+    """A power cut after round 1's signed record, before (``renamed`` = 0) or amid (3: the site checkpoints
+    in place, not results.json nor the server's checkpoint) the renames: --resume puts the staged files in place,
+    back-fills the sites' own logs and ends equal to an uninterrupted run."""
+    from fedbone_med.checkpoint import StagedCheckpoint
+
+    cfg = _experiment(rounds=3, steps=2, n_train=16)
+    full = Federation(cfg, tmp_path / "full")
+    full.run(progress=False)
+    original = StagedCheckpoint.commit
+    commits: list[str] = []
+
+    def power_cut(self):
+        commits.append(self.path.name)
+        if len(commits) > 5 + renamed:  # round 0: 5 files (server, three sites, results)
+            raise SimulatedCrash
+        return original(self)
+
+    monkeypatch.setattr(StagedCheckpoint, "commit", power_cut)
+    out = tmp_path / "part"
+    first = Federation(cfg, out)
+    with pytest.raises(SimulatedCrash):
+        first.run(progress=False)
+    monkeypatch.setattr(StagedCheckpoint, "commit", original)
+    staged = sorted(p.name for p in (out / "checkpoints").glob("*.next"))
+    sites = [] if renamed else ["site-edema.pt.next", "site-layers.pt.next", "site-vessels.pt.next"]
+    assert staged == ["server.pt.next", *sites] and (out / "results.json.next").exists()
+    assert _verify(out).rounds[first.run_id] == [0, 1]  # the commit point was passed
+    resumed = Federation(cfg, out)
+    results = resumed.run(resume=True, progress=False)
+    assert not list((out / "checkpoints").glob("*.next"))
+    assert [r["round"] for r in results["rounds"]] == [0, 1, 2]
+    _assert_equal_runs(full, resumed)
+    report = _verify(out)
+    assert report.rounds[resumed.run_id] == [0, 1, 2] and report.ended == {resumed.run_id: 3}
+    from fedbone_med.experiments.federation import verify_logs
+
+    summary = verify_logs(cfg, out, out / "sites")
+    assert all(v.startswith("agrees") for v in summary["sites"].values()), summary
 
 
 def _verify(out):
@@ -232,3 +300,100 @@ def _resume_with_rounds(cfg, out, rounds):
     with pytest.raises(SimulatedCrash):
         Federation(cfg, out).run(progress=False, on_round=_crash_after_round_0)
     Federation(ExperimentConfig(**{**cfg.__dict__, "rounds": rounds}), out).run(resume=True, progress=False)
+
+
+# -- `fedbone run`: the checkpoint directory's file system fails at a round boundary -------------------------
+
+_CLI_EXPERIMENT = """
+name = "disk"
+seed = 3
+rounds = 3
+steps_per_round = 2
+[server.backbone]
+name = "swin-tiny"
+embed_dim = 16
+depths = [1, 1, 1, 1]
+num_heads = [1, 2, 2, 4]
+[[sites]]
+config = "{root}/sites/phantom-vessels.toml"
+[sites.data]
+image_size = 32
+n_train = 8
+n_val = 4
+[[sites]]
+config = "{root}/sites/phantom-oct-edema.toml"
+[sites.data]
+image_size = 32
+n_train = 8
+n_val = 8
+"""
+
+
+def _mount(*args: str) -> bool:
+    import subprocess
+
+    return subprocess.run(["mount", *args], capture_output=True).returncode == 0
+
+
+@pytest.fixture
+def run_checkpoint_fs(tmp_path: Path):
+    """A tmpfs mounted over ``tmp_path/part/checkpoints`` (skips without mount rights)."""
+    import subprocess
+
+    target = tmp_path / "part" / "checkpoints"
+    target.mkdir(parents=True)
+    if not _mount("-t", "tmpfs", "-o", "size=64m", "tmpfs", str(target)):
+        pytest.skip("needs mount rights (root) to fill or remount the checkpoint file system; not tested here")
+    yield target
+    subprocess.run(["umount", "-l", str(target)], capture_output=True)
+
+
+@pytest.mark.parametrize("fault", ["ENOSPC", "EROFS"])
+def test_fedbone_run_stops_with_code_7_when_its_disk_fails_and_resume_ends_equal(tmp_path, monkeypatch, capsys,
+                                                                                   run_checkpoint_fs, fault):
+    """The file system under `fedbone run`'s checkpoints fills up (or turns read-only) during round 1: the
+    run exits 7 naming the checkpoint, round 0's checkpoints and the log stay as they were, and
+    `fedbone run --resume` after the fix ends bit-identical to an uninterrupted run."""
+    from fedbone_med.audit import load_public_keys, verify_log
+    from fedbone_med.cli import fedbone
+
+    exp = tmp_path / "exp.toml"
+    exp.write_text(_CLI_EXPERIMENT.format(root=ROOT))
+    assert fedbone.main(["run", str(exp), "--out", str(tmp_path / "full"), "--quiet"]) == 0
+    out, ckpts = tmp_path / "part", run_checkpoint_fs
+    saved: dict[str, str] = {}
+    original = Federation._train_step
+
+    def fault_in_round_1(self, rnd, step, i):
+        if rnd == 1 and i == 0 and not saved:
+            saved.update(_files(ckpts))
+            if fault == "EROFS":
+                assert _mount("-o", "remount,ro", str(ckpts))
+            else:  # room for what is there and half a server checkpoint more: its next copy does not fit
+                used = sum(-(-(ckpts / n).stat().st_size // 4096) * 4096 for n in saved)
+                half = (ckpts / "server.pt").stat().st_size // 2 // 4096 * 4096
+                assert _mount("-o", f"remount,size={used + half}", str(ckpts))
+        return original(self, rnd, step, i)
+
+    monkeypatch.setattr(Federation, "_train_step", fault_in_round_1)
+    capsys.readouterr()
+    assert fedbone.main(["run", str(exp), "--out", str(out), "--quiet"]) == 7
+    err = capsys.readouterr().err
+    assert "round 1 could not be recorded" in err and str(ckpts / "server.pt") in err and fault in err, err
+    assert "--resume" in err and "Traceback" not in err
+    assert _files(ckpts) == saved  # round 0's checkpoints, nothing staged left
+    keys = load_public_keys([out / "keys" / "server-audit-key.pub.pem"])
+    report = verify_log(out / "audit" / "server.jsonl", keys)
+    rounds = [e["body"] for e in report.records if e["kind"] == "round"]
+    assert [r["round"] for r in rounds] == [0] and rounds[0]["checkpoint_hash"] == saved["server.pt"]
+    assert report.unsigned_tail == 0
+    assert [r["round"] for r in json.loads((out / "results.json").read_text())["rounds"]] == [0]
+    monkeypatch.setattr(Federation, "_train_step", original)
+    assert _mount("-o", "remount,rw,size=64m", str(ckpts))  # the operator fixes the cause
+    assert fedbone.main(["run", str(exp), "--out", str(out), "--quiet", "--resume"]) == 0
+    for name, part in (("server.pt", "backbone"), ("site-fundus-vessels.pt", "model"), ("site-oct-edema.pt", "model")):
+        a = torch.load(tmp_path / "full" / "checkpoints" / name, weights_only=True)[part]
+        b = torch.load(ckpts / name, weights_only=True)[part]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"{name}: {part} differs"
+    report = verify_log(out / "audit" / "server.jsonl", keys, require_ended=True)
+    assert report.rounds[report.runs[0]] == [0, 1, 2]

@@ -5,8 +5,14 @@ the in-process transport. Steps interleave the sites (site 1, 2, ..., K for step
 step t + 1), which is what the server's step barrier enforces over a network too.
 
 Outputs in ``out_dir``: ``results.json`` (per-site metrics per round, aggregation
-statistics per step) and ``checkpoints/`` (server and one file per site, written
-atomically after every round; ``resume=True`` continues from them).
+statistics per step) and ``checkpoints/`` (server and one file per site; ``resume=True``
+continues from them). Every round boundary is written by the server's
+:class:`~fedbone_med.server.boundary.RoundBoundary`, as ``fedbone-server serve`` writes it: the
+server checkpoint, every site checkpoint and ``results.json`` staged, the events and the signed
+round record (the commit point for all of them), then the renames; a failed write keeps nothing
+of the round (:class:`~fedbone_med.server.boundary.RoundNotRecorded`, exit code 7) and
+``resume=True`` completes a round a crash cut after its commit point. Each site's own log
+records the round after that (a crash in between is back-filled on resume).
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from tqdm import tqdm
 from .. import __version__
 from ..audit.ledger import FrameLedger, LedgerBook
 from ..audit.site_trail import SiteAuditTrail, ensure_site_key
-from ..checkpoint import file_sha256, load_checkpoint, save_checkpoint, write_json_atomic
+from ..checkpoint import file_sha256, load_checkpoint, write_json_atomic
 from ..config import ExperimentConfig
 from ..configtools import config_hash, resume_changes, to_plain
 from ..data.sources import load_site_data
@@ -32,7 +38,7 @@ from ..perf import machine_info
 from ..privacy.errors import BudgetExceeded
 from ..server import Coordinator
 from ..server.audit_trail import ServerAuditTrail, ensure_server_key, module_hash
-from ..server.events import Left
+from ..server.boundary import RoundBoundary, RoundEnd, RoundNotRecorded, write_failure
 from ..site import SiteRuntime, derive_seed
 from ..transport import InProcessTransport
 
@@ -82,13 +88,26 @@ class Federation:
             "rounds": [],
             "aggregation": [],
         }
+        self._digests: dict[Path, str] = {}  # the SHA-256 of every checkpoint the last round boundary wrote
+        self.boundary = RoundBoundary(
+            self.ckpt_dir / "server.pt", self.out / "results.json", self.out / "audit" / "server.jsonl",
+            resume=f"`fedbone run` with the same experiment, --out {self.out} and --resume",
+            others=[self._site_ckpt(site.name) for site in self.sites])
 
     @property
     def ckpt_dir(self) -> Path:
         return self.out / "checkpoints"
 
+    def _site_ckpt(self, name: str) -> Path:
+        return self.ckpt_dir / f"site-{name}.pt"
+
     def resume(self) -> int:
         """Load the last completed round's checkpoints; return the next round to run."""
+        # a crash after a round's commit point (its signed record) and before the renames: finish it; files a
+        # round that never committed staged are removed
+        if self.boundary.complete() == "committed":
+            print(f"the last round's checkpoints were recorded but not yet in place; moved them to {self.ckpt_dir}",
+                  file=sys.stderr)
         server = load_checkpoint(self.ckpt_dir / "server.pt", "server")
         if server["config_hash"] != self.hash:  # only rounds (of an unfinished run) and network.* may change
             changed = resume_changes(str(server.get("config_json", "")), self.cfg,
@@ -97,7 +116,7 @@ class Federation:
         self.coordinator.load_state_dict(server)
         self.run_id = self.coordinator.run_id = self.results["run_id"] = str(server["run_id"])
         for site in self.sites:
-            site.load_state_dict(load_checkpoint(self.ckpt_dir / f"site-{site.name}.pt", "site"))
+            site.load_state_dict(load_checkpoint(self._site_ckpt(site.name), "site"))
             site.run_id = self.run_id
         prior = json.loads((self.out / "results.json").read_text())
         done = self.coordinator.round
@@ -125,7 +144,7 @@ class Federation:
                 if not resume:
                     self.audit.start(self.coordinator.backbone, cfg.server.aggregation.method,
                                      [s.name for s in self.sites], cfg.seed, start)
-                else:  # a crash between the checkpoint and the round record leaves a gap: back-fill it
+                else:  # a log an older version wrote may lag its checkpoint by one round: back-fill it
                     c = self.coordinator
                     self.audit.reconcile(start, file_sha256(self.ckpt_dir / "server.pt"),
                                          backbone_hash=module_hash(c.backbone), step=c.step)
@@ -144,26 +163,13 @@ class Federation:
                     bar.set_postfix({"round": rnd, **{k[:12]: f"{v:.3f}" for k, v in losses.items()}})
                 record = self._end_round(rnd, (rnd + 1) * cfg.steps_per_round - 1)
                 record["seconds"] = time.perf_counter() - t0
-                self.results["rounds"].append(record)
-                self.results["aggregation"].extend(self.coordinator.step_log)
-                steps, self.coordinator.step_log = self.coordinator.step_log, []
-                server_hash = self._checkpoint()
-                usage = self.coordinator.take_usage()
-                if self.audit is not None:
-                    privacy = {n: (m.get("epsilon"), m.get("delta")) for n, m in record["sites"].items()}
-                    for e in self.coordinator.take_events():
-                        if isinstance(e, Left):
-                            self.audit.site_left(e.site, e.round, self.stopped.get(e.site, {}).get("reason", e.reason))
-                    losses = {n: m["train_loss"] for n, m in record["sites"].items() if "train_loss" in m}
-                    self.audit.round_finished(rnd, self.coordinator.backbone, usage, steps,
-                                              cfg.server.aggregation.method, server_hash, privacy, losses=losses,
-                                              ledgers=self.ledger.take_round(rnd) if self.ledger else None)
-                    self._site_rounds(rnd, record, usage)
+                usage = self._round_boundary(rnd, record)
+                self._site_rounds(rnd, record, usage)
                 if on_round is not None:
                     on_round(record)
             if self.audit is not None and start < cfg.rounds:
                 self._close_audit_run()
-        finally:  # on a crash too: release the audit log's lock; the checkpoints are complete
+        finally:  # on a crash too: release the audit logs' locks; the checkpoints are those of a complete round
             bar.close()
             if self.audit is not None:
                 self.audit.close()
@@ -182,8 +188,8 @@ class Federation:
             d = self.out / "sites" / site.name
             trail = SiteAuditTrail(d / "audit" / "site.jsonl", ensure_site_key(d / "keys", site.name),
                                    run_id=self.run_id, site_id=site.name)
-            if resume:
-                trail.reconcile(start, file_sha256(self.ckpt_dir / f"site-{site.name}.pt"))
+            if resume:  # a crash between the server's round record and the sites' own: back-filled
+                trail.reconcile(start, file_sha256(self._site_ckpt(site.name)))
             trail.start(round=start, config_hash=config_hash(site.cfg))
             self.site_audits[site.name] = trail
 
@@ -196,19 +202,46 @@ class Federation:
         for name, trail in self.site_audits.items():
             trail.run_finished(rounds, ledger=self.site_ledgers[name].take(rounds))
 
+    def _round_boundary(self, rnd: int, record: dict[str, Any]) -> dict[str, tuple[int, int]]:
+        """The round's checkpoints (server and every site), results and server audit record, all or none
+        (:class:`RoundBoundary`); returns the round's usage."""
+        c = self.coordinator
+        steps, usage = c.step_log, c.take_usage()
+        results = {**self.results, "rounds": [*self.results["rounds"], record],
+                   "aggregation": [*self.results["aggregation"], *steps]}
+        sites = record["sites"]
+        self.boundary.audit = self.audit
+        self._digests = self.boundary.write(RoundEnd(
+            round=rnd, state=c.state_dict(), results=results, backbone=c.backbone,
+            method=self.cfg.server.aggregation.method, usage=usage, steps=steps, events=c.take_events(),
+            privacy={n: (m.get("epsilon"), m.get("delta")) for n, m in sites.items()},
+            losses={n: m["train_loss"] for n, m in sites.items() if "train_loss" in m},
+            ledgers=self.ledger.take_round(rnd) if self.ledger else None,
+            checkpoints={self._site_ckpt(s.name): s.state_dict() for s in self.sites},
+            left_reasons={n: why["reason"] for n, why in self.stopped.items()}))
+        self.results, c.step_log = results, []
+        return usage
+
     def _site_rounds(self, rnd: int, record: dict[str, Any], usage: dict[str, tuple[int, int]]) -> None:
-        for site in self.sites:
-            trail = self.site_audits.get(site.name)
-            if trail is None:
-                continue
-            ledger = self.site_ledgers[site.name].take(rnd)
-            m = record["sites"].get(site.name, {})
-            steps, samples = usage.get(site.name, (0, 0))
-            trail.round_finished(rnd, steps=steps, samples=samples, ledger=ledger, epsilon=m.get("epsilon"),
-                                 delta=m.get("delta"),
-                                 checkpoint_hash=file_sha256(self.ckpt_dir / f"site-{site.name}.pt"))
-            if "stopped" in m and m["stopped"]["round"] == rnd:
-                trail.left(rnd, m["stopped"]["reason"])
+        """Each site's own record of the round, after the server's (the commit point); a crash in between is
+        back-filled in the site's log on resume."""
+        try:
+            for site in self.sites:
+                trail = self.site_audits.get(site.name)
+                if trail is None:
+                    continue
+                ledger = self.site_ledgers[site.name].take(rnd)
+                m = record["sites"].get(site.name, {})
+                steps, samples = usage.get(site.name, (0, 0))
+                trail.round_finished(rnd, steps=steps, samples=samples, ledger=ledger, epsilon=m.get("epsilon"),
+                                     delta=m.get("delta"), checkpoint_hash=self._digests[self._site_ckpt(site.name)])
+                if "stopped" in m and m["stopped"]["round"] == rnd:
+                    trail.left(rnd, m["stopped"]["reason"])
+        except OSError as exc:
+            where = Path(exc.filename) if exc.filename else self.out / "sites"
+            raise RoundNotRecorded(write_failure(
+                rnd, where, exc, f"Round {rnd} is checkpointed and in the server's audit log; a site's own log "
+                "lacks it, and --resume back-fills it there", self.boundary.resume)) from None
 
     def _train_step(self, rnd: int, step: int, i: int) -> dict[str, float]:
         """One step of every active site; a site whose privacy budget is spent stops and leaves."""
@@ -245,14 +278,6 @@ class Federation:
                 if "stopped" not in m:
                     final[name] = m
         return final
-
-    def _checkpoint(self) -> str:
-        """Write every checkpoint and results.json; return the server checkpoint's SHA-256."""
-        digest = save_checkpoint(self.coordinator.state_dict(), self.ckpt_dir / "server.pt")
-        for site in self.sites:
-            save_checkpoint(site.state_dict(), self.ckpt_dir / f"site-{site.name}.pt")
-        write_json_atomic(self.results, self.out / "results.json")
-        return digest
 
 
 def format_table(results: dict[str, Any]) -> str:

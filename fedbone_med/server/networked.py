@@ -31,14 +31,7 @@ from tqdm import tqdm
 
 from .. import __version__
 from ..audit.ledger import LedgerBook
-from ..checkpoint import (
-    StagedCheckpoint,
-    complete_staged,
-    file_sha256,
-    load_checkpoint,
-    stage_checkpoint,
-    write_json_atomic,
-)
+from ..checkpoint import file_sha256, load_checkpoint, write_json_atomic
 from ..config import ServeConfig
 from ..configtools import config_hash, resume_changes, to_plain
 from ..crypto.kits import ServerKit
@@ -47,33 +40,9 @@ from ..transport.grpc_service import bound_port, serve
 from ..transport.messages import RoundReport
 from ..transport.wire import WIRE_DTYPES
 from .audit_trail import ServerAuditTrail, ensure_server_key, install_rotated_key, module_hash
+from .boundary import RoundBoundary, RoundEnd, RoundNotRecorded, record_events
 from .coordinator import Coordinator
-from .events import Dropped, Event, Joined, Left, StepSkipped
-
-
-class RoundNotRecorded(CheckpointError):
-    """A round boundary could not be written (checkpoint, results or audit record); nothing of it was kept."""
-
-
-def _write_failure(rnd: int, where: Path, exc: OSError, ckpt: Path, resume: str, committed: bool) -> str:
-    """What failed, where, and what to do: for the operator (never patient data: paths and errno only)."""
-    code = errno.errorcode.get(exc.errno or 0, str(exc.errno))
-    hint = {
-        errno.ENOSPC: "free disk space on that file system",
-        errno.EDQUOT: "raise the disk quota or free space",
-        errno.EROFS: "the file system is read-only: remount it read-write or use another --out",
-        errno.EACCES: "make the directory writable by the server's user",
-        errno.EPERM: "make the directory writable by the server's user",
-        errno.EFBIG: "raise the file-size limit (ulimit -f) of the server's user",
-    }.get(exc.errno or 0, "fix the cause above")
-    if committed:  # the record is signed; only the rename of the staged checkpoint failed
-        state = (f"Round {rnd} is recorded in the audit log and its checkpoint is staged beside {ckpt}; "
-                 "--resume puts it in place")
-    else:
-        state = (f"The round is not complete: the previous checkpoint ({ckpt}) and the audit log are as they "
-                 "were before it, and the sites were told to retry")
-    return (f"round {rnd} could not be recorded: writing {where} failed with {code} ({exc.strerror or exc}). "
-            f"{state}. To continue: {hint}, then run {resume}; the sites reconnect by themselves")
+from .events import Joined
 
 
 class NetworkedServer:
@@ -128,6 +97,10 @@ class NetworkedServer:
         self._round_t0 = time.perf_counter()
         self._done = threading.Event()
         self._failure: RoundNotRecorded | None = None  # a round boundary that could not be written: stop
+        self.boundary = RoundBoundary(
+            self.ckpt_path, self.out / "server-results.json", self.out / "audit" / "server.jsonl",
+            resume=f"{self.resume_command}; the sites reconnect by themselves", fingerprints=self.fingerprints,
+            retry_note=", and the sites were told to retry", warn=self._print)
         if resume:
             self._load()
 
@@ -135,28 +108,10 @@ class NetworkedServer:
     def ckpt_path(self) -> Path:
         return self.out / "checkpoints" / "server.pt"
 
-    def _complete_interrupted_commit(self) -> None:
-        """A crash between a round's signed record and the rename of its staged checkpoint: finish it
-        (the staged file is the one the log's round record names); a staged file no record names is
-        a round that never completed, and is removed."""
-        log = self.out / "audit" / "server.jsonl"
-        recorded: set[str] = set()
-        if log.exists():
-            for raw in log.read_bytes().split(b"\n"):
-                if b'"kind":"round"' not in raw:
-                    continue
-                try:
-                    body = json.loads(raw)["body"]
-                except (ValueError, KeyError, TypeError):
-                    continue  # verified with the rest of the log below
-                if isinstance(body, dict) and isinstance(body.get("checkpoint_hash"), str):
-                    recorded.add(body["checkpoint_hash"])
-        done = complete_staged(self.ckpt_path, recorded.__contains__)
-        if done == "committed":
-            self._print(f"the last round's checkpoint was recorded but not yet in place; moved it to {self.ckpt_path}")
-
     def _load(self) -> None:
-        self._complete_interrupted_commit()
+        # a crash between a round's signed record and the renames: finish it (or drop a round never recorded)
+        if self.boundary.complete() == "committed":
+            self._print(f"the last round's checkpoint was recorded but not yet in place; moved it to {self.ckpt_path}")
         if not self.ckpt_path.exists():
             raise CheckpointError(f"--resume: no server checkpoint at {self.ckpt_path}")
         state = load_checkpoint(self.ckpt_path, "server")
@@ -177,7 +132,8 @@ class NetworkedServer:
 
     # -- per round (coordinator lock held) ------------------------------------------------------
     def _round_finished(self, rnd: int, reports: dict[str, RoundReport]) -> None:
-        """Record the round boundary: checkpoint, results and audit record, all of them or none.
+        """Record the round boundary (:class:`~.boundary.RoundBoundary`): checkpoint, results, events and
+        audit record, all of them or none.
 
         A failed write (a full disk, a read-only directory, a file-size limit) leaves the previous
         checkpoint, the results and the audit log as they were and raises :class:`RoundNotRecorded`:
@@ -203,32 +159,17 @@ class NetworkedServer:
         # a site that left mid-round (e.g. its privacy budget was spent) reported its spend with the leave
         privacy = {**c.departed_privacy, **{n: (r.extra.get("epsilon"), r.extra.get("delta"))
                                             for n, r in reports.items()}}
-        where = self.ckpt_path
-        staged = None
-        mark = self.audit.log.mark() if self.audit is not None else None
-        committed = False
+        self.boundary.audit = self.audit
         try:
-            staged = stage_checkpoint(c.state_dict(), self.ckpt_path)
-            where = self.out / "server-results.json"
-            write_json_atomic(results, where)  # a resume drops the rounds its checkpoint has not completed
-            if self.audit is not None:
-                where = self.audit.log.path
-                self._audit_events(events)
-                # the commit point: once this record is signed, the staged checkpoint is the round's
-                self.audit.round_finished(rnd, c.backbone, usage, steps, self.cfg.server.aggregation.method,
-                                          staged.digest, privacy, ledgers=ledgers,
-                                          losses={n: r.train_loss for n, r in reports.items()})
-            committed = True
-            where = self.ckpt_path
-            staged.commit()
-        except OSError as exc:
-            self._undo_round(staged, mark, committed)
-            self._failure = RoundNotRecorded(_write_failure(rnd, where, exc, self.ckpt_path, self.resume_command,
-                                                            committed))
+            self.boundary.write(RoundEnd(
+                round=rnd, state=c.state_dict(), results=results, backbone=c.backbone,
+                method=self.cfg.server.aggregation.method, usage=usage, steps=steps, events=events,
+                privacy=privacy, losses={n: r.train_loss for n, r in reports.items()}, ledgers=ledgers))
+        except RoundNotRecorded as exc:
+            self._failure = exc
             self._done.set()
-            raise self._failure from None
+            raise
         except BaseException as exc:  # an AuditError, or Ctrl-C in the middle: nothing of the round stays
-            self._undo_round(staged, mark, committed)
             if not isinstance(exc, KeyboardInterrupt):
                 self._failure = RoundNotRecorded(f"round {rnd} was not recorded: {exc}")
                 self._done.set()
@@ -247,23 +188,6 @@ class NetworkedServer:
         self._round_t0 = time.perf_counter()
         if rnd + 1 >= self.cfg.rounds:
             self._done.set()
-
-    def _undo_round(self, staged: StagedCheckpoint | None, mark: tuple[Any, ...] | None, committed: bool) -> None:
-        """Back to the previous round boundary on disk, unless the round's record is already signed (then
-        the staged checkpoint stays for ``--resume`` to put in place)."""
-        if committed:
-            return
-        if staged is not None:
-            try:
-                staged.discard()
-            except OSError as exc:
-                self._print(f"warning: could not remove {staged.staged} ({exc}); --resume removes it")
-        if mark is not None and self.audit is not None:
-            try:
-                self.audit.log.roll_back(mark)
-            except OSError as exc:
-                self._print(f"error: could not remove the incomplete round's lines from {self.audit.log.path} "
-                            f"({exc}); `fedbone-audit verify` it before resuming")
 
     @property
     def resume_command(self) -> str:
@@ -305,20 +229,6 @@ class NetworkedServer:
                 self.audit.site_revoked(name, f"revoked in the registry ({entry.reason or 'unspecified'}, "
                                               f"{entry.revoked_at or 'time unknown'}); refused from this launch",
                                         entry.fingerprint)
-
-    def _audit_events(self, events: list[Event]) -> None:
-        """Membership events from the coordinator into the audit log."""
-        if self.audit is None:
-            return
-        for e in events:
-            if isinstance(e, Joined):
-                self.audit.site_joined(e.site, e.round, self.fingerprints.get(e.site))
-            elif isinstance(e, Left):
-                self.audit.site_left(e.site, e.round, e.reason)
-            elif isinstance(e, Dropped):
-                self.audit.site_dropped(e.site, e.round, e.reason)
-            elif isinstance(e, StepSkipped):
-                self.audit.step_skipped(e.round, e.step, e.reason, list(e.sites))
 
     # -- main -------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -404,7 +314,7 @@ class NetworkedServer:
             events = c.take_events()
             self.results["events"].extend(e.to_dict() for e in events)
             try:
-                self._audit_events(events)
+                record_events(self.audit, events, fingerprints=self.fingerprints)
                 if c.round >= cfg.rounds and self._failure is None:  # every round done, the sites gone
                     self.audit.run_finished(cfg.rounds, c.backbone, file_sha256(self.ckpt_path),
                                             self.ledger.take_round(cfg.rounds))
