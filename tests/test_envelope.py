@@ -368,3 +368,12 @@ def test_property_open_seal_is_identity(shapes, dtype, seed):
     h, ys = server.open(site.seal(hdr(), xs), Expect("forward", count=len(xs)))
     for x, y in zip(xs, ys, strict=True):
         assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y)
+
+
+def test_a_value_that_overflows_only_in_the_declared_dtype_is_refused():
+    """A finite bfloat16 on the wire can be beyond float16's range: the check is on what the receiver gets."""
+    site, server = pair()
+    blob = site.seal(hdr(), [torch.tensor([65504.0, 1.0], dtype=torch.float16)], wire_dtype=torch.bfloat16)
+    with pytest.raises(InvalidMessage) as e:  # 65504 rounds to 65536 in bfloat16, which is inf in float16
+        server.open(blob, "forward")
+    assert reason(e) == "non-finite"

@@ -210,7 +210,8 @@ def _decode_tensors(payload: bytes, specs: tuple[TensorSpec, ...]) -> list[torch
         else:
             t = torch.frombuffer(buf, dtype=s.wire_dtype, count=s.numel, offset=offset).clone().reshape(s.shape)
         offset += n
+        t = t.to(s.dtype)  # checked as the receiver will use it: a finite bfloat16 can overflow float16
         if not bool(torch.isfinite(t).all()):
             raise InvalidMessage("non-finite")
-        out.append(t.to(s.dtype))
+        out.append(t)
     return out
