@@ -49,6 +49,7 @@ from ..transport.validate import check_activation, check_feature_grads
 from .events import Event, StepSkipped
 from .membership import Clock, Deadlines, Membership, SiteSession
 from .replicas import ReplicaSet
+from .slots import SlotMatrix
 
 
 @dataclass
@@ -120,9 +121,7 @@ class Coordinator:
         self.cut = CutSpec.of(self.backbone, cfg.max_batch, cfg.max_z_side)
         self.step = 0  # the training step being collected
         self.round = 0
-        self.slots: dict[str, Tensor] = {}
-        self._slot_names: list[str] = []
-        self._slot_matrix = torch.empty(0)
+        self.slots = SlotMatrix(self.num_params, self.device)  # the step cadence's per-site gradients
         self.step_log: list[dict[str, Any]] = []
         self.usage: dict[str, list[int]] = {}  # site -> [training steps, samples] since the last take_usage()
         self.rounds: dict[int, _RoundState] = {}
@@ -167,7 +166,7 @@ class Coordinator:
 
     def _round_untouched(self) -> bool:
         """No step of the current round has started: a joining site can take part in it."""
-        busy = self.slots or any(s.pending is not None for s in self.sites.values())
+        busy = bool(self.slots) or any(s.pending is not None for s in self.sites.values())
         if self.replicas is not None:
             return not busy and not self.replicas.stepped()
         if self.steps_per_round is None:
@@ -201,7 +200,7 @@ class Coordinator:
         for the audit record of the round it leaves in (a leaving site sends no end-of-round report)."""
         with self._cv:
             was_member = self.members.leave(site, self.round, privacy)
-            self.slots.pop(site, None)
+            self.slots.discard(site)
             if self.replicas is not None and was_member:
                 self.replicas.discard(site)
             self._membership_changed()
@@ -219,7 +218,7 @@ class Coordinator:
         """Remove a member that failed (lock held); it may join again and is admitted next round."""
         if not self.members.drop(site, reason, self.round, self.step):
             return
-        self.slots.pop(site, None)
+        self.slots.discard(site)
         if self.replicas is not None:
             self.replicas.discard(site)
         self._cv.notify_all()
@@ -382,25 +381,11 @@ class Coordinator:
         """Step cadence (lock held): the site's backbone gradient into its slot; aggregate when all are in."""
         with self._cv:
             out = torch.autograd.grad(feats, [*self.params, z_leaf], grad_outputs=grads)
-            row = self._slot_row(site)  # (P,), a row of the (K, P) slot matrix
-            torch.cat([g.reshape(-1) for g in out[:-1]], out=row)  # one op: this is on the step's latency path
-            self.slots[site] = row
+            self.slots.put(site, self.sites, out[:-1])
             self.deadlines.step_started()
             self._maybe_aggregate()
             self._cv.notify_all()
             return out[-1].detach()
-
-    def _slot_row(self, site: str) -> Tensor:
-        """This step's gradient slot for ``site``: a row of one (K, P) matrix, rows in name order."""
-        names = sorted(self.sites)
-        if names != self._slot_names:  # membership changed: re-lay the slots already filled
-            matrix = torch.empty(len(names), self.num_params, device=self.device)
-            for i, n in enumerate(names):
-                if n in self.slots:
-                    matrix[i].copy_(self.slots[n])
-            self._slot_matrix, self._slot_names = matrix, names
-            self.slots = {n: matrix[i] for i, n in enumerate(names) if n in self.slots}
-        return self._slot_matrix[names.index(site)]
 
     def _maybe_aggregate(self, deadline_passed: bool = False) -> None:
         expected = sorted(self.sites)
@@ -424,10 +409,7 @@ class Coordinator:
                 self.step += 1
                 self._cv.notify_all()
                 return
-        if expected == self._slot_names:
-            stacked = self._slot_matrix  # (K, P), no copy
-        else:  # a site left mid-step
-            stacked = torch.stack([self.slots[s] for s in expected])
+        stacked = self.slots.stacked(expected)  # (K, P), rows in site-name order
         combined, stats = self.aggregator(stacked, site_names=tuple(expected))
         offset = 0
         for p in self.params:
