@@ -8,11 +8,7 @@ Each test starts separate Python processes (``python -m fedbone_med.cli.server s
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,66 +17,18 @@ import torch
 
 from fedbone_med.config import load_experiment
 from fedbone_med.experiments.federation import Federation
-from fedbone_med.experiments.networked import NetworkedRunError, run_networked, write_configs
-from fedbone_med.server.networked import wait_for_port
-
-ROOT = Path(__file__).resolve().parents[1]
-SITES = ("fundus-dr", "fundus-vessels", "oct-edema")
-
-
-def _experiment(tmp: Path, rounds: int = 2, steps: int = 2, network: str = "", private: bool = False) -> Path:
-    third = "phantom-oct-edema-private.toml" if private else "phantom-oct-edema.toml"
-    exp = tmp / "exp.toml"
-    exp.write_text(f"""
-name = "net"
-seed = 3
-rounds = {rounds}
-steps_per_round = {steps}
-[server.backbone]
-name = "swin-tiny"
-embed_dim = 16
-depths = [1, 1, 1, 1]
-num_heads = [1, 2, 2, 4]
-window_size = 4
-[network]
-{network}
-[[sites]]
-config = "{ROOT / 'sites' / 'phantom-dr.toml'}"
-[[sites]]
-config = "{ROOT / 'sites' / 'phantom-vessels.toml'}"
-[[sites]]
-config = "{ROOT / 'sites' / third}"
-[site_overrides.data]
-image_size = 32
-n_train = 12
-n_val = 8
-[site_overrides.train]
-batch_size = 4
-eval_batch_size = 8
-[site_overrides.model]
-adapt_dim = 16
-adapt_heads = 2
-""")
-    return exp
-
-
-def _backbone(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, weights_only=True)["backbone"]
-
-
-def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+from fedbone_med.experiments.networked import NetworkedRunError, run_networked
+from fedprocs import ROOT, SITES, Fed, backbone, experiment, max_diff
 
 
 def _in_process(exp: Path, out: Path) -> dict[str, torch.Tensor]:
     torch.set_num_threads(1)  # the site and server processes use one thread each
     Federation(load_experiment(exp), out, audit=False).run(progress=False)
-    return _backbone(out / "checkpoints" / "server.pt")
+    return backbone(out / "checkpoints" / "server.pt")
 
 
 def test_three_site_processes_train_the_same_backbone_as_the_in_process_federation(tmp_path: Path) -> None:
-    exp = _experiment(tmp_path, private=True)  # one site with activation and label DP on
+    exp = experiment(tmp_path, private=True)  # one site with activation and label DP on
     cfg = load_experiment(exp)
     names = ("fundus-dr", "fundus-vessels", "oct-edema-private")
     results = run_networked(cfg, tmp_path / "net", quiet=True, timeout=600)
@@ -93,9 +41,9 @@ def test_three_site_processes_train_the_same_backbone_as_the_in_process_federati
     assert all(v == "agrees with the server on 2 round(s) and the exchange after the last round"
                for v in results["audit"]["sites"].values())
     assert len(results["aggregation"]) == 4 and all(a["num_sites"] == 3 for a in results["aggregation"])
-    net = _backbone(tmp_path / "net" / "server" / "checkpoints" / "server.pt")
+    net = backbone(tmp_path / "net" / "server" / "checkpoints" / "server.pt")
     ref = _in_process(exp, tmp_path / "inproc")
-    assert _max_diff(net, ref) <= 1e-6
+    assert max_diff(net, ref) <= 1e-6
     # The same site metrics too: every site trained exactly as in one process.
     inproc = json.loads((tmp_path / "inproc" / "results.json").read_text())
     for name in names:
@@ -125,80 +73,12 @@ def test_three_site_processes_train_the_same_backbone_as_the_in_process_federati
 # -- failures: processes started by hand, as an operator would -------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-class _Fed:
-    """A provisioned federation whose processes the test starts, kills and restarts."""
-
-    def __init__(self, tmp: Path, exp: Path) -> None:
-        from fedbone_med.crypto.provision import provision
-
-        self.tmp = tmp
-        self.cfg = load_experiment(exp)
-        provision(tmp / "provision", list(SITES), server_address="127.0.0.1:50051")
-        self.server_toml, self.site_files = write_configs(self.cfg, tmp)
-        self.port = _free_port()
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-
-    def start_server(self, resume: bool = False) -> None:
-        port_file = self.tmp / "port"
-        port_file.unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", "fedbone_med.cli.server", "serve", "--config", str(self.server_toml),
-               "--kit", str(self.tmp / "provision"), "--out", str(self.tmp / "server"),
-               "--address", f"127.0.0.1:{self.port}", "--port-file", str(port_file)]
-        log = open(self.tmp / "server.log", "ab")  # noqa: SIM115 - the child owns it
-        self.procs["server"] = subprocess.Popen(cmd + (["--resume"] if resume else []), stdout=log,
-                                                stderr=subprocess.STDOUT, env=_env())
-        wait_for_port(port_file, self.procs["server"])
-
-    def start_site(self, name: str, resume: bool = False) -> None:
-        cmd = [sys.executable, "-m", "fedbone_med.cli.site", "train", "--config", str(self.site_files[name]),
-               "--kit", str(self.tmp / "provision" / "sites" / name), "--out", str(self.tmp / "sites" / name),
-               "--server", f"127.0.0.1:{self.port}", "--quiet", "--reconnect-timeout", "120"]
-        log = open(self.tmp / f"site-{name}.log", "ab")  # noqa: SIM115
-        self.procs[name] = subprocess.Popen(cmd + (["--resume"] if resume else []), stdout=log,
-                                            stderr=subprocess.STDOUT, env=_env())
-
-    def server_rounds(self) -> list[dict]:
-        try:
-            return json.loads((self.tmp / "server" / "server-results.json").read_text())["rounds"]
-        except (OSError, ValueError):
-            return []
-
-    def wait_rounds(self, n: int, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while len(self.server_rounds()) < n:
-            assert time.monotonic() < deadline, f"the server did not complete {n} round(s):\n{self.logs()}"
-            assert self.procs["server"].poll() is None, f"the server exited:\n{self.logs()}"
-            time.sleep(0.05)
-
-    def wait(self, name: str, timeout: float = 300) -> int:
-        return self.procs[name].wait(timeout=timeout)
-
-    def logs(self) -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in self.tmp.glob("*.log"))
-
-    def close(self) -> None:
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-
-
 @pytest.fixture
 def fed_factory(tmp_path: Path):
-    made: list[_Fed] = []
+    made: list[Fed] = []
 
-    def make(**kw) -> _Fed:
-        f = _Fed(tmp_path, _experiment(tmp_path, **kw))
+    def make(**kw) -> Fed:
+        f = Fed(tmp_path, experiment(tmp_path, **kw))
         made.append(f)
         return f
 
@@ -283,7 +163,7 @@ def test_a_restarted_server_resumes_and_ends_equal_to_an_uninterrupted_run(fed_f
     reconnects = [json.loads((fed.tmp / "sites" / n / "site-results.json").read_text())["reconnects"] for n in SITES]
     assert all(r >= 1 for r in reconnects)
     ref = _in_process(tmp_path / "exp.toml", tmp_path / "inproc")
-    assert _max_diff(_backbone(fed.tmp / "server" / "checkpoints" / "server.pt"), ref) <= 1e-6
+    assert max_diff(backbone(fed.tmp / "server" / "checkpoints" / "server.pt"), ref) <= 1e-6
 
 
 def test_ctrl_c_at_a_site_leaves_cleanly_and_the_server_carries_on(fed_factory) -> None:
@@ -322,7 +202,7 @@ def test_ctrl_c_at_a_site_leaves_cleanly_and_the_server_carries_on(fed_factory) 
 
 
 def test_a_site_that_fails_to_start_stops_the_run_at_once_with_its_error(tmp_path: Path, monkeypatch) -> None:
-    exp = _experiment(tmp_path)
+    exp = experiment(tmp_path)
     cfg = load_experiment(exp)
     monkeypatch.setenv("FEDBONE_DATA_ROOT", str(tmp_path / "nowhere"))
     from dataclasses import replace
@@ -343,7 +223,7 @@ def test_a_site_that_spends_its_budget_mid_round_leaves_a_log_that_agrees_with_t
     text = (ROOT / "sites" / "phantom-oct-edema-private.toml").read_text()
     private.write_text(text[:text.index("[privacy]")] + "[privacy]\nenabled = true\nnoise_multiplier = 1.5\n"
                        "epsilon_budget = 1.8\nlabel_dp = false\nactivation_clip = 1.0\nsecure_mode = false\n")
-    exp = _experiment(tmp_path, rounds=2, steps=4)
+    exp = experiment(tmp_path, rounds=2, steps=4)
     exp.write_text(exp.read_text().replace(str(ROOT / "sites" / "phantom-oct-edema.toml"), str(private)))
     results = run_networked(load_experiment(exp), tmp_path / "net", quiet=True, timeout=600)
     site = json.loads((tmp_path / "net" / "sites" / "oct-edema-private" / "site-results.json").read_text())
