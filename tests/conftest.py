@@ -84,3 +84,12 @@ def resume_after_crash(cfg, out):
         Federation(cfg, out).run(progress=False, on_round=crash)
     resumed = Federation(cfg, out)
     return resumed, resumed.run(resume=True, progress=False)
+
+
+@pytest.fixture
+def servers():
+    """gRPC servers a test starts (append them): stopped when the test ends, whatever happened."""
+    started: list = []
+    yield started
+    for s in started:
+        s.stop(0)

@@ -81,14 +81,6 @@ def fed(tmp_path_factory) -> Federation:
     return Federation(tmp_path_factory.mktemp("faults") / "pki")
 
 
-@pytest.fixture
-def servers():
-    started: list[grpc.Server] = []
-    yield started
-    for s in started:
-        s.stop(0)
-
-
 def _join(t: GrpcTransport) -> None:
     t.join(JoinRequest(t.site, "fundus", "classification", 8, "test"))
 

@@ -60,14 +60,6 @@ def pki(tmp_path_factory) -> Pki:
     return Pki(tmp_path_factory.mktemp("pki") / "out")
 
 
-@pytest.fixture
-def servers():
-    started: list[grpc.Server] = []
-    yield started
-    for s in started:
-        s.stop(0)
-
-
 def _canonical(t: torch.Tensor) -> torch.Tensor:
     return t.detach().clone(memory_format=torch.contiguous_format)
 

@@ -13,7 +13,6 @@ import ipaddress
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -51,14 +50,6 @@ def other(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("tls-other") / "fed"
     provision(root, ["a"])  # another federation: its own CA
     return root
-
-
-@pytest.fixture
-def servers() -> Iterator[list[grpc.Server]]:
-    started: list[grpc.Server] = []
-    yield started
-    for s in started:
-        s.stop(0)
 
 
 def _issue(ca_root: Path, cn: str, san: list[x509.GeneralName], eku: x509.ObjectIdentifier, *,
