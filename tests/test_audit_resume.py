@@ -24,7 +24,6 @@ from typing import Any
 
 import pytest
 import torch
-from test_networked import SITES, _experiment, _Fed
 
 from fedbone_med.audit import load_public_keys, verify_log
 from fedbone_med.audit import records as R
@@ -42,6 +41,7 @@ from fedbone_med.config import ServeConfig, load_experiment
 from fedbone_med.errors import CheckpointError, ProtocolError
 from fedbone_med.server.audit_trail import ServerAuditTrail, ensure_server_key, module_hash
 from fedbone_med.server.networked import NetworkedServer
+from fedprocs import SITES, Fed, experiment
 
 RUN = "run-resume"
 H = "ab" * 32
@@ -117,7 +117,7 @@ def _stopped_run(tmp: Path, completed: int, *, recorded: int | None = None, roun
     from fedbone_med.crypto.provision import provision
 
     recorded = completed if recorded is None else recorded
-    exp_cfg = load_experiment(_experiment(tmp, rounds=rounds, network="join_timeout_s = 0.5"))
+    exp_cfg = load_experiment(experiment(tmp, rounds=rounds, network="join_timeout_s = 0.5"))
     provision(tmp / "provision", list(SITES), server_address="127.0.0.1:50051")
     cfg = ServeConfig.of(exp_cfg)
     out = tmp / "server"
@@ -488,7 +488,7 @@ def _signed_round(log: Path, rnd: int) -> bool:
 
 @pytest.mark.slow
 def test_a_server_killed_mid_round_resumes_and_every_site_log_shows_the_interrupted_attempt(tmp_path: Path) -> None:
-    fed = _Fed(tmp_path, _experiment(tmp_path, rounds=2, steps=2))
+    fed = Fed(tmp_path, experiment(tmp_path, rounds=2, steps=2))
     try:
         fed.start_server()
         for name in SITES:
