@@ -38,6 +38,7 @@ import fcntl
 import json
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -71,16 +72,16 @@ def recovery_hint(path: Path, complete_lines: int) -> str:
             "then move the recovered file into place and record the incident")
 
 
-def last_round(path: str | Path, run_id: str, kinds: tuple[str, ...], site_id: str | None = None) -> int | None:
-    """The highest ``round`` among records of ``kinds`` for ``run_id`` (and ``site_id``) in ``path``, or None.
+def run_records(path: str | Path, run_id: str, kinds: tuple[str, ...],
+                site_id: str | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(kind, body) of each complete line of ``path`` of ``kinds`` for ``run_id`` (and ``site_id``).
 
-    Reads complete lines only and does not verify signatures (use :func:`~.verify.verify_log`
-    for that); meant for a writer reconciling its own log with its checkpoint.
+    Does not verify signatures (use :func:`~.verify.verify_log` for that); meant for a writer
+    reconciling its own log with its checkpoint. A missing file has no records.
     """
     p = Path(path)
     if not p.exists():
-        return None
-    best: int | None = None
+        return
     for raw in p.read_bytes().split(b"\n")[:-1]:
         try:
             env = json.loads(raw)
@@ -92,10 +93,15 @@ def last_round(path: str | Path, run_id: str, kinds: tuple[str, ...], site_id: s
             continue
         if site_id is not None and body.get("site_id") != site_id:
             continue
-        r = body.get("round")
-        if isinstance(r, int) and (best is None or r > best):
-            best = r
-    return best
+        yield str(env["kind"]), body
+
+
+def last_round(path: str | Path, run_id: str, kinds: tuple[str, ...], site_id: str | None = None) -> int | None:
+    """The highest ``round`` among records of ``kinds`` for ``run_id`` (and ``site_id``) in ``path``, or None
+    (see :func:`run_records`)."""
+    rounds = [body["round"] for _, body in run_records(path, run_id, kinds, site_id)
+              if isinstance(body.get("round"), int)]
+    return max(rounds) if rounds else None
 
 
 def rounds_to_backfill(last: int | None, next_round: int, path: Path) -> list[int]:

@@ -32,7 +32,6 @@ site gives ``site-<id>-audit-key.pub.pem`` to its auditor.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
@@ -44,7 +43,7 @@ from . import records
 from .errors import AuditError
 from .keys import generate_key, load_private_key, save_private_key, save_public_key
 from .ledger import FrameLedger
-from .log import AuditLog, backfill_reason, rounds_to_backfill
+from .log import AuditLog, backfill_reason, rounds_to_backfill, run_records
 from .records import Clock, utc_now
 
 
@@ -75,23 +74,12 @@ def _site_log_state(path: Path, run_id: str, site_id: str) -> tuple[int | None, 
     """
     last: int | None = None
     ended = False
-    if not path.exists():
-        return None, False
-    for raw in path.read_bytes().split(b"\n")[:-1]:
-        try:
-            env = json.loads(raw)
-        except (ValueError, RecursionError):
-            raise AuditError(f"audit log {path}: a line is not JSON; run `fedbone-audit verify` on it",
-                             check="canonical-json") from None
-        body = env.get("body") if isinstance(env, dict) else None
-        if not isinstance(body, dict) or body.get("run_id") != run_id or body.get("site_id") != site_id:
-            continue
-        kind, r = env.get("kind"), body.get("round")
+    for kind, body in run_records(path, run_id, ("site_round", "site_round_backfill", "site_run_end"), site_id):
+        r = body.get("round")
         if kind == "site_run_end":
             ended = True
-        complete = kind == "site_round_backfill" or (kind == "site_round" and body.get("checkpoint_hash"))
-        if complete and isinstance(r, int) and (last is None or r > last):
-            last = r
+        elif (kind == "site_round_backfill" or body.get("checkpoint_hash")) and isinstance(r, int):
+            last = r if last is None else max(last, r)
     return last, ended
 
 
